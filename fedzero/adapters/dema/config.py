@@ -1,0 +1,69 @@
+"""DeMA configuration: the numbers every client of a federation must agree on, plus local choices.
+
+DeMA (Dense Mixture of Adapters) is *our design after the HeteroTune abstract*, see docs/method.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+PLACEMENTS = ("parallel", "side")
+TARGETS = ("mlp",)
+PROJECTORS = ("learned",)
+
+# Fields that define the shared space. Two clients whose values differ here cannot aggregate.
+SHARED_FIELDS = ("rank", "num_experts", "num_slots", "expert_hidden")
+
+
+@dataclass
+class DeMAConfig:
+    rank: int = field(default=64, metadata={"help": "r: width of the shared low-rank space"})
+    num_experts: int = field(default=4, metadata={"help": "M: shared experts per depth slot (all active: dense)"})
+    num_slots: int = field(default=8, metadata={"help": "S: depth slots; layer l of L maps to slot floor(l*S/L)"})
+    expert_hidden: int | None = field(default=None, metadata={"help": "h: hidden size of each expert MLP (default r)"})
+    temperature: float = field(default=1.0, metadata={"help": "tau: softmax temperature of the gate"})
+    placement: str = field(default="parallel", metadata={"help": "'parallel' (beside the MLP block) or 'side' (side stream, no backbone autograd)"})
+    target: str = field(default="mlp", metadata={"help": "which block of each decoder layer the adapter runs beside"})
+    projector: str = field(default="learned", metadata={"help": "in-projector kind: 'learned' (private, trained)"})
+    seed: int = field(default=0, metadata={"help": "seeds the initial shared state (identical on every client)"})
+
+    def __post_init__(self):
+        if self.expert_hidden is None:
+            self.expert_hidden = self.rank
+        for name in ("rank", "num_experts", "num_slots", "expert_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DeMAConfig.{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"DeMAConfig.temperature must be > 0, got {self.temperature!r}")
+        for name, allowed in (("placement", PLACEMENTS), ("target", TARGETS), ("projector", PROJECTORS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DeMAConfig.{name}={getattr(self, name)!r} is not supported; choose one of {allowed}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DeMAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DeMAConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DeMAConfig":
+        return cls.from_dict(json.loads(text))
+
+    def shared_signature(self) -> dict:
+        """The part of the config that must match for two clients' shared states to be compatible."""
+        return {name: getattr(self, name) for name in SHARED_FIELDS}
+
+    def slot_of_layer(self, layer: int, num_layers: int) -> int:
+        """Proportional depth alignment: layer l of an L-layer backbone uses slot floor(l*S/L)."""
+        return (layer * self.num_slots) // num_layers

@@ -1,0 +1,86 @@
+"""Saving and loading the two parts of a DeMA adapter.
+
+One safetensors file per part; the small JSON header (config, backbone fingerprint, fedzero
+version) rides in the file's own safetensors metadata under the key "fedzero", so a file can never
+be separated from its description.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import fedzero
+
+from .config import DeMAConfig
+from .model import DeMAModel
+
+PARTS = ("shared", "private")
+
+
+def save_part(handle: DeMAModel, path: str | Path, part: str, *, fingerprint: str) -> Path:
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    tensors = handle.shared_state_dict() if part == "shared" else handle.private_state_dict()
+    header = {
+        "format": "fedzero-dema",
+        "part": part,
+        "fedzero_version": fedzero.__version__,
+        "config": handle.config.to_dict(),
+        "fingerprint": fingerprint,
+        "hidden_size": handle.hidden_size,
+        "num_layers": handle.num_layers,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # temp file + rename: a crash never leaves a half-written adapter behind.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"fedzero": json.dumps(header)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_part(path: str | Path) -> tuple[dict, dict]:
+    """Returns (tensors, header) of a saved part, refusing files fedzero did not write."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no DeMA adapter file at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if "fedzero" not in meta:
+            raise ValueError(f"{path} has no fedzero header: not a DeMA adapter file")
+        header = json.loads(meta["fedzero"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if header.get("format") != "fedzero-dema" or header.get("part") not in PARTS:
+        raise ValueError(f"{path}: unexpected header {header}")
+    return tensors, header
+
+
+def load_part(handle: DeMAModel, path: str | Path, part: str, *, fingerprint: str) -> dict:
+    """Load a saved part into the model after checking it belongs there. Returns the header."""
+    tensors, header = read_part(path)
+    if header["part"] != part:
+        raise ValueError(f"{path} holds the {header['part']} part, not the {part} part")
+    saved = DeMAConfig.from_dict(header["config"])
+    if saved.shared_signature() != handle.config.shared_signature():
+        raise ValueError(f"{path}: shared space {saved.shared_signature()} differs from this model's "
+                         f"{handle.config.shared_signature()}")
+    if part == "private" and header["fingerprint"] != fingerprint:
+        # Private projectors are tied to one backbone; loading them elsewhere would be silent garbage.
+        raise ValueError(f"{path}: private adapter was saved for backbone {header['fingerprint']}, "
+                         f"this model is {fingerprint}")
+    if part == "shared":
+        handle.load_shared_state_dict(tensors)
+    else:
+        handle.load_private_state_dict(tensors)
+    return header
