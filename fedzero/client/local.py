@@ -1,0 +1,125 @@
+"""Local training of one client's DeMA adapters on its frozen backbone (single process).
+
+The DeepSpeed client (launch/client.py) runs the same round logic under ZeRO; this is the
+reference path the simulator uses and the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from fedzero.adapters.dema import DeMAModel
+from fedzero.data import batches, collate
+
+
+@dataclass
+class TrainSettings:
+    local_steps: int = 10
+    batch_size: int = 8
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    max_length: int = 128
+    grad_clip: float = 1.0
+    schedule: str = "cosine"      # over the whole federation: rounds * local_steps optimizer steps
+    warmup_steps: int = 0
+    eval_batch_size: int = 32
+    max_eval_examples: int | None = None
+
+    def __post_init__(self):
+        for name in ("local_steps", "batch_size", "max_length", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown train setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def lr_factor(step: int, total_steps: int, settings: TrainSettings) -> float:
+    if settings.warmup_steps and step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    if settings.schedule == "constant" or total_steps <= 1:
+        return 1.0
+    progress = min(1.0, (step - settings.warmup_steps) / max(1, total_steps - settings.warmup_steps))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine down to 10%
+
+
+def token_loss_sums(model, batch) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labelled tokens, and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    return loss, int((targets != -100).sum())
+
+
+class LocalClient:
+    def __init__(self, client_id: str, handle: DeMAModel, fingerprint: str, train_examples, eval_examples,
+                 settings: TrainSettings, *, pad_id: int, seed: int, total_rounds: int):
+        if not train_examples:
+            raise ValueError(f"client {client_id!r} has no training examples")
+        self.client_id = client_id
+        self.handle = handle
+        self.fingerprint = fingerprint
+        self.eval_examples = eval_examples[: settings.max_eval_examples] if settings.max_eval_examples else eval_examples
+        self.num_samples = len(train_examples)
+        self.settings = settings
+        self.pad_id = pad_id
+        self.total_steps = total_rounds * settings.local_steps
+        self.step = 0
+        self._batches = batches(train_examples, settings.batch_size, seed=seed, pad_id=pad_id)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        # A fresh optimizer every round: the shared parameters jump at aggregation, so Adam moments
+        # from the last round describe a point that no longer exists (policy: reset).
+        return torch.optim.AdamW(self.handle.trainable_parameters(), lr=self.settings.lr,
+                                 weight_decay=self.settings.weight_decay)
+
+    def train_round(self, global_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        """Load the global shared state, train local_steps, return (delta of shared tensors, metrics)."""
+        self.handle.load_shared_state_dict(global_state)
+        model = self.handle.model
+        model.train()
+        optimizer = self._optimizer()
+        params = self.handle.trainable_parameters()
+        losses = []
+        for _ in range(self.settings.local_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = self.settings.lr * lr_factor(self.step, self.total_steps, self.settings)
+            loss_sum, count = token_loss_sums(model, next(self._batches))
+            loss = loss_sum / max(count, 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.settings.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+            self.step += 1
+        model.eval()
+        trained = self.handle.shared_state_dict()
+        delta = {k: trained[k].float() - global_state[k].float() for k in trained}
+        return delta, {"train_loss": sum(losses) / len(losses)}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss on the client's held-out examples (labelled tokens only)."""
+        model = self.handle.model
+        model.eval()
+        total, count = 0.0, 0
+        bs = self.settings.eval_batch_size
+        for i in range(0, len(self.eval_examples), bs):
+            s, n = token_loss_sums(model, collate(self.eval_examples[i:i + bs], self.pad_id))
+            total += float(s)
+            count += n
+        return total / max(count, 1)

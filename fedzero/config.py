@@ -1,0 +1,120 @@
+"""The run configuration (one YAML file): DeMA settings, the federation, and its clients.
+
+Paths inside the file are relative to the file itself; `fedzero:<path>` names a file bundled in
+the package (fedzero/resources/<path>).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fedzero.adapters.dema import DeMAConfig
+from fedzero.backbones import BackboneSpec
+from fedzero.client import TrainSettings
+
+RESOURCES = Path(__file__).parent / "resources"
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    if value.startswith("fedzero:"):
+        return RESOURCES / value[len("fedzero:"):]
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+@dataclass
+class FederationSettings:
+    rounds: int = 3
+    strategy: str = "cmga"
+    strategy_options: dict = field(default_factory=dict)
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+
+    def __post_init__(self):
+        if int(self.rounds) < 1:
+            raise ValueError(f"federation.rounds must be >= 1, got {self.rounds!r}")
+
+
+@dataclass
+class ClientConfig:
+    id: str
+    backbone: BackboneSpec
+    train_data: Path
+    test_data: Path
+    train: TrainSettings
+
+
+@dataclass
+class RunConfig:
+    seed: int
+    dema: DeMAConfig
+    federation: FederationSettings
+    clients: list[ClientConfig]
+    source: Path | None = None
+
+
+def _only(section: str, data: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"{section}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def parse_run_config(data: dict, base: Path, source: Path | None = None) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ValueError("a run config must be a YAML mapping")
+    _only("config", data, {"seed", "dema", "federation", "train", "clients"})
+    seed = int(data.get("seed", 0))
+    dema = DeMAConfig.from_dict({"seed": seed, **(data.get("dema") or {})})
+    fed_data = data.get("federation") or {}
+    _only("federation", fed_data, {"rounds", "strategy", "strategy_options", "server_lr", "server_momentum"})
+    federation = FederationSettings(**fed_data)
+    defaults = data.get("train") or {}
+    clients_data = data.get("clients")
+    if not clients_data:
+        raise ValueError("config: 'clients' must list at least one client")
+    clients, seen = [], set()
+    for i, c in enumerate(clients_data):
+        where = f"clients[{i}]"
+        _only(where, c, {"id", "backbone", "data", "train"})
+        cid = str(c.get("id", ""))
+        if not _CLIENT_ID.match(cid):
+            raise ValueError(f"{where}: id {cid!r} must be letters, digits, '.', '_' or '-'")
+        if cid in seen:
+            raise ValueError(f"{where}: duplicate client id {cid!r}")
+        seen.add(cid)
+        if "backbone" not in c or "data" not in c:
+            raise ValueError(f"{where} ({cid}): needs 'backbone' and 'data'")
+        backbone = dict(c["backbone"])
+        if "path" in backbone:
+            backbone["path"] = str(resolve_path(backbone["path"], base))
+        try:
+            spec = BackboneSpec.from_dict(backbone)
+        except (ValueError, FileNotFoundError) as err:
+            raise type(err)(f"{where} ({cid}): {err}") from None
+        data_cfg = c["data"]
+        _only(f"{where}.data", data_cfg, {"train", "test"})
+        paths = {}
+        for split in ("train", "test"):
+            if split not in data_cfg:
+                raise ValueError(f"{where}.data needs '{split}' (a JSONL file)")
+            paths[split] = resolve_path(data_cfg[split], base)
+            if not paths[split].is_file():
+                raise FileNotFoundError(f"{where}.data.{split}: no such file {paths[split]}")
+        train = TrainSettings.from_dict({**copy.deepcopy(defaults), **(c.get("train") or {})})
+        clients.append(ClientConfig(cid, spec, paths["train"], paths["test"], train))
+    return RunConfig(seed, dema, federation, clients, source)
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    return parse_run_config(data, path.parent, source=path)

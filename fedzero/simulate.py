@@ -1,0 +1,121 @@
+"""A whole federation in one process on the CPU: every client and the aggregator take turns.
+
+Everything goes through the same federation store the distributed launchers use, so a simulated
+run leaves exactly the files a real one would (docs/store.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fedzero.adapters.dema import DeMAModel, inject_dema, shared_block
+from fedzero.adapters.dema.io import save_part
+from fedzero.backbones import load_backbone
+from fedzero.client import LocalClient
+from fedzero.config import RunConfig
+from fedzero.data import build_examples, load_tokenizer, read_jsonl
+from fedzero.store import FederationStore
+from fedzero.strategies import ClientUpdate, make_strategy
+
+
+def build_client(cfg, run: RunConfig) -> LocalClient:
+    model, fp = load_backbone(cfg.backbone)
+    handle: DeMAModel = inject_dema(model, run.dema)
+    tokenizer = load_tokenizer(cfg.backbone.tokenizer, cfg.backbone.path)
+    train = build_examples(read_jsonl(cfg.train_data), tokenizer, cfg.train.max_length)
+    test = build_examples(read_jsonl(cfg.test_data), tokenizer, cfg.train.max_length)
+    return LocalClient(cfg.id, handle, fp, train, test, cfg.train, pad_id=tokenizer.pad_token_id,
+                       seed=run.seed, total_rounds=run.federation.rounds)
+
+
+def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output directory {out} is not empty; choose a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    if run.source is not None:
+        shutil.copy(run.source, out / "config.yaml")
+    torch.manual_seed(run.seed)
+    started = time.time()
+
+    clients = [build_client(c, run) for c in run.clients]
+    fed = run.federation
+    strategy = make_strategy(fed.strategy, seed=run.seed, server_lr=fed.server_lr,
+                             server_momentum=fed.server_momentum, **fed.strategy_options)
+    store = FederationStore(out / "store")
+    # Round 0's global state is the seeded initial shared state, identical on every client.
+    global_state = clients[0].handle.shared_state_dict()
+    store.publish_global(0, global_state, meta={"seed": run.seed, "dema": run.dema.to_dict()})
+
+    before = {c.client_id: c.evaluate() for c in clients}
+    summary = {
+        "strategy": fed.strategy,
+        "seed": run.seed,
+        "dema": run.dema.to_dict(),
+        "shared_params_per_client": clients[0].handle.num_shared_parameters(),
+        "clients": [{"id": c.client_id, "fingerprint": c.fingerprint, "num_layers": c.handle.num_layers,
+                     "hidden_size": c.handle.hidden_size, "train_examples": c.num_samples,
+                     "eval_examples": len(c.eval_examples)} for c in clients],
+        "rounds": [],
+    }
+    metrics_path = out / "metrics.csv"
+    with open(metrics_path, "w", newline="") as f:
+        csv.writer(f).writerow(["round", "client", "fingerprint", "train_loss", "eval_loss", "uploaded_bytes"])
+
+    bar = tqdm(total=fed.rounds * len(clients), desc="federation", unit="client-round", disable=not progress)
+    for rnd in range(fed.rounds):
+        global_state, _ = store.read_global(rnd)
+        round_rows, updates = [], []
+        for client in clients:
+            bar.set_postfix_str(f"round {rnd + 1}/{fed.rounds} client {client.client_id}")
+            delta, metrics = client.train_round(global_state)
+            store.write_update(rnd, client.client_id, delta, fingerprint=client.fingerprint,
+                               num_samples=client.num_samples, metrics=metrics, slot_use=client.handle.slot_use())
+            # Private projectors persist locally between rounds and never enter the store.
+            save_part(client.handle, out / "clients" / client.client_id / "private.safetensors", "private",
+                      fingerprint=client.fingerprint)
+            round_rows.append({"id": client.client_id, "fingerprint": client.fingerprint, **metrics})
+            bar.update(1)
+        uploaded = 0
+        for manifest in store.list_updates(rnd):
+            delta, _ = store.read_update(rnd, manifest["client_id"])
+            uploaded += manifest["bytes"]
+            updates.append(ClientUpdate(manifest["client_id"], delta, manifest["num_samples"],
+                                        manifest["fingerprint"], manifest.get("slot_use")))
+        new_state, agg = strategy.aggregate(global_state, updates, round=rnd, block_of=shared_block)
+        store.write_result(rnd, {"strategy": fed.strategy, **agg})
+        store.publish_global(rnd + 1, new_state, meta={"aggregated_from_round": rnd})
+
+        for client, row in zip(clients, round_rows):
+            client.handle.load_shared_state_dict(new_state)   # evaluate what the federation produced
+            row["eval_loss"] = client.evaluate()
+        summary["rounds"].append({"round": rnd, "uploaded_bytes": uploaded, "clients": round_rows,
+                                  "aggregation": _block_summary(agg)})
+        with open(metrics_path, "a", newline="") as f:
+            writer = csv.writer(f)
+            for row in round_rows:
+                writer.writerow([rnd, row["id"], row["fingerprint"], f"{row['train_loss']:.6f}",
+                                 f"{row['eval_loss']:.6f}", uploaded // len(clients)])
+        tqdm.write(f"round {rnd}: " + "  ".join(
+            f"{r['id']} train {r['train_loss']:.3f} eval {r['eval_loss']:.3f}" for r in round_rows))
+    bar.close()
+
+    summary["final"] = [{"id": c.client_id, "eval_loss_before": before[c.client_id],
+                         "eval_loss_after": summary["rounds"][-1]["clients"][i]["eval_loss"]}
+                        for i, c in enumerate(clients)]
+    summary["wall_seconds"] = round(time.time() - started, 2)
+    with open(out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _block_summary(agg: dict) -> dict:
+    """Per-block conflict statistics, without the coefficient vectors."""
+    return {block: {k: v for k, v in stats.items() if k != "beta"} for block, stats in agg.get("blocks", {}).items()}
