@@ -1,0 +1,158 @@
+"""End to end: a tiny heterogeneous federation in one process, through the real store and strategies."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from fedzero.adapters.dema import shared_block
+from fedzero.adapters.dema.io import read_part
+from fedzero.cli import main
+from fedzero.config import load_run_config, parse_run_config
+from fedzero.simulate import simulate
+from fedzero.store import FederationStore
+
+
+def _llama(hidden, layers, heads, seed):
+    return {"llama_config": {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+                             "num_key_value_heads": heads, "intermediate_size": 2 * hidden, "vocab_size": 259,
+                             "max_position_embeddings": 128, "initializer_range": 0.1},
+            "init_seed": seed, "tokenizer": "byte"}
+
+
+def tiny_run(tmp_path, strategy="cmga", rounds=2):
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    for name, words in (("a", ["good", "bad"]), ("b", ["fine", "poor"])):
+        for split in ("train", "test"):
+            with open(data / f"{name}.{split}.jsonl", "w") as f:
+                for i in range(12):
+                    f.write(json.dumps({"prompt": f"item {i}:", "completion": f" {words[i % 2]}"}) + "\n")
+    cfg = {
+        "seed": 0,
+        "dema": {"rank": 4, "num_experts": 2, "num_slots": 2},
+        "federation": {"rounds": rounds, "strategy": strategy},
+        "train": {"local_steps": 3, "batch_size": 4, "lr": 0.01, "max_length": 32},
+        "clients": [
+            {"id": "a", "backbone": _llama(16, 2, 2, 1), "data": {"train": "data/a.train.jsonl", "test": "data/a.test.jsonl"}},
+            {"id": "b", "backbone": _llama(24, 3, 3, 2), "data": {"train": "data/b.train.jsonl", "test": "data/b.test.jsonl"}},
+        ],
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "cmga"])
+def test_simulate_writes_summary_store_and_private_state(tmp_path, strategy):
+    run = load_run_config(tiny_run(tmp_path, strategy))
+    summary = simulate(run, tmp_path / "out", progress=False)
+
+    assert summary["strategy"] == strategy
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    fingerprints = {c["fingerprint"] for c in summary["clients"]}
+    assert len(fingerprints) == 2  # different backbones, different groups
+    for rnd in summary["rounds"]:
+        assert [c["id"] for c in rnd["clients"]] == ["a", "b"]
+        assert rnd["uploaded_bytes"] > 0
+        assert all({"train_loss", "eval_loss", "fingerprint"} <= set(c) for c in rnd["clients"])
+    assert [f["id"] for f in summary["final"]] == ["a", "b"]
+    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert on_disk["final"] == summary["final"]
+    assert (tmp_path / "out" / "metrics.csv").read_text().count("\n") == 1 + 2 * 2
+
+    store = FederationStore(tmp_path / "out" / "store", create=False)
+    assert store.latest_global_round() == 2
+    for client in ("a", "b"):
+        delta, manifest = store.read_update(1, client)
+        assert set(delta) == set(store.read_global(0)[0])   # only shared tensors travel
+        assert not any(k.startswith("layers.") for k in delta)
+        assert manifest["slot_use"] == {"a": {"slot0": 1, "slot1": 1}, "b": {"slot0": 2, "slot1": 1}}[client]
+        tensors, header = read_part(tmp_path / "out" / "clients" / client / "private.safetensors")
+        assert header["part"] == "private" and all(k.startswith("layers.") for k in tensors)
+    assert store.read_result(0)["strategy"] == strategy
+
+
+def test_published_global_is_the_strategy_applied_to_stored_updates(tmp_path):
+    from fedzero.strategies import ClientUpdate, make_strategy
+
+    simulate(load_run_config(tiny_run(tmp_path, "cmga")), tmp_path / "out", progress=False)
+    store = FederationStore(tmp_path / "out" / "store", create=False)
+    g0, _ = store.read_global(0)
+    updates = []
+    for m in store.list_updates(0):
+        delta, _ = store.read_update(0, m["client_id"])
+        updates.append(ClientUpdate(m["client_id"], delta, m["num_samples"], m["fingerprint"], m["slot_use"]))
+    expected, _ = make_strategy("cmga", seed=0).aggregate(g0, updates, round=0, block_of=shared_block)
+    g1, _ = store.read_global(1)
+    assert all(torch.equal(expected[k], g1[k]) for k in g1)
+    assert any(not torch.equal(g0[k], g1[k]) for k in g1)
+
+
+def test_eval_loss_falls_for_every_client(tmp_path):
+    summary = simulate(load_run_config(tiny_run(tmp_path, "cmga", rounds=3)), tmp_path / "out", progress=False)
+    for row in summary["final"]:
+        assert row["eval_loss_after"] < row["eval_loss_before"], row
+
+
+def test_simulate_is_deterministic(tmp_path):
+    first = simulate(load_run_config(tiny_run(tmp_path)), tmp_path / "one", progress=False)
+    second = simulate(load_run_config(tiny_run(tmp_path)), tmp_path / "two", progress=False)
+    assert first["final"] == second["final"]
+
+
+def test_refuses_non_empty_output_dir(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        simulate(load_run_config(tiny_run(tmp_path)), tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("mutate, error", [
+    (lambda c: c.pop("clients"), "clients"),
+    (lambda c: c["clients"][1].update(id="a"), "duplicate client id"),
+    (lambda c: c["clients"][0].update(id="../x"), "letters, digits"),
+    (lambda c: c["clients"][0]["data"].update(train="nope.jsonl"), "no such file"),
+    (lambda c: c["clients"][0]["backbone"].update(path="/no/such/dir"), "exactly one of"),
+    (lambda c: c["federation"].update(rounds=0), "rounds"),
+    (lambda c: c["train"].update(lr_typo=1), "unknown train setting"),
+    (lambda c: c.update(extra=1), "unknown key"),
+    (lambda c: c["dema"].update(rank=0), "rank"),
+])
+def test_config_errors_are_clear(tmp_path, mutate, error):
+    cfg = yaml.safe_load(tiny_run(tmp_path).read_text())
+    mutate(cfg)
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        parse_run_config(cfg, tmp_path)
+
+
+def test_cli_simulate_and_error_exit(tmp_path, capsys):
+    assert main(["simulate", "--config", str(tiny_run(tmp_path)), "--out", str(tmp_path / "o"), "--quiet",
+                 "--strategy", "fedavg", "--rounds", "1"]) == 0
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["strategy"] == "fedavg"
+    assert main(["simulate", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "p")]) == 2
+    assert "no config file" in capsys.readouterr().err
+
+
+def test_demo_config_parses_with_heterogeneous_backbones():
+    from pathlib import Path
+
+    run = load_run_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    shapes = {(c.backbone.llama_config["hidden_size"], c.backbone.llama_config["num_hidden_layers"]) for c in run.clients}
+    assert len(run.clients) >= 3 and len({h for h, _ in shapes}) >= 3 and len({l for _, l in shapes}) >= 3
+
+
+def test_cli_split_by_field_writes_disjoint_client_files(tmp_path):
+    src = tmp_path / "all.jsonl"
+    with open(src, "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"text": f"t{i}", "topic": ["x", "y", "z"][i % 3]}) + "\n")
+    assert main(["split", "--input", str(src), "--out", str(tmp_path / "parts"), "--clients", "3", "--by", "topic"]) == 0
+    texts, topics = [], []
+    for i in range(3):
+        rows = [json.loads(l) for n in ("train", "test") for l in (tmp_path / "parts" / f"client{i}.{n}.jsonl").read_text().splitlines()]
+        texts += [r["text"] for r in rows]
+        topics.append({r["topic"] for r in rows})
+    assert sorted(texts) == sorted(f"t{i}" for i in range(30))   # a partition: nothing lost or duplicated
+    assert all(len(t) == 1 for t in topics) and len(set.union(*topics)) == 3
