@@ -17,9 +17,13 @@ def _simulate(args) -> int:
     if args.rounds:
         run.federation.rounds = args.rounds
     summary = simulate(run, args.out, progress=not args.quiet)
-    print(f"\n{'client':<16}{'eval loss before':>18}{'after':>10}")
+    with_acc = summary.get("labels") is not None
+    print(f"\n{'client':<16}{'eval loss before':>18}{'after':>10}" + (f"{'accuracy before':>18}{'after':>10}" if with_acc else ""))
     for row in summary["final"]:
-        print(f"{row['id']:<16}{row['eval_loss_before']:>18.4f}{row['eval_loss_after']:>10.4f}")
+        line = f"{row['id']:<16}{row['eval_loss_before']:>18.4f}{row['eval_loss_after']:>10.4f}"
+        if with_acc:
+            line += f"{row['accuracy_before']:>18.3f}{row['accuracy_after']:>10.3f}"
+        print(line)
     print(f"\nstrategy {summary['strategy']}, {len(summary['rounds'])} rounds, "
           f"{summary['shared_params_per_client']:,} shared parameters per client-round, "
           f"{summary['wall_seconds']:.1f} s; summary: {args.out}/summary.json, metrics: {args.out}/metrics.csv")
@@ -47,6 +51,19 @@ def _split(args) -> int:
     return 0
 
 
+def _memory_estimate(args) -> int:
+    from pathlib import Path
+
+    from fedzero.adapters.dema import DeMAConfig
+    from fedzero.memory import estimate, format_estimate, load_model_config
+
+    dema = DeMAConfig(rank=args.rank, num_experts=args.experts, num_slots=args.slots, placement=args.placement)
+    est = estimate(load_model_config(args.model_config), gpus_per_node=args.gpus, nodes=args.nodes, dema=dema,
+                   seq_len=args.seq_len, micro_batch=args.micro_batch)
+    print(json.dumps(est, indent=2) if args.json else format_estimate(est, Path(args.model_config).stem))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedzero", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_split)
+
+    p = sub.add_parser("memory-estimate", help="memory per GPU and per node for a backbone config (no weights)")
+    p.add_argument("--model-config", required=True, help="HF config.json (e.g. configs/models/llama-2-7b.json)")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence for the activation estimate")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step")
+    p.add_argument("--rank", type=int, default=64, help="DeMA r")
+    p.add_argument("--experts", type=int, default=4, help="DeMA M")
+    p.add_argument("--slots", type=int, default=8, help="DeMA S")
+    p.add_argument("--placement", choices=["parallel", "side"], default="parallel")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=_memory_estimate)
     return parser
 
 

@@ -19,8 +19,10 @@ from fedzero.adapters.dema import DeMAModel, inject_dema, shared_block
 from fedzero.adapters.dema.io import save_part
 from fedzero.backbones import load_backbone
 from fedzero.client import LocalClient
+from fedzero.comm import lora_params
 from fedzero.config import RunConfig
 from fedzero.data import build_examples, load_tokenizer, read_jsonl
+from fedzero.evaluate import evaluate_classification
 from fedzero.store import FederationStore
 from fedzero.strategies import ClientUpdate, make_strategy
 
@@ -30,9 +32,28 @@ def build_client(cfg, run: RunConfig) -> LocalClient:
     handle: DeMAModel = inject_dema(model, run.dema)
     tokenizer = load_tokenizer(cfg.backbone.tokenizer, cfg.backbone.path)
     train = build_examples(read_jsonl(cfg.train_data), tokenizer, cfg.train.max_length)
-    test = build_examples(read_jsonl(cfg.test_data), tokenizer, cfg.train.max_length)
-    return LocalClient(cfg.id, handle, fp, train, test, cfg.train, pad_id=tokenizer.pad_token_id,
-                       seed=run.seed, total_rounds=run.federation.rounds)
+    test_records = read_jsonl(cfg.test_data)[: cfg.train.max_eval_examples]
+    test = build_examples(test_records, tokenizer, cfg.train.max_length)
+    client = LocalClient(cfg.id, handle, fp, train, test, cfg.train, pad_id=tokenizer.pad_token_id,
+                         seed=run.seed, total_rounds=run.federation.rounds)
+    client.tokenizer, client.test_records = tokenizer, test_records
+    return client
+
+
+def label_set(clients: list[LocalClient]) -> list[str] | None:
+    """The label words of a prompt -> label task, if every test record carries a label."""
+    records = [r for c in clients for r in c.test_records]
+    if not records or any("label" not in r or "prompt" not in r for r in records):
+        return None
+    return sorted({r["label"] for r in records})
+
+
+def evaluate_client(client: LocalClient, labels: list[str] | None) -> dict:
+    metrics = {"eval_loss": client.evaluate()}
+    if labels:
+        metrics.update(evaluate_classification(client.handle.model, client.tokenizer, client.test_records, labels,
+                                               max_length=client.settings.max_length))
+    return metrics
 
 
 def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
@@ -54,7 +75,8 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
     global_state = clients[0].handle.shared_state_dict()
     store.publish_global(0, global_state, meta={"seed": run.seed, "dema": run.dema.to_dict()})
 
-    before = {c.client_id: c.evaluate() for c in clients}
+    labels = label_set(clients)
+    before = {c.client_id: evaluate_client(c, labels) for c in clients}
     summary = {
         "strategy": fed.strategy,
         "seed": run.seed,
@@ -62,12 +84,16 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
         "shared_params_per_client": clients[0].handle.num_shared_parameters(),
         "clients": [{"id": c.client_id, "fingerprint": c.fingerprint, "num_layers": c.handle.num_layers,
                      "hidden_size": c.handle.hidden_size, "train_examples": c.num_samples,
-                     "eval_examples": len(c.eval_examples)} for c in clients],
+                     "eval_examples": len(c.eval_examples),
+                     # what FedIT-style PEFT LoRA (r=16 on q,k,v,o) would send for this backbone
+                     "lora_r16_qkvo_params": lora_params(c.handle.model.config, 16)} for c in clients],
+        "labels": labels,
         "rounds": [],
     }
     metrics_path = out / "metrics.csv"
     with open(metrics_path, "w", newline="") as f:
-        csv.writer(f).writerow(["round", "client", "fingerprint", "train_loss", "eval_loss", "uploaded_bytes"])
+        csv.writer(f).writerow(["round", "client", "fingerprint", "train_loss", "eval_loss", "accuracy", "macro_f1",
+                                "label_nll", "uploaded_bytes"])
 
     bar = tqdm(total=fed.rounds * len(clients), desc="federation", unit="client-round", disable=not progress)
     for rnd in range(fed.rounds):
@@ -95,25 +121,34 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
 
         for client, row in zip(clients, round_rows):
             client.handle.load_shared_state_dict(new_state)   # evaluate what the federation produced
-            row["eval_loss"] = client.evaluate()
+            # Label scoring costs several forward passes per example: only before and after the run.
+            row.update(evaluate_client(client, labels if rnd == fed.rounds - 1 else None))
         summary["rounds"].append({"round": rnd, "uploaded_bytes": uploaded, "clients": round_rows,
                                   "aggregation": _block_summary(agg)})
         with open(metrics_path, "a", newline="") as f:
             writer = csv.writer(f)
             for row in round_rows:
-                writer.writerow([rnd, row["id"], row["fingerprint"], f"{row['train_loss']:.6f}",
-                                 f"{row['eval_loss']:.6f}", uploaded // len(clients)])
+                writer.writerow([rnd, row["id"], row["fingerprint"]]
+                                + [_fmt(row.get(k)) for k in ("train_loss", "eval_loss", "accuracy", "macro_f1", "label_nll")]
+                                + [uploaded // len(clients)])
         tqdm.write(f"round {rnd}: " + "  ".join(
-            f"{r['id']} train {r['train_loss']:.3f} eval {r['eval_loss']:.3f}" for r in round_rows))
+            f"{r['id']} train {r['train_loss']:.3f} eval {r['eval_loss']:.3f}"
+            + (f" acc {r['accuracy']:.2f}" if "accuracy" in r else "") for r in round_rows))
     bar.close()
 
-    summary["final"] = [{"id": c.client_id, "eval_loss_before": before[c.client_id],
-                         "eval_loss_after": summary["rounds"][-1]["clients"][i]["eval_loss"]}
+    last = summary["rounds"][-1]["clients"]
+    summary["final"] = [{"id": c.client_id,
+                         **{f"{k}_before": v for k, v in before[c.client_id].items()},
+                         **{f"{k}_after": last[i][k] for k in before[c.client_id]}}
                         for i, c in enumerate(clients)]
     summary["wall_seconds"] = round(time.time() - started, 2)
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.6f}"
 
 
 def _block_summary(agg: dict) -> dict:

@@ -1,0 +1,46 @@
+"""Baselines for comparison with DeMA (docs/method.md, "Baselines"): PEFT LoRA federated five ways.
+
+Strategies (one file each, math in `math.py`) act on PEFT LoRA state dicts; `LoRAClient` trains
+one client's LoRA on its frozen backbone. Built by name via `make_lora_strategy`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from .base import LoRAAggregate, LoRAStrategy, lora_modules, lora_state, same_backbone_groups
+from .fedit import FedIT
+from .flexlora import FlexLoRA
+from .flora import FLoRA
+from .hetlora import HetLoRA
+from .local import Local
+
+LORA_STRATEGIES: dict[str, type[LoRAStrategy]] = {
+    "local": Local, "fedit": FedIT, "hetlora": HetLoRA, "flora": FLoRA, "flexlora": FlexLoRA,
+}
+
+
+def make_lora_strategy(name: str, **options) -> LoRAStrategy:
+    """Build a LoRA baseline by registry name, e.g. make_lora_strategy("flexlora")."""
+    cls = LORA_STRATEGIES.get(name.lower())
+    if cls is None:
+        raise ValueError(f"unknown LoRA baseline {name!r}; valid: {sorted(LORA_STRATEGIES)}")
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"LoRA baseline {name!r} got unknown option(s) {unknown}; valid: {valid}")
+    return cls(**options)
+
+
+__all__ = ["FLoRA", "FedIT", "FlexLoRA", "HetLoRA", "LORA_STRATEGIES", "LoRAAggregate", "LoRAClient",
+           "LoRASettings", "LoRAStrategy", "Local", "lora_modules", "lora_state", "make_lora_strategy",
+           "same_backbone_groups"]
+
+
+def __getattr__(name):
+    # The client pulls in peft and transformers; the aggregation side (a server) needs neither.
+    if name in ("LoRAClient", "LoRASettings"):
+        from . import client
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

@@ -1,0 +1,165 @@
+"""One client of a LoRA baseline: PEFT LoRA on a frozen backbone, trained and evaluated locally.
+
+The round logic (loss, learning-rate schedule, fresh optimizer each round) is the DeMA client's
+(fedzero.client.local), so the baselines differ from DeMA only in the adapter and the aggregation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import Tensor, nn
+
+from fedzero.client.local import TrainSettings, lr_factor, token_loss_sums
+from fedzero.data import batches, collate
+
+from .base import LoRAAggregate, lora_modules
+from .math import Pair
+
+
+@dataclass
+class LoRASettings:
+    rank: int = 16
+    alpha: float | None = None     # None: 2 × rank, so the scaling alpha / r is 2 at every rank and
+                                   # factors of different ranks mean the same (HetLoRA, FlexLoRA)
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    dropout: float = 0.0
+    init_seed: int = 0             # seeds A's init; equal on all clients, so FedIT starts from one point
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"lora.rank must be a positive integer, got {self.rank!r}")
+        if self.alpha is None:
+            self.alpha = 2.0 * self.rank
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha!r}")
+        self.targets = tuple(self.targets)
+
+    @property
+    def scaling(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.targets),
+                          lora_dropout=self.dropout, bias="none", task_type="CAUSAL_LM")
+
+
+class LoRAClient:
+    """Wraps `model` (a frozen HF causal LM, changed in place) with PEFT LoRA."""
+
+    def __init__(self, client_id: str, model: nn.Module, fingerprint: str, train_examples, eval_examples,
+                 settings: TrainSettings, lora: LoRASettings, *, pad_id: int, seed: int, total_rounds: int):
+        if not train_examples:
+            raise ValueError(f"client {client_id!r} has no training examples")
+        self.client_id, self.fingerprint, self.lora = client_id, fingerprint, lora
+        self.settings, self.pad_id = settings, pad_id
+        self.eval_examples = eval_examples[: settings.max_eval_examples] if settings.max_eval_examples else eval_examples
+        self.num_samples = len(train_examples)
+        self.total_steps = total_rounds * settings.local_steps
+        self.step = 0
+        self._resets = 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(lora.init_seed)      # PEFT draws A from the global RNG
+            self.model = get_peft_model(model, lora.peft_config())
+        self.model.eval()
+        self._batches = batches(train_examples, settings.batch_size, seed=seed, pad_id=pad_id)
+        self._keys = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(self.model).items()}
+
+    @property
+    def rank(self) -> int:
+        return self.lora.rank
+
+    @property
+    def scaling(self) -> float:
+        return self.lora.scaling
+
+    # -- what travels ----------------------------------------------------------------------------
+    def lora_state(self) -> dict[str, Tensor]:
+        """{"<module>.lora_A.weight": [r, in], "<module>.lora_B.weight": [out, r]} (copies)."""
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def load_lora_state(self, state: dict[str, Tensor]) -> None:
+        """Load a full LoRA state; missing, unexpected or mis-shaped keys are errors, not skipped."""
+        missing, unexpected = sorted(set(self._keys) - set(state)), sorted(set(state) - set(self._keys))
+        if missing or unexpected:
+            raise KeyError(f"client {self.client_id!r}: LoRA state does not match the model "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        for key, shape in self._keys.items():
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"client {self.client_id!r}, {key!r}: shape {tuple(state[key].shape)} "
+                                 f"in the state, {shape} in the model")
+        result = set_peft_model_state_dict(self.model, state)
+        if result.unexpected_keys:
+            raise KeyError(f"PEFT did not place {result.unexpected_keys[:3]}")
+
+    def apply(self, aggregate: LoRAAggregate, index: int) -> None:
+        """Take this client's share of an aggregation (index: its position among the clients)."""
+        if aggregate.reinit:
+            self.merge_and_reinit(aggregate.merge)
+        else:
+            self.load_lora_state(aggregate.states[index])
+
+    @torch.no_grad()
+    def merge_and_reinit(self, merge: dict[str, Pair]) -> None:
+        """W += B @ A (scaling 1) for every module in `merge`, then fresh LoRA everywhere (FLoRA).
+
+        merge: {module: (A [R, in], B [out, R])}, module names as in lora_state's keys. The fresh
+        LoRA has B = 0, so right after this the model computes exactly base + ΔW.
+        """
+        unknown = sorted(set(merge) - set(lora_modules(self.lora_state())))
+        if unknown:
+            raise KeyError(f"client {self.client_id!r}: no LoRA module {unknown[:3]}")
+        for name, (A, B) in merge.items():
+            weight = self.model.get_submodule(name).base_layer.weight      # [out, in], frozen
+            delta = B.to(torch.float32) @ A.to(torch.float32)
+            if delta.shape != weight.shape:
+                raise ValueError(f"{name}: ΔW {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+        self._resets += 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.lora.init_seed + 1_000_003 * self._resets)   # same fresh A on every client
+            for module in self.model.modules():
+                if hasattr(module, "reset_lora_parameters") and "default" in getattr(module, "lora_A", {}):
+                    module.reset_lora_parameters("default", True)
+
+    # -- training --------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def train_round(self, state: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], dict]:
+        """Load `state` (None: keep the current LoRA), train local_steps, return (new LoRA state, metrics)."""
+        if state is not None:
+            self.load_lora_state(state)
+        params = self.trainable_parameters()
+        # Fresh AdamW each round, as the DeMA client does: the factors jump at aggregation.
+        optimizer = torch.optim.AdamW(params, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        self.model.train()
+        losses = []
+        for _ in range(self.settings.local_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = self.settings.lr * lr_factor(self.step, self.total_steps, self.settings)
+            loss_sum, count = token_loss_sums(self.model, next(self._batches))
+            loss = loss_sum / max(count, 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.settings.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+            self.step += 1
+        self.model.eval()
+        return self.lora_state(), {"train_loss": sum(losses) / len(losses)}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss on the client's held-out examples (labelled tokens only)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        bs = self.settings.eval_batch_size
+        for i in range(0, len(self.eval_examples), bs):
+            s, n = token_loss_sums(self.model, collate(self.eval_examples[i:i + bs], self.pad_id))
+            total += float(s)
+            count += n
+        return total / max(count, 1)

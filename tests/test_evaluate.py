@@ -1,0 +1,48 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedzero.data import ByteTokenizer, build_examples, collate
+from fedzero.evaluate import classification_metrics, evaluate_classification, label_scores
+
+from conftest import tiny_llama
+
+
+def test_metrics_on_hand_made_scores():
+    scores = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 0.0]])
+    true = np.array([0, 1, 1, 0])
+    m = classification_metrics(scores, true)
+    # predictions 0, 1, 0, 0 (ties -> first): 3/4 right
+    assert m["accuracy"] == 0.75
+    # class 0: tp 2 fp 1 fn 0 -> f1 0.8; class 1: tp 1 fp 0 fn 1 -> f1 2/3
+    assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+    nll = -np.mean([2 - math.log(math.exp(2) + 1), 1 - math.log(1 + math.e), -math.log(math.exp(3) + 1), math.log(0.5)])
+    assert m["label_nll"] == pytest.approx(nll)
+
+
+def test_metrics_refuse_bad_shapes():
+    with pytest.raises(ValueError, match="scores must be"):
+        classification_metrics(np.zeros((3, 2)), np.zeros(2, dtype=int))
+
+
+def test_label_scores_equal_per_example_log_likelihood():
+    model, tok = tiny_llama(vocab=259, hidden=16, layers=1, heads=2, kv_heads=2), ByteTokenizer()
+    records = [{"prompt": "x:", "label": "yes"}, {"prompt": "longer prompt:", "label": "no"}]
+    scores = label_scores(model, tok, records, ["yes", "no"], max_length=32, batch_size=3)
+    for i, r in enumerate(records):
+        for j, label in enumerate(["yes", "no"]):
+            ex = build_examples([{"prompt": r["prompt"], "completion": f" {label}"}], tok, 32)
+            batch = collate(ex, tok.pad_token_id)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(batch["input_ids"]).logits[0, :-1], -1)
+            tgt = batch["labels"][0, 1:]
+            expected = sum(logp[t, int(tgt[t])] for t in range(len(tgt)) if tgt[t] != -100)
+            assert scores[i, j] == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_evaluate_classification_refuses_unknown_labels():
+    with pytest.raises(ValueError, match="no label"):
+        evaluate_classification(tiny_llama(vocab=259), ByteTokenizer(), [{"prompt": "a", "label": "maybe"}],
+                                ["yes", "no"], max_length=16)
