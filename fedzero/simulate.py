@@ -21,7 +21,8 @@ from fedzero.backbones import load_backbone
 from fedzero.client import LocalClient
 from fedzero.comm import lora_params
 from fedzero.config import RunConfig
-from fedzero.data import build_examples, load_tokenizer, read_jsonl
+from fedzero.data import build_examples, collate, load_tokenizer, read_jsonl
+from fedzero.diagnostics import gate_entropy, update_diagnostics
 from fedzero.evaluate import evaluate_classification
 from fedzero.store import FederationStore
 from fedzero.strategies import ClientUpdate, make_strategy
@@ -29,8 +30,8 @@ from fedzero.strategies import ClientUpdate, make_strategy
 
 def build_client(cfg, run: RunConfig) -> LocalClient:
     model, fp = load_backbone(cfg.backbone)
-    handle: DeMAModel = inject_dema(model, run.dema)
     tokenizer = load_tokenizer(cfg.backbone.tokenizer, cfg.backbone.path)
+    handle: DeMAModel = inject_dema(model, run.dema, tokenizer=tokenizer)
     train = build_examples(read_jsonl(cfg.train_data), tokenizer, cfg.train.max_length)
     test_records = read_jsonl(cfg.test_data)[: cfg.train.max_eval_examples]
     test = build_examples(test_records, tokenizer, cfg.train.max_length)
@@ -38,6 +39,19 @@ def build_client(cfg, run: RunConfig) -> LocalClient:
                          seed=run.seed, total_rounds=run.federation.rounds)
     client.tokenizer, client.test_records = tokenizer, test_records
     return client
+
+
+def initial_global_state(clients: list[LocalClient]) -> dict[str, torch.Tensor]:
+    """Round 0's global state: the union of the clients' seeded initial shared states (with
+    shape-matched sharing each width contributes its own projector bank). Where clients overlap
+    they must agree: that is what the shared seed guarantees."""
+    state: dict[str, torch.Tensor] = {}
+    for client in clients:
+        for key, value in client.handle.shared_state_dict().items():
+            if key in state and not torch.equal(state[key], value):
+                raise ValueError(f"clients disagree on the initial value of shared tensor {key!r}")
+            state.setdefault(key, value)
+    return state
 
 
 def label_set(clients: list[LocalClient]) -> list[str] | None:
@@ -71,8 +85,7 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
     strategy = make_strategy(fed.strategy, seed=run.seed, server_lr=fed.server_lr,
                              server_momentum=fed.server_momentum, **fed.strategy_options)
     store = FederationStore(out / "store")
-    # Round 0's global state is the seeded initial shared state, identical on every client.
-    global_state = clients[0].handle.shared_state_dict()
+    global_state = initial_global_state(clients)
     store.publish_global(0, global_state, meta={"seed": run.seed, "dema": run.dema.to_dict()})
 
     labels = label_set(clients)
@@ -116,15 +129,17 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
             updates.append(ClientUpdate(manifest["client_id"], delta, manifest["num_samples"],
                                         manifest["fingerprint"], manifest.get("slot_use")))
         new_state, agg = strategy.aggregate(global_state, updates, round=rnd, block_of=shared_block)
-        store.write_result(rnd, {"strategy": fed.strategy, **agg})
+        diagnostics = {"updates": update_diagnostics(updates, shared_block)}
+        store.write_result(rnd, {"strategy": fed.strategy, **agg, "diagnostics": diagnostics})
         store.publish_global(rnd + 1, new_state, meta={"aggregated_from_round": rnd})
 
         for client, row in zip(clients, round_rows):
             client.handle.load_shared_state_dict(new_state)   # evaluate what the federation produced
             # Label scoring costs several forward passes per example: only before and after the run.
             row.update(evaluate_client(client, labels if rnd == fed.rounds - 1 else None))
+            row["gate_entropy"] = gate_entropy(client.handle, collate(client.eval_examples[:8], client.pad_id))
         summary["rounds"].append({"round": rnd, "uploaded_bytes": uploaded, "clients": round_rows,
-                                  "aggregation": _block_summary(agg)})
+                                  "aggregation": _block_summary(agg), "diagnostics": diagnostics})
         with open(metrics_path, "a", newline="") as f:
             writer = csv.writer(f)
             for row in round_rows:

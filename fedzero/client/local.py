@@ -83,7 +83,7 @@ class LocalClient:
     def _optimizer(self) -> torch.optim.Optimizer:
         # A fresh optimizer every round: the shared parameters jump at aggregation, so Adam moments
         # from the last round describe a point that no longer exists (policy: reset).
-        return torch.optim.AdamW(self.handle.trainable_parameters(), lr=self.settings.lr,
+        return torch.optim.AdamW(self.handle.param_groups(self.settings.lr), lr=self.settings.lr,
                                  weight_decay=self.settings.weight_decay)
 
     def train_round(self, global_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -96,11 +96,12 @@ class LocalClient:
         losses = []
         for _ in range(self.settings.local_steps):
             for group in optimizer.param_groups:
-                group["lr"] = self.settings.lr * lr_factor(self.step, self.total_steps, self.settings)
+                group["lr"] = self.settings.lr * group["lr_scale"] * lr_factor(self.step, self.total_steps, self.settings)
             loss_sum, count = token_loss_sums(model, next(self._batches))
             loss = loss_sum / max(count, 1)
+            penalty = self.handle.regularization()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + penalty).backward()
             if self.settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
             optimizer.step()
@@ -108,7 +109,7 @@ class LocalClient:
             self.step += 1
         model.eval()
         trained = self.handle.shared_state_dict()
-        delta = {k: trained[k].float() - global_state[k].float() for k in trained}
+        delta = {k: trained[k].float() - global_state[k].float() for k in trained}   # own keys only
         return delta, {"train_loss": sum(losses) / len(losses)}
 
     @torch.no_grad()

@@ -109,18 +109,20 @@ class Strategy(ABC):
         {"blocks": {block: {"beta": [K floats], **stats}}, "clients": [ids]}). A block whose total
         weight is 0 is left unchanged (its metrics get "skipped": True).
         """
-        self._validate(global_state, updates)
         blocks: dict[str, list[str]] = {}
         for key in global_state:           # block order = first appearance in the global state
             blocks.setdefault(block_of(key), []).append(key)
-        weights = self.block_weights(updates, list(blocks))
+        covered = self._validate(global_state, updates, blocks)
+        # A client that does not hold a block (e.g. another width's shape-matched projectors) has
+        # weight 0 there and contributes nothing.
+        weights = self.block_weights(updates, list(blocks)) * covered
         groups = self.group_labels(updates)
 
         delta, metrics = {}, {"blocks": {}, "clients": [u.client_id for u in updates]}
         for b, (block, keys) in enumerate(blocks.items()):
             # [K, D] in float64: the Gram and the sum are the precision-sensitive parts.
-            X = torch.stack([torch.cat([u.delta[k].detach().reshape(-1).cpu().to(torch.float64) for k in keys])
-                             for u in updates])
+            X = torch.stack([torch.cat([_flat64(u.delta[k]) if covered[i, b] else torch.zeros(global_state[k].numel(), dtype=torch.float64)
+                                        for k in keys]) for i, u in enumerate(updates)])
             beta, stats = self.coefficients((X @ X.T).numpy(), weights[:, b], groups, block=block, round=round)
             metrics["blocks"][block] = {"beta": [float(x) for x in beta], **stats}
             if weights[:, b].sum() == 0:
@@ -132,21 +134,42 @@ class Strategy(ABC):
         return self.server_opt.step(global_state, delta), metrics
 
     @staticmethod
-    def _validate(global_state: dict[str, Tensor], updates: list[ClientUpdate]) -> None:
+    def _validate(global_state: dict[str, Tensor], updates: list[ClientUpdate],
+                  blocks: dict[str, list[str]]) -> np.ndarray:
+        """Checks the updates; returns covered [K, B]: whether client k holds block b.
+
+        An update holds each block whole or not at all (clients of different widths hold different
+        shape-matched projector blocks); a partly held block is an error.
+        """
         if not updates:
             raise ValueError("aggregate: no client updates")
         ids = [u.client_id for u in updates]
         if len(set(ids)) != len(ids):
             raise ValueError(f"aggregate: duplicate client ids in {ids}")
-        for u in updates:
-            missing = [k for k in global_state if k not in u.delta]
+        covered = np.zeros((len(updates), len(blocks)), dtype=bool)
+        for i, u in enumerate(updates):
             unexpected = [k for k in u.delta if k not in global_state]
-            if missing or unexpected:
+            if unexpected:
+                raise ValueError(f"client {u.client_id!r}: delta keys not in the global state (unexpected {unexpected})")
+            for b, (block, keys) in enumerate(blocks.items()):
+                present = [k in u.delta for k in keys]
+                if any(present) and not all(present):
+                    missing = [k for k in keys if k not in u.delta]
+                    raise ValueError(f"client {u.client_id!r}: delta holds block {block!r} only in part "
+                                     f"(missing {missing})")
+                covered[i, b] = all(present)
+            if not covered[i].any():
                 raise ValueError(f"client {u.client_id!r}: delta keys do not match the global state "
-                                 f"(missing {missing}, unexpected {unexpected})")
-            for key, theta in global_state.items():
-                if u.delta[key].shape != theta.shape:
+                                 f"(missing {list(global_state)[:5]}…, it holds no block)")
+            for key in u.delta:
+                if u.delta[key].shape != global_state[key].shape:
                     raise ValueError(f"client {u.client_id!r}, key {key!r}: delta shape "
-                                     f"{tuple(u.delta[key].shape)} != global shape {tuple(theta.shape)}")
+                                     f"{tuple(u.delta[key].shape)} != global shape {tuple(global_state[key].shape)}")
+        for u in updates:
             if u.num_samples < 0:
                 raise ValueError(f"client {u.client_id!r}: num_samples must be >= 0, got {u.num_samples}")
+        return covered
+
+
+def _flat64(t: Tensor) -> Tensor:
+    return t.detach().reshape(-1).cpu().to(torch.float64)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 PLACEMENTS = ("parallel", "side")
 TARGETS = ("mlp",)
-PROJECTORS = ("learned",)
+PROJECTORS = ("learned", "anchor", "anchor+learned")
+SHARING = ("experts-only", "shape-matched")
 
 # Fields that define the shared space. Two clients whose values differ here cannot aggregate.
 SHARED_FIELDS = ("rank", "num_experts", "num_slots", "expert_hidden")
@@ -26,7 +27,13 @@ class DeMAConfig:
     temperature: float = field(default=1.0, metadata={"help": "tau: softmax temperature of the gate"})
     placement: str = field(default="parallel", metadata={"help": "'parallel' (beside the MLP block) or 'side' (side stream, no backbone autograd)"})
     target: str = field(default="mlp", metadata={"help": "which block of each decoder layer the adapter runs beside"})
-    projector: str = field(default="learned", metadata={"help": "in-projector kind: 'learned' (private, trained)"})
+    projector: str = field(default="learned", metadata={"help": "in-projector: 'learned' (trained), 'anchor' (frozen relative representation over the public anchor set) or 'anchor+learned' (anchor start, fine-tuned with a penalty)"})
+    anchor_out: bool = field(default=False, metadata={"help": "anchor-defined out-projector U = (A - mu)^T diag(g), g learned and zero-initialised (needs an anchor projector)"})
+    share: str = field(default="experts-only", metadata={"help": "'experts-only' (projectors stay on the client) or 'shape-matched' (clients of equal hidden size also share per-slot projectors)"})
+    anchor_file: str | None = field(default=None, metadata={"help": "JSONL of public anchor texts ({'text': ...}); default: the bundled set. Every client must use the same file"})
+    num_anchors: int = field(default=256, metadata={"help": "anchor texts used for the mean mu (the first `rank` of them define the directions)"})
+    anchor_lr_scale: float = field(default=0.1, metadata={"help": "anchor+learned: learning-rate factor of the in-projector"})
+    anchor_penalty: float = field(default=1.0, metadata={"help": "anchor+learned: weight of ||(W - W0) W0^T||^2, which keeps the anchors' codes near their initial values"})
     seed: int = field(default=0, metadata={"help": "seeds the initial shared state (identical on every client)"})
 
     def __post_init__(self):
@@ -38,9 +45,22 @@ class DeMAConfig:
                 raise ValueError(f"DeMAConfig.{name} must be a positive integer, got {value!r}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"DeMAConfig.temperature must be > 0, got {self.temperature!r}")
-        for name, allowed in (("placement", PLACEMENTS), ("target", TARGETS), ("projector", PROJECTORS)):
+        for name, allowed in (("placement", PLACEMENTS), ("target", TARGETS), ("projector", PROJECTORS), ("share", SHARING)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DeMAConfig.{name}={getattr(self, name)!r} is not supported; choose one of {allowed}")
+
+        if self.anchor_out and not self.uses_anchors:
+            raise ValueError("DeMAConfig.anchor_out needs projector 'anchor' or 'anchor+learned'")
+        if self.share == "shape-matched" and self.projector != "learned":
+            # Anchor projectors are frozen per layer: nothing shape-matched is left to share.
+            raise ValueError("DeMAConfig.share='shape-matched' shares learned projectors; use projector='learned'")
+        if self.uses_anchors and self.num_anchors < self.rank:
+            raise ValueError(f"DeMAConfig.num_anchors ({self.num_anchors}) must be >= rank ({self.rank}): "
+                             "each of the r code dimensions is one anchor")
+
+    @property
+    def uses_anchors(self) -> bool:
+        return self.projector in ("anchor", "anchor+learned")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

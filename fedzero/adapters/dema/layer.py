@@ -54,20 +54,88 @@ class SlotMixture(nn.Module):
         return torch.einsum("...m,...mr->...r", alpha, per_expert)              # [..., r]
 
 
-class Projectors(nn.Module):
-    """Private bridge between one backbone width d and the shared rank r."""
+class AnchorInProjector(nn.Module):
+    """z_j = cos(x - mu, a_j - mu): a relative representation over public anchors.
 
-    def __init__(self, hidden_size: int, rank: int, *, with_in: bool = True, with_out: bool = True):
+    mu [d] is the mean of the anchors' pooled hidden states at this layer, a_1..a_r the first r of
+    them. Similar inputs get similar similarity profiles on different backbones, whatever their
+    width, and z does not change when all hidden states are rescaled. Frozen (buffers) unless
+    `learned`, in which case W starts at the unit anchor directions W0 and `penalty()` keeps the
+    anchors' own codes near their initial values.
+    """
+
+    def __init__(self, hidden_size: int, rank: int, *, learned: bool = False, eps: float = 1e-6):
         super().__init__()
-        self.in_proj = nn.Linear(hidden_size, rank, bias=False) if with_in else None     # P: d -> r
-        self.out_proj = nn.Linear(rank, hidden_size, bias=False) if with_out else None   # U: r -> d
-        if self.out_proj is not None:
+        self.eps = eps
+        self.register_buffer("mu", torch.zeros(hidden_size))
+        self.register_buffer("anchors_centered", torch.zeros(rank, hidden_size))  # a_j - mu   [r, d]
+        self.register_buffer("weight0", torch.zeros(rank, hidden_size))           # unit rows  [r, d]
+        if learned:
+            self.weight = nn.Parameter(torch.zeros(rank, hidden_size))
+        else:
+            self.register_buffer("weight", torch.zeros(rank, hidden_size))
+
+    @torch.no_grad()
+    def set_anchors(self, pooled: torch.Tensor) -> None:
+        """pooled [N, d]: the anchor texts' mean hidden states at this layer (N >= r)."""
+        rank = self.weight.shape[0]
+        self.mu.copy_(pooled.mean(0))
+        centered = pooled[:rank] - self.mu
+        self.anchors_centered.copy_(centered)
+        self.weight0.copy_(centered / centered.norm(dim=-1, keepdim=True).clamp_min(self.eps))
+        self.weight.copy_(self.weight0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centered = x - self.mu
+        return (centered @ self.weight.T) / centered.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+
+    def penalty(self) -> torch.Tensor:
+        # The anchors' codes are W a_hat with a_hat the rows of W0: keep (W - W0) W0^T small.
+        return ((self.weight - self.weight0) @ self.weight0.T).pow(2).sum()
+
+
+class AnchorOutProjector(nn.Module):
+    """U = (A - mu)^T diag(g): the output side defined by the same anchors, with a learned gain g [r]
+    (zero-initialised, so the backbone's outputs are unchanged at the start)."""
+
+    def __init__(self, anchors: "AnchorInProjector"):
+        super().__init__()
+        self.gain = nn.Parameter(torch.zeros(anchors.anchors_centered.shape[0]))
+        # Read the anchors from their owner at call time (`.to()` replaces buffer tensors).
+        object.__setattr__(self, "_anchors", anchors)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.gain
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return (y * self.gain) @ self._anchors.anchors_centered.to(y.dtype)
+
+
+class Projectors(nn.Module):
+    """Bridge between one backbone width d and the shared rank r: P (d -> r) and U (r -> d)."""
+
+    def __init__(self, hidden_size: int, rank: int, *, with_in: bool = True, with_out: bool = True,
+                 kind: str = "learned", anchor_out: bool = False):
+        super().__init__()
+        if not with_in:
+            self.in_proj = None
+        elif kind == "learned":
+            self.in_proj = nn.Linear(hidden_size, rank, bias=False)                     # P: d -> r
+        else:
+            self.in_proj = AnchorInProjector(hidden_size, rank, learned=kind == "anchor+learned")
+        if not with_out:
+            self.out_proj = None
+        elif anchor_out:
+            self.out_proj = AnchorOutProjector(self.in_proj)
+        else:
+            self.out_proj = nn.Linear(rank, hidden_size, bias=False)                    # U: r -> d
             # Zero U: at round 0 the adapted model computes exactly what the backbone computes.
             nn.init.zeros_(self.out_proj.weight)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        if self.in_proj is not None:
+        if isinstance(self.in_proj, nn.Linear):
             d = self.in_proj.weight.shape[1]
             self.in_proj.weight.copy_(torch.randn(self.in_proj.weight.shape, generator=generator) * d**-0.5)
         if self.out_proj is not None:
@@ -138,7 +206,9 @@ class SideStream:
 
 
 class DeMAShared(nn.Module):
-    """Everything that travels: one SlotMixture per depth slot. Keys: slots.{s}.{gate.weight,expert_a,expert_b}."""
+    """Everything that travels. Keys: slots.{s}.{gate.weight,expert_a,expert_b}; with
+    share='shape-matched' also the width-d projector bank: proj.h{d}.slots.{s}.{in_proj,out_proj}.weight
+    (and proj.h{d}.out_proj.weight for side placement), which only clients of width d hold."""
 
     exchange = "shared"
 
@@ -147,18 +217,41 @@ class DeMAShared(nn.Module):
         self.slots = nn.ModuleList(
             SlotMixture(rank, num_experts, expert_hidden, temperature) for _ in range(num_slots)
         )
+        self.proj = nn.ModuleDict()
+
+
+class ProjectorBank(nn.Module):
+    """Projectors for one width: one per layer (private) or one per slot (shape-matched sharing),
+    plus the side stream's single out-projector for side placement."""
+
+    def __init__(self, count: int, hidden_size: int, rank: int, placement: str, kind: str, anchor_out: bool):
+        super().__init__()
+        side = placement == "side"
+        self.slots = nn.ModuleList(
+            Projectors(hidden_size, rank, with_out=not side, kind=kind, anchor_out=anchor_out) for _ in range(count)
+        )
+        self.out_proj = None
+        if side:
+            if anchor_out:
+                # Anchors of the final hidden state (set later from the anchors' final-norm outputs).
+                self.final_anchors = AnchorInProjector(hidden_size, rank)
+                self.out_proj = AnchorOutProjector(self.final_anchors)
+            else:
+                self.out_proj = Projectors(hidden_size, rank, with_in=False).out_proj
 
 
 class DeMAPrivate(nn.Module):
-    """Everything that stays on the client: per-layer projectors (and, for side placement, the
-    single out-projector of the side stream). Keys: layers.{l}.in_proj.weight, layers.{l}.out_proj.weight, out_proj.weight."""
+    """Everything that stays on the client. Keys: layers.{l}.in_proj.weight, layers.{l}.out_proj.weight
+    (anchor out-projector: layers.{l}.out_proj.gain), out_proj.weight for side placement. Empty of
+    projectors under shape-matched sharing (they live in DeMAShared then); anchor buffers
+    (mu, anchor directions) are never exchanged."""
 
     exchange = "private"
 
-    def __init__(self, hidden_size: int, rank: int, num_layers: int, placement: str):
+    def __init__(self, bank: ProjectorBank | None):
         super().__init__()
-        side = placement == "side"
-        self.layers = nn.ModuleList(
-            Projectors(hidden_size, rank, with_out=not side) for _ in range(num_layers)
-        )
-        self.out_proj = Projectors(hidden_size, rank, with_in=False).out_proj if side else None
+        self.layers = bank.slots if bank is not None else nn.ModuleList()
+        if bank is not None and bank.out_proj is not None:
+            self.out_proj = bank.out_proj
+            if hasattr(bank, "final_anchors"):
+                self.final_anchors = bank.final_anchors

@@ -13,31 +13,38 @@ from torch import nn
 
 from fedzero.backbones import check_supported, decoder_layers, final_norm
 
+from .anchors import load_anchor_texts, pooled_hidden_states
 from .config import DeMAConfig
-from .layer import DeMAParallelMLP, DeMAPrivate, DeMAShared, SideStream
+from .layer import AnchorInProjector, DeMAParallelMLP, DeMAPrivate, DeMAShared, ProjectorBank, SideStream
 
 _SLOT_KEY = re.compile(r"^slots\.(\d+)\.")
+_BANK_SLOT_KEY = re.compile(r"^proj\.h(\d+)\.slots\.(\d+)\.")
+_BANK_OUT_KEY = re.compile(r"^proj\.h(\d+)\.out_proj\.")
 
 
 def shared_block(key: str) -> str:
-    """The aggregation block of a shared key: one block per depth slot (CMGA aligns each slot on its own)."""
-    match = _SLOT_KEY.match(key)
-    if not match:
-        raise ValueError(f"{key!r} is not a DeMA shared key (expected 'slots.<s>.…')")
-    return f"slot{match.group(1)}"
+    """The aggregation block of a shared key. One block per depth slot (CMGA aligns each slot on its
+    own); shape-matched projectors form a block per slot and width, held only by that width's clients."""
+    if match := _SLOT_KEY.match(key):
+        return f"slot{match.group(1)}"
+    if match := _BANK_SLOT_KEY.match(key):
+        return f"slot{match.group(2)}.h{match.group(1)}"
+    if match := _BANK_OUT_KEY.match(key):
+        return f"side_out.h{match.group(1)}"
+    raise ValueError(f"{key!r} is not a DeMA shared key (expected 'slots.<s>.…' or 'proj.h<d>.…')")
 
 
 class DeMAModel:
     """Handle over a backbone with DeMA injected. Holds no tensors of its own."""
 
     def __init__(self, model: nn.Module, config: DeMAConfig, shared: DeMAShared, private: DeMAPrivate,
-                 side_stream: SideStream | None):
+                 side_stream: SideStream | None, num_layers: int):
         self.model = model
         self.config = config
         self.shared = shared
         self.private = private
         self.side_stream = side_stream
-        self.num_layers = len(private.layers)
+        self.num_layers = num_layers
         self.hidden_size = model.config.hidden_size
 
     # -- what trains and what travels ------------------------------------------------------------
@@ -50,14 +57,43 @@ class DeMAModel:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.shared.parameters()) + list(self.private.parameters())
 
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer groups: fine-tuned anchor projectors ('anchor+learned') train at a smaller lr."""
+        anchored = {id(m.weight) for m in self._anchor_projectors() if isinstance(m.weight, nn.Parameter)}
+        rest = [p for p in self.trainable_parameters() if id(p) not in anchored]
+        groups = [{"params": rest, "lr": lr, "lr_scale": 1.0}]
+        if anchored:
+            params = [p for p in self.trainable_parameters() if id(p) in anchored]
+            scale = self.config.anchor_lr_scale
+            groups.append({"params": params, "lr": lr * scale, "lr_scale": scale})
+        return groups
+
+    def regularization(self) -> torch.Tensor | float:
+        """Penalty added to the training loss ('anchor+learned': keep the anchors' codes in place)."""
+        learned = [m for m in self._anchor_projectors() if isinstance(m.weight, nn.Parameter)]
+        if not learned:
+            return 0.0
+        return self.config.anchor_penalty * sum(m.penalty() for m in learned) / len(learned)
+
+    def _anchor_projectors(self) -> list[AnchorInProjector]:
+        return [m for m in self.private.modules() if isinstance(m, AnchorInProjector)]
+
     def shared_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: p.detach().clone() for k, p in self.shared_parameters().items()}
 
     def private_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: p.detach().clone() for k, p in self.private_parameters().items()}
 
+    def select_shared(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This client's part of a global state, which may also hold other widths' projector banks."""
+        own = self.shared_parameters()
+        foreign = [k for k in state if k not in own and not _BANK_SLOT_KEY.match(k) and not _BANK_OUT_KEY.match(k)]
+        if foreign:
+            raise KeyError(f"shared DeMA state does not match the model: unexpected {foreign[:5]}")
+        return {k: v for k, v in state.items() if k in own}
+
     def load_shared_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        _copy_checked(self.shared_parameters(), state, "shared")
+        _copy_checked(self.shared_parameters(), self.select_shared(state), "shared")
 
     def load_private_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         _copy_checked(self.private_parameters(), state, "private")
@@ -67,10 +103,15 @@ class DeMAModel:
         return [self.config.slot_of_layer(l, self.num_layers) for l in range(self.num_layers)]
 
     def slot_use(self) -> dict[str, int]:
-        """How many of this client's layers use each slot's shared block (0 for unused slots)."""
+        """How many of this client's layers use each shared block (0 for unused slots): its
+        aggregation weight per block is samples × use."""
         use = {f"slot{s}": 0 for s in range(self.config.num_slots)}
         for s in self.slot_of_layer():
             use[f"slot{s}"] += 1
+        if self.config.share == "shape-matched":
+            use.update({f"{block}.h{self.hidden_size}": n for block, n in list(use.items())})
+            if self.config.placement == "side":
+                use[f"side_out.h{self.hidden_size}"] = 1
         return use
 
     def num_shared_parameters(self) -> int:
@@ -92,40 +133,68 @@ def _copy_checked(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor
             param.copy_(state[key])
 
 
-def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = torch.float32) -> DeMAModel:
+def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = torch.float32,
+                tokenizer=None) -> DeMAModel:
     """Freeze `model` and add DeMA adapters in place. Returns the handle.
 
-    The initial shared state depends only on config.seed (identical on every client); private
-    projectors are seeded from config.seed too but their values never leave the client.
+    The initial shared state depends only on config.seed (and, for shape-matched projectors, the
+    width): identical on every client that holds it. Anchor projectors need the client's
+    `tokenizer` to run the backbone on the public anchor texts.
     """
     check_supported(model)
     if hasattr(model, "dema_shared"):
         raise ValueError("this model already has DeMA adapters injected")
+    if config.uses_anchors and tokenizer is None:
+        raise ValueError(f"projector {config.projector!r} needs the backbone's tokenizer (inject_dema(..., tokenizer=))")
     layers = decoder_layers(model)
     num_layers, hidden = len(layers), model.config.hidden_size
     model.requires_grad_(False)
+    shape_matched = config.share == "shape-matched"
+    slots = [config.slot_of_layer(l, num_layers) for l in range(num_layers)]
 
     shared = DeMAShared(config.rank, config.num_experts, config.expert_hidden, config.num_slots, config.temperature)
-    private = DeMAPrivate(hidden, config.rank, num_layers, config.placement)
+    bank = ProjectorBank(config.num_slots if shape_matched else num_layers, hidden, config.rank,
+                         config.placement, config.projector, config.anchor_out)
     generator = torch.Generator().manual_seed(config.seed)
     for mixture in shared.slots:
         mixture.reset_parameters(generator)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    for projectors in private.layers:
+    # Shape-matched banks must start identical on every client of the same width.
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + (hidden if shape_matched else 1))
+    for projectors in bank.slots:
         projectors.reset_parameters(generator)
+    if shape_matched:
+        shared.proj[f"h{hidden}"] = bank
+        private = DeMAPrivate(None)
+    else:
+        private = DeMAPrivate(bank)
+    layer_projectors = [bank.slots[slots[l]] if shape_matched else bank.slots[l] for l in range(num_layers)]
+
+    if config.uses_anchors:
+        _set_anchors(model, tokenizer, config, layers, layer_projectors, bank)
     shared.to(dtype)
     private.to(dtype)
     model.dema_shared = shared    # registered submodules: moved/partitioned with the model
     model.dema_private = private
 
-    slots = [config.slot_of_layer(l, num_layers) for l in range(num_layers)]
     side = None
     if config.placement == "parallel":
         for l, layer in enumerate(layers):
-            layer.mlp = DeMAParallelMLP(layer.mlp, private.layers[l], shared.slots[slots[l]])
+            layer.mlp = DeMAParallelMLP(layer.mlp, layer_projectors[l], shared.slots[slots[l]])
     else:
-        side = SideStream(
-            layers, [p.in_proj for p in private.layers], [shared.slots[s] for s in slots],
-            private.out_proj, final_norm(model),
-        )
-    return DeMAModel(model, config, shared, private, side)
+        side = SideStream(layers, [p.in_proj for p in layer_projectors], [shared.slots[s] for s in slots],
+                          bank.out_proj, final_norm(model))
+    return DeMAModel(model, config, shared, private, side, num_layers)
+
+
+def _set_anchors(model, tokenizer, config: DeMAConfig, layers, layer_projectors, bank: ProjectorBank) -> None:
+    """Run the frozen backbone on the anchor texts and set each layer's anchor projector from them."""
+    texts = load_anchor_texts(config.anchor_file, config.num_anchors)
+    # The adapter's input: the MLP input for parallel placement, the layer input for side placement.
+    modules = [layer.mlp for layer in layers] if config.placement == "parallel" else list(layers)
+    with_final = hasattr(bank, "final_anchors")
+    pooled = pooled_hidden_states(model, tokenizer, texts, modules, capture="input")
+    for projectors, states in zip(layer_projectors, pooled):
+        projectors.in_proj.set_anchors(states)
+    if with_final:
+        final = pooled_hidden_states(model, tokenizer, texts, [final_norm(model)], capture="output")[0]
+        bank.final_anchors.set_anchors(final)
