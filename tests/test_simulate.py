@@ -156,3 +156,20 @@ def test_cli_split_by_field_writes_disjoint_client_files(tmp_path):
         topics.append({r["topic"] for r in rows})
     assert sorted(texts) == sorted(f"t{i}" for i in range(30))   # a partition: nothing lost or duplicated
     assert all(len(t) == 1 for t in topics) and len(set.union(*topics)) == 3
+
+
+@pytest.mark.parametrize("dema", [{"share": "shape-matched"}, {"projector": "anchor", "anchor_out": True, "num_anchors": 8},
+                                  {"projector": "anchor+learned", "placement": "side", "num_anchors": 8}])
+def test_simulate_runs_every_sharing_and_projector_option(tmp_path, dema):
+    cfg = yaml.safe_load(tiny_run(tmp_path, rounds=1).read_text())
+    cfg["dema"].update(dema)
+    summary = simulate(parse_run_config(cfg, tmp_path), tmp_path / "out", progress=False)
+    store = FederationStore(tmp_path / "out" / "store", create=False)
+    g1, _ = store.read_global(1)
+    if dema.get("share") == "shape-matched":
+        # the global state holds both widths' projector banks; each client uploaded only its own
+        assert any(k.startswith("proj.h16.") for k in g1) and any(k.startswith("proj.h24.") for k in g1)
+        assert not any(k.startswith("proj.h24.") for k in store.read_update(0, "a")[0])
+    diag = summary["rounds"][0]["diagnostics"]["updates"]
+    assert set(diag["slot0"]["cosines"]) == {"a|b"}
+    assert all(set(c["gate_entropy"]) for c in summary["rounds"][0]["clients"])
