@@ -1,0 +1,358 @@
+"""The sharded aggregator in one process (comm=None): shard plan, exactness against the in-process
+strategy, quorum / deadline / late clients, restart, verification. The multi-rank runs are in
+test_aggregator_mpi.py, which reuses the store builders below."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedzero.adapters.dema import shared_block
+from fedzero.aggregator import (AggregationError, QuorumError, Segment, TensorInfo, aggregator_settings,
+                                load_aggregator_settings, plan_shards, run_aggregation)
+from fedzero.store import FederationStore
+from fedzero.strategies import ClientUpdate, make_strategy
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Shapes chosen to be cut at awkward places by 2 and 3 ranks: odd row counts, a 0-d tensor, an
+# empty tensor, a bf16 tensor next to float32 ones (mixed item sizes in the gathered bytes).
+SHAPES = {
+    "slots.0.experts.0.A": ((13, 7), torch.float32),
+    "slots.0.experts.0.B": ((7, 13), torch.float32),
+    "slots.0.gate": ((5,), torch.float32),
+    "slots.1.experts.0.A": ((9, 3, 2), torch.float32),
+    "slots.1.scale": ((), torch.float32),
+    "slots.1.empty": ((0, 4), torch.float32),
+    "slots.2.experts.0.A": ((11, 5), torch.bfloat16),
+    "slots.2.gate": ((3,), torch.float32),
+}
+# client -> (fingerprint group, num_samples, slot_use, sign): "c" (group fb) pushes against fa, so
+# CMGA has a conflict to project; "d" does not use slot2 (its weight there is 0).
+CLIENTS = {
+    "a": ("fa", 10, {"slot0": 2, "slot1": 1, "slot2": 1}, 1.0),
+    "b": ("fa", 30, {"slot0": 1, "slot1": 1, "slot2": 2}, 1.0),
+    "c": ("fb", 20, {"slot0": 1, "slot1": 2, "slot2": 1}, -1.0),
+    "d": ("fc", 5, {"slot0": 1, "slot1": 1}, 0.5),
+}
+TOL = dict(rtol=1e-6, atol=1e-6)     # docs/aggregator.md, "Exactness"
+
+
+def make_global(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=g).to(dt) for k, (shape, dt) in SHAPES.items()}
+
+
+def make_delta(client: str, round: int) -> dict[str, torch.Tensor]:
+    """Common direction (shared by all clients, scaled by their sign) plus client noise."""
+    g = torch.Generator().manual_seed(1000 * round + ord(client))
+    common = torch.Generator().manual_seed(7 + round)
+    sign = CLIENTS[client][3]
+    return {k: (sign * (1.0 + torch.rand(shape, generator=common)) + 0.3 * torch.randn(shape, generator=g)).to(dt)
+            for k, (shape, dt) in SHAPES.items()}
+
+
+def write_updates(store: FederationStore, round: int, clients=tuple(CLIENTS)) -> None:
+    for cid in clients:
+        fp, n, use, _ = CLIENTS[cid]
+        store.write_update(round, cid, make_delta(cid, round), fingerprint=fp, num_samples=n, slot_use=use)
+
+
+def build_store(root, rounds: int = 2) -> FederationStore:
+    """Global of round 0 plus every client's update for rounds 0..rounds-1 (deltas do not depend on
+    the global, so later rounds can be written in advance)."""
+    store = FederationStore(root)
+    store.publish_global(0, make_global())
+    for r in range(rounds):
+        write_updates(store, r)
+    return store
+
+
+def strategy_for(name: str):
+    return make_strategy(name, seed=5, server_lr=0.7, server_momentum=0.9)
+
+
+def reference(name: str, rounds: int) -> list[dict[str, torch.Tensor]]:
+    """The in-process path: Strategy.aggregate round after round with one strategy object."""
+    strategy, state, out = strategy_for(name), make_global(), []
+    for r in range(rounds):
+        updates = [ClientUpdate(c, make_delta(c, r), CLIENTS[c][1], CLIENTS[c][0], CLIENTS[c][2]) for c in CLIENTS]
+        state, metrics = strategy.aggregate(state, updates, round=r, block_of=shared_block)
+        out.append(state)
+    return out
+
+
+def assert_matches_reference(store: FederationStore, name: str, rounds: int = 2) -> None:
+    for r, expected in enumerate(reference(name, rounds)):
+        got, _ = store.read_global(r + 1)
+        assert sorted(got) == sorted(expected)
+        for k in expected:
+            assert got[k].dtype == expected[k].dtype and got[k].shape == expected[k].shape, k
+            torch.testing.assert_close(got[k].float(), expected[k].float(), **TOL, msg=f"round {r}, {k}")
+
+
+def quiet(_msg):
+    pass
+
+
+# ---------------------------------------------------------------- the shard plan
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 40])
+def test_plan_shards_covers_every_element_once_in_contiguous_row_ranges(world):
+    infos = [TensorInfo(k, shape, "F32") for k, (shape, _) in sorted(SHAPES.items())]
+
+    plan = plan_shards(infos, world)
+
+    seen = {i.key: np.zeros(i.rows, dtype=int) for i in infos if i.numel}
+    for segs in plan:
+        assert len({s.key for s in segs}) == len(segs)          # at most one row range per key per rank
+        for s in segs:
+            seen[s.key][s.start:s.stop] += 1
+    assert all((v == 1).all() for v in seen.values())
+    total = sum(i.numel for i in infos)
+    loads = [sum((s.stop - s.start) * next(i for i in infos if i.key == s.key).row_numel for s in segs)
+             for segs in plan]
+    assert sum(loads) == total
+    biggest_row = max(i.row_numel for i in infos)
+    assert max(loads) - total / world <= len(infos) * biggest_row    # balanced up to row granularity
+
+
+def test_plan_shards_splits_one_matrix_by_rows():
+    plan = plan_shards([TensorInfo("w", (10, 4), "F32")], 3)
+
+    assert plan == [[Segment("w", 0, 4)], [Segment("w", 4, 7)], [Segment("w", 7, 10)]]
+
+
+# ---------------------------------------------------------------- exactness, one process
+
+@pytest.mark.parametrize("name", ["fedavg", "cmga"])
+def test_single_process_equals_in_process_strategy_over_two_rounds_with_momentum(tmp_path, name):
+    store = build_store(tmp_path / "store")
+
+    for r in range(2):       # a fresh strategy object each round: momentum must come from the store
+        result = run_aggregation(store.root, r, strategy_for(name), comm=None, log=quiet)
+        assert result["clients"] == ["a", "b", "c", "d"] and result["published_round"] == r + 1
+
+    assert_matches_reference(store, name)
+    assert sorted(store.read_server_state(1)) == sorted(k for k in SHAPES)
+
+
+def test_cmga_result_reports_the_conflict_and_resolves_it(tmp_path):
+    store = build_store(tmp_path / "store", rounds=1)
+
+    result = run_aggregation(store.root, 0, strategy_for("cmga"), comm=None, log=quiet)
+
+    st = result["blocks"]["slot0"]
+    assert st["n_groups"] == 3 and st["n_conflicts"] >= 2
+    assert st["mean_cos_before"] < 0 < st["mean_cos_after"]
+    assert store.read_result(0)["blocks"]["slot0"]["beta"] == st["beta"]
+
+
+def test_tiny_chunks_and_no_cache_give_the_same_global(tmp_path):
+    a, b = build_store(tmp_path / "a", rounds=1), build_store(tmp_path / "b", rounds=1)
+
+    run_aggregation(a.root, 0, strategy_for("cmga"), comm=None, log=quiet)
+    result = run_aggregation(b.root, 0, strategy_for("cmga"), comm=None, log=quiet, chunk_bytes=1, cache_bytes=0)
+
+    assert result["io"]["passes"] == 2
+    assert result["io"]["update_bytes_read"] == 2 * sum(
+        sum(t.numel() * t.element_size() for t in make_delta(c, 0).values()) for c in CLIENTS)
+    ga, gb = a.read_global(1)[0], b.read_global(1)[0]
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], **TOL)
+
+
+# ---------------------------------------------------------------- quorum, deadline, late clients
+
+def test_late_client_arriving_before_the_deadline_is_included(tmp_path):
+    store = build_store(tmp_path / "store", rounds=0)
+    write_updates(store, 0, ["a", "b"])
+    timer = threading.Timer(0.4, write_updates, args=(store, 0, ["c"]))
+    timer.start()
+    try:
+        result = run_aggregation(store.root, 0, strategy_for("fedavg"), expected=["a", "b", "c"], quorum=2,
+                                 deadline_s=20, poll_s=0.05, comm=None, log=quiet)
+    finally:
+        timer.join()
+
+    assert result["clients"] == ["a", "b", "c"] and result["missing"] == []
+    assert result["arrived_after_s"]["a"] == 0.0 and result["arrived_after_s"]["c"] >= 0.3
+    assert not result["deadline_passed"] and result["timing"]["wait_s"] < 10
+
+
+def test_deadline_below_quorum_fails_naming_the_missing_clients(tmp_path):
+    store = build_store(tmp_path / "store", rounds=0)
+    write_updates(store, 0, ["a"])
+
+    with pytest.raises(QuorumError, match=r"1 of the 3 updates.*missing: b, c") as err:
+        run_aggregation(store.root, 0, strategy_for("cmga"), expected=["a", "b", "c"], deadline_s=0.2,
+                        poll_s=0.05, comm=None, log=quiet)
+
+    assert err.value.missing == ["b", "c"] and err.value.arrived == ["a"]
+    assert not store.has_global(1) and not store.has_result(0)
+
+
+def test_deadline_above_quorum_proceeds_and_reports_the_missing(tmp_path):
+    store = build_store(tmp_path / "store", rounds=0)
+    write_updates(store, 0, ["a", "b", "c"])
+    lines = []
+
+    result = run_aggregation(store.root, 0, strategy_for("cmga"), expected=["a", "b", "c", "d"], quorum=2,
+                             deadline_s=0.2, poll_s=0.05, comm=None, log=lines.append)
+
+    assert result["clients"] == ["a", "b", "c"] and result["missing"] == ["d"] and result["deadline_passed"]
+    assert store.read_result(0)["missing"] == ["d"] and store.has_global(1)
+    assert any("arrived 3/4" in line and "missing: d" in line for line in lines)
+
+
+def test_client_arriving_after_the_cutoff_is_reported_late_and_not_used(tmp_path):
+    store = build_store(tmp_path / "store", rounds=0)
+    write_updates(store, 0, ["a", "b", "c"])
+
+    def log(line):           # runs on rank 0 right after the cut-off: d shows up too late
+        if "arrived" in line and not store.has_update(0, "d"):
+            write_updates(store, 0, ["d"])
+
+    result = run_aggregation(store.root, 0, strategy_for("fedavg"), expected=list(CLIENTS), quorum=3,
+                             deadline_s=0, comm=None, log=log)
+
+    assert result["clients"] == ["a", "b", "c"] and result["missing"] == ["d"] and result["late"] == ["d"]
+
+
+def test_unexpected_clients_are_ignored_and_without_a_list_the_quorum_suffices(tmp_path):
+    store = build_store(tmp_path / "store", rounds=1)
+
+    result = run_aggregation(store.root, 0, strategy_for("fedavg"), expected=["a", "b"], comm=None, log=quiet)
+    assert result["clients"] == ["a", "b"] and result["ignored"] == ["c", "d"]
+
+    other = build_store(tmp_path / "other", rounds=1)
+    result = run_aggregation(other.root, 0, strategy_for("fedavg"), comm=None, log=quiet)
+    assert result["clients"] == ["a", "b", "c", "d"] and result["expected"] is None
+
+
+# ---------------------------------------------------------------- restart, verification, logs
+
+def test_completed_round_is_not_recomputed(tmp_path):
+    store = build_store(tmp_path / "store", rounds=1)
+    first = run_aggregation(store.root, 0, strategy_for("cmga"), comm=None, log=quiet)
+    before = store.global_path(1).read_bytes()
+
+    again = run_aggregation(store.root, 0, strategy_for("fedavg"), comm=None, log=quiet)
+
+    assert again["already_complete"] and again["blocks"] == first["blocks"]
+    assert store.global_path(1).read_bytes() == before
+
+
+def test_rerun_after_a_crash_before_publishing_gives_the_same_global(tmp_path):
+    a, b = build_store(tmp_path / "a"), build_store(tmp_path / "b")
+    for r in range(2):
+        run_aggregation(a.root, r, strategy_for("cmga"), comm=None, log=quiet)
+    run_aggregation(b.root, 0, strategy_for("cmga"), comm=None, log=quiet)
+    run_aggregation(b.root, 1, strategy_for("cmga"), comm=None, log=quiet)
+    # crash after writing round 1's server state and result, before publishing round 2's global
+    (b.global_path(2).parent / "manifest.json").unlink()
+    b.global_path(2).unlink()
+
+    run_aggregation(b.root, 1, strategy_for("cmga"), comm=None, log=quiet)
+
+    assert a.global_path(2).read_bytes() == b.global_path(2).read_bytes()
+
+
+def test_momentum_without_the_previous_server_state_is_refused_unless_reset(tmp_path):
+    store = FederationStore(tmp_path / "store")
+    store.publish_global(0, make_global())
+    store.publish_global(3, make_global(1))              # e.g. a run resumed from elsewhere
+    write_updates(store, 3)
+
+    with pytest.raises(AggregationError, match="left no server state"):
+        run_aggregation(store.root, 3, strategy_for("cmga"), comm=None, log=quiet)
+    run_aggregation(store.root, 3, strategy_for("cmga"), comm=None, log=quiet, reset_server_state=True)
+
+    assert store.has_global(4)
+
+
+def test_missing_global_is_an_error(tmp_path):
+    store = build_store(tmp_path / "store", rounds=2)
+
+    with pytest.raises(AggregationError, match="global of round 1 is not published"):
+        run_aggregation(store.root, 1, strategy_for("fedavg"), comm=None, log=quiet)
+
+
+def _corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF                                      # same size, different bytes
+    path.write_bytes(bytes(data))
+
+
+def test_sha256_verification_catches_a_corrupted_update_size_mode_does_not(tmp_path):
+    store = build_store(tmp_path / "store", rounds=1)
+    _corrupt(store.update_path(0, "c"))
+
+    with pytest.raises(AggregationError, match="checksum mismatch for update of client c"):
+        run_aggregation(store.root, 0, strategy_for("fedavg"), comm=None, log=quiet)
+    result = run_aggregation(store.root, 0, strategy_for("fedavg"), comm=None, log=quiet, verify="size")
+
+    assert result["io"]["bytes_hashed"] == 0 and store.has_global(1)
+
+
+def test_update_with_a_wrong_shape_is_refused_naming_the_client(tmp_path):
+    store = build_store(tmp_path / "store", rounds=0)
+    write_updates(store, 0, ["a"])
+    bad = make_delta("b", 0)
+    bad["slots.0.gate"] = torch.zeros(6)
+    store.write_update(0, "b", bad, fingerprint="fa", num_samples=1)
+
+    with pytest.raises(AggregationError, match=r"client 'b', key 'slots.0.gate': update shape \[6\]"):
+        run_aggregation(store.root, 0, strategy_for("fedavg"), comm=None, log=quiet)
+
+
+def test_log_lines_name_clients_bytes_time_and_block_stats(tmp_path):
+    store = build_store(tmp_path / "store", rounds=1)
+    lines = []
+
+    run_aggregation(store.root, 0, strategy_for("cmga"), expected=list(CLIENTS), comm=None, log=lines.append)
+
+    text = "\n".join(lines)
+    assert all(line.startswith("[aggregate r0] ") for line in lines)
+    assert "arrived 4/4: a (+0.0 s), b (+0.0 s), c (+0.0 s), d (+0.0 s); missing: none" in text
+    assert "1 rank(s), verify sha256: read " in text and "B/s" in text
+    assert "slot0: 3 group(s), " in text and "pairs conflicted, mean cos -" in text
+    assert "published the global of round 1; late (arrived after the cut-off, not used): none" in text
+
+
+# ---------------------------------------------------------------- the run YAML
+
+def test_settings_from_the_demo_config():
+    s = load_aggregator_settings(REPO / "configs" / "demo.yaml")
+
+    assert (s.strategy, s.server_lr, s.seed) == ("cmga", 1.0, 0)
+    assert s.client_ids == ["airlines", "apple", "coachella"]
+    assert s.make_strategy().name == "cmga"
+
+
+def test_settings_refuse_unknown_federation_keys():
+    with pytest.raises(ValueError, match="unknown key"):
+        aggregator_settings({"federation": {"strategy": "fedavg", "server_lrr": 2}})
+    s = aggregator_settings({"seed": 3, "federation": {"strategy": "fedavg", "server_momentum": 0.5}})
+    assert s.client_ids is None and s.make_strategy().server_opt.momentum == 0.5
+
+
+def test_block_without_weight_is_left_unchanged_and_gets_no_momentum(tmp_path):
+    store = build_store(tmp_path / "store", rounds=0)
+    write_updates(store, 0, ["d"])                        # d does not use slot2: its total weight there is 0
+    strategy = strategy_for("cmga")
+
+    result = run_aggregation(store.root, 0, strategy, comm=None, log=quiet)
+
+    assert result["blocks"]["slot2"]["skipped"] and not result["blocks"]["slot0"].get("skipped")
+    new, old = store.read_global(1)[0], make_global()
+    assert all(torch.equal(new[k], old[k]) for k in SHAPES if k.startswith("slots.2."))
+    expected, _ = strategy_for("cmga").aggregate(make_global(), [ClientUpdate("d", make_delta("d", 0), 5, "fc",
+                                                                              CLIENTS["d"][2])],
+                                                 round=0, block_of=shared_block)
+    assert all(torch.equal(new[k], expected[k]) for k in SHAPES)
+    assert sorted(store.read_server_state(0)) == sorted(k for k in SHAPES if not k.startswith("slots.2."))

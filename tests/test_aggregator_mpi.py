@@ -1,0 +1,114 @@
+"""The aggregator under a real `mpirun -np N` (oversubscribed on a 2-core machine, OMP_NUM_THREADS=1).
+
+One launch per N runs this file as the MPI program (see `_worker`): FedAvg and CMGA (with a
+conflict), two rounds with server momentum each, a fresh strategy object per round, then a
+corrupted update that one rank discovers. pytest compares the published globals with the
+in-process `Strategy.aggregate` (test_aggregator.reference) to the tolerance in docs/aggregator.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MPIRUN = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
+STRATEGIES = ("fedavg", "cmga")
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MPIRUN is None, reason="mpirun not found (pip install mpich)")]
+
+
+def mpirun(n: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([MPIRUN, "-np", str(n), sys.executable, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_sharded_equals_in_process_strategy(tmp_path, ranks):
+    from test_aggregator import assert_matches_reference, build_store
+
+    for name in STRATEGIES:
+        build_store(tmp_path / name)
+    build_store(tmp_path / "corrupt", rounds=1)
+
+    proc = mpirun(ranks, __file__, str(tmp_path))
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from fedzero.store import FederationStore
+
+    for name in STRATEGIES:
+        store = FederationStore(tmp_path / name, create=False)
+        assert_matches_reference(store, name)
+        assert store.read_result(1)["ranks"] == ranks
+    outcomes = [json.loads((tmp_path / f"corrupt.rank{r}.json").read_text()) for r in range(ranks)]
+    assert all("checksum mismatch for update of client d" in o["error"] for o in outcomes), outcomes
+    assert "[aggregate r1] slot0: 3 group(s)" in proc.stdout
+
+
+def test_cli_two_ranks_reads_the_yaml_and_fails_below_quorum_naming_the_missing(tmp_path):
+    from test_aggregator import CLIENTS, build_store, reference, write_updates
+
+    store = build_store(tmp_path / "store", rounds=1)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "seed: 5\n"
+        "federation: {rounds: 2, strategy: cmga, server_lr: 0.7, server_momentum: 0.9}\n"
+        "clients:\n" + "".join(f"  - {{id: {c}}}\n" for c in CLIENTS))
+    cmd = ["launch/aggregate.py", "--store", str(store.root), "--config", str(config)]
+
+    proc = mpirun(2, *cmd, "--round", "0")
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    expected = reference("cmga", 1)[0]
+    got = store.read_global(1)[0]
+    for k in expected:
+        torch.testing.assert_close(got[k].float(), expected[k].float(), rtol=1e-6, atol=1e-6)
+    assert "[aggregate r0] arrived 4/4: a (+0.0 s), b (+0.0 s), c (+0.0 s), d (+0.0 s); missing: none" in proc.stdout
+
+    # round 1: only a and c deliver; a quorum of 3 cannot be met by the deadline
+    write_updates(store, 1, ["a", "c"])
+    proc = mpirun(2, *cmd, "--round", "1", "--quorum", "3", "--deadline", "0.5", "--poll", "0.1")
+
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "deadline of 0.5 s passed with 2 of the 3 updates the quorum needs; missing: b, d" in proc.stderr
+    assert proc.stderr.count("aggregate: error:") == 1        # printed once, by rank 0
+    assert not store.has_global(2)
+
+
+def _worker(work: str) -> None:
+    """The MPI program: every rank runs this."""
+    from mpi4py import MPI
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_aggregator import _corrupt, strategy_for
+
+    from fedzero.aggregator import AggregationError, run_aggregation
+    from fedzero.store import FederationStore
+
+    comm = MPI.COMM_WORLD
+    work = Path(work)
+    for name in STRATEGIES:
+        for r in range(2):   # a fresh strategy per round, as separate launches would have
+            run_aggregation(work / name, r, strategy_for(name), comm=comm)
+    if comm.Get_rank() == 0:
+        store = FederationStore(work / "corrupt", create=False)
+        _corrupt(store.update_path(0, "d"))   # hashed by rank 3 % N: the error starts away from rank 0 for N=2
+    comm.Barrier()
+    try:
+        run_aggregation(work / "corrupt", 0, strategy_for("cmga"), comm=comm)
+        outcome = {"error": None}
+    except AggregationError as e:
+        outcome = {"error": str(e)}
+    (work / f"corrupt.rank{comm.Get_rank()}.json").write_text(json.dumps(outcome))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
