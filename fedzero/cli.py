@@ -12,8 +12,11 @@ def _simulate(args) -> int:
     from fedzero.simulate import simulate
 
     run = load_run_config(args.config)
-    if args.strategy:
-        run.federation.strategy = args.strategy
+    if args.strategy and args.strategy != run.federation.strategy:
+        if run.federation.strategy_options:
+            print(f"note: --strategy {args.strategy} drops the config's options for "
+                  f"{run.federation.strategy}: {run.federation.strategy_options}", file=sys.stderr)
+        run.federation.strategy, run.federation.strategy_options = args.strategy, {}
     if args.rounds:
         run.federation.rounds = args.rounds
     summary = simulate(run, args.out, progress=not args.quiet)
@@ -64,6 +67,19 @@ def _memory_estimate(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from pathlib import Path
+
+    from fedzero.bench import run_bench
+
+    results = run_bench(args.suite, args.out, seeds=args.seeds, threads=args.threads, cache_dir=args.cache_dir,
+                        memory=not args.no_memory, command="fedzero " + " ".join(sys.argv[1:]))
+    print((Path(args.out) / "report.md").read_text())
+    print(f"{len(results['runs'])} runs ({results['runs_this_invocation']} this invocation), "
+          f"{results['wall_seconds']:.0f} s; report: {args.out}/report.md, data: {args.out}/results.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedzero", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", choices=["parallel", "side"], default="parallel")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(func=_memory_estimate)
+
+    p = sub.add_parser("bench", help="benchmark DeMA/CMGA against the LoRA baselines (docs/benchmarks.md)")
+    p.add_argument("--suite", required=True, help="quick, full, or a suite file (JSON/YAML; see fedzero/bench/suites.py)")
+    p.add_argument("--out", required=True, help="output directory (rerun into it to resume)")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the suite's seeds")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores, or 1 if the machine is busy)")
+    p.add_argument("--cache-dir", help="where built backbones are cached (default ~/.cache/fedzero/bench)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.set_defaults(func=_bench)
     return parser
 
 

@@ -39,6 +39,16 @@ class FederationSettings:
     def __post_init__(self):
         if int(self.rounds) < 1:
             raise ValueError(f"federation.rounds must be >= 1, got {self.rounds!r}")
+        self.make_strategy(seed=0)  # refuse an unknown strategy or option now, not after the clients load
+
+    def make_strategy(self, *, seed: int):
+        from fedzero.strategies import make_strategy
+
+        try:
+            return make_strategy(self.strategy, seed=seed, server_lr=self.server_lr,
+                                 server_momentum=self.server_momentum, **self.strategy_options)
+        except TypeError as err:  # unknown option
+            raise ValueError(f"federation: {err}") from None
 
 
 @dataclass

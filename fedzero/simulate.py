@@ -25,7 +25,7 @@ from fedzero.data import build_examples, collate, load_tokenizer, read_jsonl
 from fedzero.diagnostics import gate_entropy, update_diagnostics
 from fedzero.evaluate import evaluate_classification
 from fedzero.store import FederationStore
-from fedzero.strategies import ClientUpdate, make_strategy
+from fedzero.strategies import ClientUpdate
 
 
 def build_client(cfg, run: RunConfig) -> LocalClient:
@@ -82,8 +82,7 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
 
     clients = [build_client(c, run) for c in run.clients]
     fed = run.federation
-    strategy = make_strategy(fed.strategy, seed=run.seed, server_lr=fed.server_lr,
-                             server_momentum=fed.server_momentum, **fed.strategy_options)
+    strategy = fed.make_strategy(seed=run.seed)
     store = FederationStore(out / "store")
     global_state = initial_global_state(clients)
     store.publish_global(0, global_state, meta={"seed": run.seed, "dema": run.dema.to_dict()})

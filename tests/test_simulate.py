@@ -173,3 +173,22 @@ def test_simulate_runs_every_sharing_and_projector_option(tmp_path, dema):
     diag = summary["rounds"][0]["diagnostics"]["updates"]
     assert set(diag["slot0"]["cosines"]) == {"a|b"}
     assert all(set(c["gate_entropy"]) for c in summary["rounds"][0]["clients"])
+
+
+def test_unknown_strategy_or_option_is_refused_at_load(tmp_path):
+    cfg = yaml.safe_load(tiny_run(tmp_path).read_text())
+    cfg["federation"]["strategy_options"] = {"harmonise": True}
+    with pytest.raises(ValueError, match="unknown option"):
+        parse_run_config(cfg, tmp_path)
+    cfg["federation"] = {"strategy": "fedprox"}
+    with pytest.raises(ValueError, match="fedprox"):
+        parse_run_config(cfg, tmp_path)
+
+
+def test_cli_strategy_override_drops_the_other_strategys_options(tmp_path, capsys):
+    cfg = yaml.safe_load(tiny_run(tmp_path).read_text())
+    cfg["federation"]["strategy_options"] = {"harmonize_norms": True}
+    path = tmp_path / "run2.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["simulate", "--config", str(path), "--out", str(tmp_path / "o"), "--quiet", "--strategy", "fedavg", "--rounds", "1"]) == 0
+    assert "drops the config's options" in capsys.readouterr().err
