@@ -356,3 +356,140 @@ def test_block_without_weight_is_left_unchanged_and_gets_no_momentum(tmp_path):
                                                  round=0, block_of=shared_block)
     assert all(torch.equal(new[k], expected[k]) for k in SHAPES)
     assert sorted(store.read_server_state(0)) == sorted(k for k in SHAPES if not k.startswith("slots.2."))
+
+
+# ---------------------------------------------------------------- shape-matched sharing: updates holding a subset of the blocks
+
+# DeMA's `share: shape-matched` (docs/aggregator.md): the global is the union of every width's
+# projector bank; a client uploads the experts plus its own width's bank only. h32's bank is held by
+# no client this round (its block stays unchanged). The shapes make 2 ranks cut a width-8 projector
+# and 3 ranks a width-16 one (bf16) between rows, so a block held by some clients only spans ranks.
+SM_SHAPES = {
+    "slots.0.experts.0.A": ((13, 7), torch.float32),
+    "slots.0.gate": ((5,), torch.float32),
+    "slots.1.experts.0.A": ((9, 3, 2), torch.float32),
+    "slots.1.experts.0.B": ((7, 5), torch.bfloat16),
+    "proj.h8.slots.0.in_proj.weight": ((4, 8), torch.float32),
+    "proj.h8.slots.0.in_proj.bias": ((4,), torch.float32),
+    "proj.h8.slots.1.in_proj.weight": ((4, 8), torch.float32),
+    "proj.h8.out_proj.weight": ((5, 3), torch.float32),
+    "proj.h16.slots.0.in_proj.weight": ((4, 16), torch.float32),
+    "proj.h16.slots.1.in_proj.weight": ((4, 16), torch.bfloat16),
+    "proj.h16.out_proj.weight": ((16, 3), torch.float32),
+    "proj.h32.slots.0.in_proj.weight": ((1, 32), torch.float32),
+}
+# client -> (fingerprint, num_samples, slot_use, sign, width): a and c share width 8 (different
+# backbones), b (width 16) pushes against them, so CMGA has a conflict in the expert blocks.
+SM_CLIENTS = {
+    "a": ("w8a", 10, {"slot0": 2, "slot1": 1, "slot0.h8": 2, "slot1.h8": 1, "side_out.h8": 1}, 1.0, 8),
+    "b": ("w16", 20, {"slot0": 1, "slot1": 2, "slot0.h16": 1, "slot1.h16": 2, "side_out.h16": 1}, -1.0, 16),
+    "c": ("w8c", 30, None, 0.5, 8),
+}
+SM_NOBODY = [k for k in SM_SHAPES if k.startswith("proj.h32.")]
+
+
+def sm_global(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(SM_SHAPES[k][0], generator=g).to(SM_SHAPES[k][1]) for k in sorted(SM_SHAPES)}
+
+
+def sm_delta(client: str, round: int) -> dict[str, torch.Tensor]:
+    """The experts plus the client's own width's bank: common direction × sign plus client noise."""
+    width, sign = SM_CLIENTS[client][4], SM_CLIENTS[client][3]
+    g = torch.Generator().manual_seed(1000 * round + ord(client))
+    common = torch.Generator().manual_seed(11 + round)
+    out = {}
+    for k in sorted(SM_SHAPES):
+        shape, dt = SM_SHAPES[k]
+        c = torch.rand(shape, generator=common)              # drawn for every key: same stream for all clients
+        if k.startswith("slots.") or k.startswith(f"proj.h{width}."):
+            out[k] = (sign * (1.0 + c) + 0.3 * torch.randn(shape, generator=g)).to(dt)
+    return out
+
+
+def build_sm_store(root, rounds: int = 2) -> FederationStore:
+    store = FederationStore(root)
+    store.publish_global(0, sm_global())
+    for r in range(rounds):
+        for cid, (fp, n, use, _, _) in SM_CLIENTS.items():
+            store.write_update(r, cid, sm_delta(cid, r), fingerprint=fp, num_samples=n, slot_use=use)
+    return store
+
+
+def sm_reference(name: str, rounds: int) -> list[tuple[dict[str, torch.Tensor], dict]]:
+    strategy, state, out = strategy_for(name), sm_global(), []
+    for r in range(rounds):
+        updates = [ClientUpdate(c, sm_delta(c, r), v[1], v[0], v[2]) for c, v in SM_CLIENTS.items()]
+        state, metrics = strategy.aggregate(state, updates, round=r, block_of=shared_block)
+        out.append((state, metrics))
+    return out
+
+
+def assert_sm_matches_reference(store: FederationStore, name: str, rounds: int = 2) -> None:
+    for r, (expected, metrics) in enumerate(sm_reference(name, rounds)):
+        got, _ = store.read_global(r + 1)
+        assert sorted(got) == sorted(expected)
+        for k in expected:
+            assert got[k].dtype == expected[k].dtype and got[k].shape == expected[k].shape, k
+            torch.testing.assert_close(got[k].float(), expected[k].float(), **TOL, msg=f"round {r}, {k}")
+        for k in SM_NOBODY:                                  # held by nobody: bit-identical to the start
+            assert torch.equal(got[k], sm_global()[k]), k
+        blocks = store.read_result(r)["blocks"]
+        assert sorted(blocks) == sorted(metrics["blocks"])
+        for block, st in metrics["blocks"].items():
+            assert blocks[block].get("skipped", False) == st.get("skipped", False), block
+            np.testing.assert_allclose(blocks[block]["beta"], st["beta"], rtol=1e-9, atol=1e-12, err_msg=block)
+    assert blocks["slot0.h32"]["skipped"]
+    assert blocks["slot0.h16"]["beta"][0] == blocks["slot0.h16"]["beta"][2] == 0.0      # a, c lack width 16
+    # momentum buffers: every key that was ever stepped, none for the bank nobody held
+    assert sorted(store.read_server_state(rounds - 1)) == sorted(k for k in SM_SHAPES if k not in SM_NOBODY)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "cmga"])
+def test_shape_matched_updates_holding_a_subset_of_blocks_equal_in_process_strategy(tmp_path, name):
+    store = build_sm_store(tmp_path / "store")
+
+    for r in range(2):       # a fresh strategy object each round: momentum comes from the store
+        result = run_aggregation(store.root, r, strategy_for(name), comm=None, log=quiet,
+                                 chunk_bytes=64 if r else 64 << 20)     # round 1: many small read chunks
+        assert result["clients"] == ["a", "b", "c"]
+
+    assert_sm_matches_reference(store, name)
+    held = sum(t.numel() * t.element_size() for c in SM_CLIENTS for t in sm_delta(c, 1).values())
+    assert result["io"]["update_bytes_read"] == held          # nothing is read for a block a client lacks
+    if name == "cmga":
+        assert result["blocks"]["slot0"]["n_conflicts"] >= 1
+
+
+def _sm_bad_update(case: str) -> dict[str, torch.Tensor]:
+    delta = sm_delta("a", 0)
+    if case == "partial":
+        del delta["proj.h8.slots.0.in_proj.bias"]
+    elif case == "no block":
+        delta = {}
+    elif case == "unexpected":
+        delta["proj.h64.slots.0.in_proj.weight"] = torch.zeros(4, 64)
+    return delta
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("partial", r"client 'a': delta holds block 'slot0.h8' only in part \(missing \['proj.h8.slots.0.in_proj.bias'\]\)"),
+    ("no block", r"client 'a': delta keys do not match the global state \(missing .*it holds no block\)"),
+    ("unexpected", r"client 'a': delta keys not in the global state \(unexpected \['proj.h64.slots.0.in_proj.weight'\]\)"),
+], ids=["partial", "no-block", "unexpected"])
+def test_partial_empty_or_foreign_update_is_refused_as_the_in_process_strategy_does(tmp_path, case, pattern):
+    store = build_sm_store(tmp_path / "store", rounds=0)
+    for cid in ("b", "c"):
+        fp, n, use, _, _ = SM_CLIENTS[cid]
+        store.write_update(0, cid, sm_delta(cid, 0), fingerprint=fp, num_samples=n, slot_use=use)
+    store.write_update(0, "a", _sm_bad_update(case), fingerprint="w8a", num_samples=10)
+    updates = [ClientUpdate("a", _sm_bad_update(case), 10, "w8a")] + [
+        ClientUpdate(c, sm_delta(c, 0), SM_CLIENTS[c][1], SM_CLIENTS[c][0]) for c in ("b", "c")]
+
+    with pytest.raises(ValueError, match=pattern) as ref:
+        strategy_for("fedavg").aggregate(sm_global(), updates, round=0, block_of=shared_block)
+    with pytest.raises(AggregationError, match=pattern) as err:
+        run_aggregation(store.root, 0, strategy_for("fedavg"), comm=None, log=quiet)
+
+    assert str(err.value).endswith(str(ref.value))             # the very same message, after "planning failed …: "
+    assert not store.has_global(1) and not store.has_result(0)

@@ -1,9 +1,11 @@
 """The aggregator under a real `mpirun -np N` (oversubscribed on a 2-core machine, OMP_NUM_THREADS=1).
 
 One launch per N runs this file as the MPI program (see `_worker`): FedAvg and CMGA (with a
-conflict), two rounds with server momentum each, a fresh strategy object per round, then a
-corrupted update that one rank discovers. pytest compares the published globals with the
-in-process `Strategy.aggregate` (test_aggregator.reference) to the tolerance in docs/aggregator.md.
+conflict), two rounds with server momentum each, a fresh strategy object per round, on the full
+updates and on shape-matched ones (each client holds the experts and its own width's projector
+bank only), then a corrupted update that one rank discovers and an update holding a block only in
+part. pytest compares the published globals with the in-process `Strategy.aggregate`
+(test_aggregator.reference / sm_reference) to the tolerance in docs/aggregator.md.
 """
 
 from __future__ import annotations
@@ -33,11 +35,19 @@ def mpirun(n: int, *args: str, timeout: float = 120) -> subprocess.CompletedProc
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_sharded_equals_in_process_strategy(tmp_path, ranks):
-    from test_aggregator import assert_matches_reference, build_store
+    from test_aggregator import (SM_CLIENTS, assert_matches_reference, assert_sm_matches_reference, build_sm_store,
+                                 build_store, sm_delta)
 
     for name in STRATEGIES:
         build_store(tmp_path / name)
+        build_sm_store(tmp_path / f"sm-{name}")
     build_store(tmp_path / "corrupt", rounds=1)
+    partial = build_sm_store(tmp_path / "partial", rounds=1)
+    delta = sm_delta("c", 0)
+    del delta["proj.h8.out_proj.weight"]          # c lacks the whole of side_out.h8: fine
+    del delta["proj.h8.slots.1.in_proj.weight"]   # ... and the whole of slot1.h8 (one key): fine
+    del delta["proj.h8.slots.0.in_proj.bias"]     # ... but holds slot0.h8 only in part: an error
+    partial.write_update(0, "c", delta, fingerprint=SM_CLIENTS["c"][0], num_samples=SM_CLIENTS["c"][1])
 
     proc = mpirun(ranks, __file__, str(tmp_path))
 
@@ -48,8 +58,16 @@ def test_sharded_equals_in_process_strategy(tmp_path, ranks):
         store = FederationStore(tmp_path / name, create=False)
         assert_matches_reference(store, name)
         assert store.read_result(1)["ranks"] == ranks
+        store = FederationStore(tmp_path / f"sm-{name}", create=False)
+        assert_sm_matches_reference(store, name)
+        assert store.read_result(1)["ranks"] == ranks
     outcomes = [json.loads((tmp_path / f"corrupt.rank{r}.json").read_text()) for r in range(ranks)]
     assert all("checksum mismatch for update of client d" in o["error"] for o in outcomes), outcomes
+    outcomes = [json.loads((tmp_path / f"partial.rank{r}.json").read_text()) for r in range(ranks)]
+    assert len({o["error"] for o in outcomes}) == 1, outcomes          # the same error on every rank
+    assert outcomes[0]["error"].endswith("client 'c': delta holds block 'slot0.h8' only in part "
+                                         "(missing ['proj.h8.slots.0.in_proj.bias'])"), outcomes
+    assert not partial.has_global(1)
     assert "[aggregate r1] slot0: 3 group(s)" in proc.stdout
 
 
@@ -96,18 +114,20 @@ def _worker(work: str) -> None:
     comm = MPI.COMM_WORLD
     work = Path(work)
     for name in STRATEGIES:
-        for r in range(2):   # a fresh strategy per round, as separate launches would have
-            run_aggregation(work / name, r, strategy_for(name), comm=comm)
+        for store in (name, f"sm-{name}"):
+            for r in range(2):   # a fresh strategy per round, as separate launches would have
+                run_aggregation(work / store, r, strategy_for(name), comm=comm)
     if comm.Get_rank() == 0:
         store = FederationStore(work / "corrupt", create=False)
         _corrupt(store.update_path(0, "d"))   # hashed by rank 3 % N: the error starts away from rank 0 for N=2
     comm.Barrier()
-    try:
-        run_aggregation(work / "corrupt", 0, strategy_for("cmga"), comm=comm)
-        outcome = {"error": None}
-    except AggregationError as e:
-        outcome = {"error": str(e)}
-    (work / f"corrupt.rank{comm.Get_rank()}.json").write_text(json.dumps(outcome))
+    for case in ("corrupt", "partial"):
+        try:
+            run_aggregation(work / case, 0, strategy_for("cmga"), comm=comm)
+            outcome = {"error": None}
+        except AggregationError as e:
+            outcome = {"error": str(e)}
+        (work / f"{case}.rank{comm.Get_rank()}.json").write_text(json.dumps(outcome))
 
 
 if __name__ == "__main__":

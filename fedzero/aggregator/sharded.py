@@ -8,8 +8,10 @@ range holds the row's first element. So every rank holds, per key, one contiguou
 (possibly empty), and the ranks' loads differ by less than one row per key boundary. 0-d tensors
 are one row; empty tensors belong to no rank.
 
-Per rank, for its segments and all K clients:
-  pass 1  read the rows (kept in their file dtype), X = [K, n] float64, gram[block] += X Xᵀ
+Per rank, for its segments and the clients whose updates hold the segment's block (an update may
+hold a subset of the blocks, each whole; a client lacking a block is a zero row there, as in
+Strategy.aggregate: nothing is read for it, and its Gram entries and weight there are 0):
+  pass 1  read the rows (kept in their file dtype), X = [k, n] float64, gram[block] += X Xᵀ
   --      one Allreduce of the stacked [B, K, K] float64 Grams; rank 0: β per block; Bcast β
   pass 2  Δ_slice = β_block @ X (float64, as in Strategy.aggregate), then the server
           optimizer step on the slice (elementwise, so slicing changes nothing)
@@ -161,6 +163,7 @@ class RoundPlan:
     block_of_key: dict[str, int]                  # key -> index into blocks
     updates: list[ClientUpdate]                   # delta left empty: weights and groups only
     update_files: list[Source]
+    covered: np.ndarray                           # [K, B] bool: whether client k's update holds block b
     global_file: Source
     state_file: Source | None                     # server state after round-1 (momentum), if loaded
     state_keys: list[str] = field(default_factory=list)
@@ -184,20 +187,34 @@ def make_plan(store: FederationStore, round: int, manifests: list[dict], strateg
             blocks.append(name)
         block_of_key[info.key] = blocks.index(name)
 
+    keys_of = [[i.key for i in infos if block_of_key[i.key] == b] for b in range(len(blocks))]
+
+    # As Strategy._validate, in the same order and with the same messages: an update holds each
+    # block whole or not at all (DeMA's shape-matched clients hold only their own width's projector
+    # blocks); a partly held block, a key the global lacks, or no block at all is an error.
     updates, files = [], []
-    for m in manifests:
+    covered = np.zeros((len(manifests), len(blocks)), dtype=bool)
+    for i, m in enumerate(manifests):
         cid = m["client_id"]
         path = store.update_path(round, cid)
         uinfo = header(path)
-        missing = sorted(set(ginfo) - set(uinfo))
-        unexpected = sorted(set(uinfo) - set(ginfo))
-        if missing or unexpected:
-            raise AggregationError(f"client {cid!r}: update keys do not match the global state of round {round} "
-                                   f"(missing {missing}, unexpected {unexpected})")
-        for key, info in ginfo.items():
-            if uinfo[key].shape != info.shape:
+        unexpected = sorted(k for k in uinfo if k not in ginfo)
+        if unexpected:
+            raise AggregationError(f"client {cid!r}: delta keys not in the global state (unexpected {unexpected})")
+        for b, (block, keys) in enumerate(zip(blocks, keys_of)):
+            present = [k in uinfo for k in keys]
+            if any(present) and not all(present):
+                missing = [k for k in keys if k not in uinfo]
+                raise AggregationError(f"client {cid!r}: delta holds block {block!r} only in part "
+                                       f"(missing {missing})")
+            covered[i, b] = all(present)
+        if not covered[i].any():
+            raise AggregationError(f"client {cid!r}: delta keys do not match the global state "
+                                   f"(missing {[x.key for x in infos][:5]}…, it holds no block)")
+        for key in sorted(uinfo):
+            if uinfo[key].shape != ginfo[key].shape:
                 raise AggregationError(f"client {cid!r}, key {key!r}: update shape {list(uinfo[key].shape)} "
-                                       f"!= global shape {list(info.shape)}")
+                                       f"!= global shape {list(ginfo[key].shape)}")
         updates.append(ClientUpdate(cid, {}, m["num_samples"], m["fingerprint"], m.get("slot_use")))
         files.append(Source(f"update of client {cid}", str(path), m["sha256"], m["bytes"]))
 
@@ -219,7 +236,7 @@ def make_plan(store: FederationStore, round: int, manifests: list[dict], strateg
                                        f"{list(info.shape)} does not match the global state")
         state_file = Source(f"server state of round {round - 1}", str(spath), sman["sha256"], sman["bytes"])
         state_keys = sorted(sinfo)
-    return RoundPlan(round, infos, blocks, block_of_key, updates, files,
+    return RoundPlan(round, infos, blocks, block_of_key, updates, files, covered,
                      Source(f"global of round {round}", str(gpath), gman["sha256"], gman["bytes"]),
                      state_file, state_keys)
 
@@ -273,12 +290,17 @@ def aggregate_sharded(comm, plan: RoundPlan, strategy: Strategy, *, cache_bytes:
     mine = shards[rank]
     info_of = {i.key: i for i in plan.infos}
     K, B = len(plan.updates), len(plan.blocks)
+    # The clients whose updates hold each block (the others contribute a zero row: nothing is read
+    # for them, their Gram rows and columns stay 0, and their weight there is 0).
+    holders = [np.flatnonzero(plan.covered[:, b]) for b in range(B)]
+    holders_of = {k: holders[plan.block_of_key[k]] for k in info_of}
     item = {k: i.torch_dtype.itemsize for k, i in info_of.items()}
-    my_bytes = sum(segment_numel(s, info_of[s.key]) * item[s.key] for s in mine) * K
+    my_bytes = sum(segment_numel(s, info_of[s.key]) * item[s.key] * len(holders_of[s.key]) for s in mine)
     keep = my_bytes <= cache_bytes
     out = ShardResult(np.zeros((B, K, K)), np.zeros((B, K)), np.zeros(B, dtype=bool), [], passes=1 if keep else 2)
 
-    my_chunks = [(seg, a, z) for seg in mine for a, z in chunks(seg, info_of[seg.key], K, chunk_bytes)]
+    my_chunks = [(seg, a, z) for seg in mine if len(holders_of[seg.key])
+                 for a, z in chunks(seg, info_of[seg.key], len(holders_of[seg.key]), chunk_bytes)]
     # The float64 arithmetic runs over sub-chunks of `width` elements per client through one reused
     # [K, width] buffer of about 2 MB: it stays in cache between the conversion from the file dtype
     # and the BLAS call, so the float64 copy costs little memory traffic (docs/aggregator.md).
@@ -286,12 +308,12 @@ def aggregate_sharded(comm, plan: RoundPlan, strategy: Strategy, *, cache_bytes:
     work = np.empty((K, width), dtype=np.float64)
 
     def subchunks(parts: list[torch.Tensor]):
-        """Yield (offset, [K, m] float64 view) over the flat parts (each [n], file dtype)."""
+        """Yield (offset, [k, m] float64 view) over the flat parts (k holders, each [n], file dtype)."""
         arrays = [p.numpy() if p.dtype in (torch.float32, torch.float64) else None for p in parts]
         n = parts[0].numel()
         for o in range(0, n, width):
             m = min(width, n - o)
-            X = work[:, :m]
+            X = work[:len(parts), :m]
             for k, part in enumerate(parts):
                 if arrays[k] is not None:
                     np.copyto(X[k], arrays[k][o:o + m])
@@ -303,7 +325,8 @@ def aggregate_sharded(comm, plan: RoundPlan, strategy: Strategy, *, cache_bytes:
         handles = [stack.enter_context(safe_open(f.path, framework="pt")) for f in plan.update_files]
 
         def read_chunk(seg: Segment, a: int, b: int) -> list[torch.Tensor]:
-            parts = [read_rows(h, info_of[seg.key], a, b) for h in handles]      # K x [n], file dtype
+            # the holders' rows only: k x [n], file dtype
+            parts = [read_rows(handles[i], info_of[seg.key], a, b) for i in holders_of[seg.key]]
             out.update_bytes += sum(p.numel() * p.element_size() for p in parts)
             return parts
 
@@ -313,9 +336,13 @@ def aggregate_sharded(comm, plan: RoundPlan, strategy: Strategy, *, cache_bytes:
         def pass1() -> None:
             for seg, a, z in my_chunks:
                 parts = read_chunk(seg, a, z)
-                g = out.gram[plan.block_of_key[seg.key]]
+                b, idx = plan.block_of_key[seg.key], holders_of[seg.key]
+                full = len(idx) == K
+                g = out.gram[b] if full else np.zeros((len(idx), len(idx)))
                 for _, X in subchunks(parts):
                     g += X @ X.T
+                if not full:
+                    out.gram[b][np.ix_(idx, idx)] += g
                 if keep:
                     cache[(seg.key, a)] = parts
 
@@ -326,7 +353,8 @@ def aggregate_sharded(comm, plan: RoundPlan, strategy: Strategy, *, cache_bytes:
 
         # ---- rank 0: coefficients per block; broadcast β and the skip flags as one float64 buffer
         def coefficients() -> list[dict]:
-            weights = strategy.block_weights(plan.updates, plan.blocks)       # [K, B]
+            # [K, B]; as Strategy.aggregate, weight 0 where a client does not hold the block
+            weights = strategy.block_weights(plan.updates, plan.blocks) * plan.covered
             groups = strategy.group_labels(plan.updates)
             stats = []
             for b, block in enumerate(plan.blocks):
@@ -357,7 +385,7 @@ def aggregate_sharded(comm, plan: RoundPlan, strategy: Strategy, *, cache_bytes:
                     delta[seg.key] = torch.empty(segment_numel(seg, info_of[seg.key]), dtype=torch.float64)
                 parts = cache.pop((seg.key, a)) if keep else read_chunk(seg, a, z)
                 target = delta[seg.key].numpy()[(a - seg.start) * rn:(z - seg.start) * rn]
-                beta = out.beta[plan.block_of_key[seg.key]]
+                beta = out.beta[plan.block_of_key[seg.key]][holders_of[seg.key]]   # the others' rows are 0
                 for o, X in subchunks(parts):
                     np.dot(beta, X, out=target[o:o + X.shape[1]])             # [m] float64
             theta, buf = {}, {}
