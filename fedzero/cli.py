@@ -80,6 +80,22 @@ def _bench(args) -> int:
     return 0
 
 
+def _federate(args) -> int:
+    from pathlib import Path
+
+    from fedzero.federate import REPO_ROOT, LaunchSettings, federate
+
+    launch = LaunchSettings(ds_config=Path(args.ds_config or REPO_ROOT / "ds_configs" / "zero3.json"),
+                            procs_per_client=args.procs_per_client, aggregator_ranks=args.aggregator_ranks,
+                            quorum=args.quorum, deadline_s=args.deadline)
+    summary = federate(args.config, args.out, launch)
+    print(f"\n{'round':<7}" + "".join(f"{c['id']:>14}" for c in summary["rounds"][0]["clients"]) + "   (train loss)")
+    for rnd in summary["rounds"]:
+        print(f"{rnd['round']:<7}" + "".join(f"{c['train_loss']:>14.4f}" for c in rnd["clients"]))
+    print(f"\nsummary: {args.out}/summary.json, logs: {args.out}/logs/, store: {args.out}/store/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedzero", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="override federation.rounds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("federate", help="run a federation on this machine through the real launchers "
+                                          "(deepspeed per client, mpirun for the aggregator)")
+    p.add_argument("--config", required=True, help="run config YAML (the same file `simulate` takes)")
+    p.add_argument("--out", required=True, help="output directory (rerun into it to resume)")
+    p.add_argument("--ds-config", help="DeepSpeed config for every client (default ds_configs/zero3.json)")
+    p.add_argument("--procs-per-client", type=int, default=1, help="DeepSpeed processes per client")
+    p.add_argument("--aggregator-ranks", type=int, default=1, help="MPI ranks of the aggregator")
+    p.add_argument("--quorum", type=int, help="clients needed per round (default: all)")
+    p.add_argument("--deadline", type=float, help="seconds the aggregator waits for the quorum")
+    p.set_defaults(func=_federate)
 
     p = sub.add_parser("split", help="split a labelled JSONL dataset non-IID across clients")
     p.add_argument("--input", required=True)
