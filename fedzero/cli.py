@@ -96,6 +96,21 @@ def _federate(args) -> int:
     return 0
 
 
+def _prepare(args) -> int:
+    from pathlib import Path
+
+    from fedzero.federate import REPO_ROOT, prepare
+
+    ds_config = Path(args.ds_config or REPO_ROOT / "ds_configs" / "zero3.json")
+    if not ds_config.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {ds_config} not found")
+    run, client_yaml = prepare(args.config, args.out, ds_config)
+    for cid, path in client_yaml.items():
+        print(f"{cid}: {path}")
+    print(f"store: {args.out}/store (round 0 published); hand the client files to launch/client.py")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedzero", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quorum", type=int, help="clients needed per round (default: all)")
     p.add_argument("--deadline", type=float, help="seconds the aggregator waits for the quorum")
     p.set_defaults(func=_federate)
+
+    p = sub.add_parser("prepare", help="lay out a run directory for the launchers: client YAMLs and the store "
+                                         "with round 0 published (launch/slurm/ starts from it)")
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument("--out", required=True, help="run directory (on a file system every node sees)")
+    p.add_argument("--ds-config", help="DeepSpeed config for every client (default ds_configs/zero3.json)")
+    p.set_defaults(func=_prepare)
 
     p = sub.add_parser("split", help="split a labelled JSONL dataset non-IID across clients")
     p.add_argument("--input", required=True)

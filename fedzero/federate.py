@@ -56,7 +56,7 @@ def _tool(name: str) -> str:
     return found
 
 
-def write_client_configs(run: RunConfig, raw: dict, out: Path, launch: LaunchSettings) -> dict[str, Path]:
+def write_client_configs(run: RunConfig, raw: dict, out: Path, ds_config: Path) -> dict[str, Path]:
     """One CLIENT.yaml per client (configs/client_example.yaml's format), with every path absolute."""
     paths = {}
     for cfg, entry in zip(run.clients, raw["clients"]):
@@ -70,7 +70,7 @@ def write_client_configs(run: RunConfig, raw: dict, out: Path, launch: LaunchSet
             "federation": {"rounds": run.federation.rounds},
             "train": raw.get("train") or {},
             "client": client,
-            "deepspeed": {"config": str(launch.ds_config.resolve())},
+            "deepspeed": {"config": str(Path(ds_config).resolve())},
             "state_dir": str((out / "clients" / cfg.id).resolve()),
         }
         path = out / "clients" / cfg.id / "client.yaml"
@@ -107,29 +107,36 @@ def _run(cmd: list[str], log_path: Path, what: str) -> float:
     return time.time() - started
 
 
-def federate(config: str | Path, out: str | Path, launch: LaunchSettings) -> dict:
+def prepare(config: str | Path, out: str | Path, ds_config: Path, procs_per_client: int = 1) -> tuple[RunConfig, dict[str, Path]]:
+    """Lay out a run directory: a CLIENT.yaml per client, a one-machine hostfile, and the store
+    with round 0's global published (the union of the clients' seeded initial shared states).
+    `fedzero federate` and the Slurm scripts (launch/slurm/) both start from it."""
     run = load_run_config(config)
     raw = yaml.safe_load(Path(config).read_text())
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "federate.json").exists():
-        raise FileExistsError(f"output directory {out} is not empty and holds no fedzero federate run")
+        raise FileExistsError(f"output directory {out} is not empty and holds no fedzero run")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     shutil.copy(config, out / "config.yaml")
-    hostfile = out / "hostfile"
-    hostfile.write_text(f"localhost slots={launch.procs_per_client}\n")
-    client_yaml = write_client_configs(run, raw, out, launch)
+    (out / "hostfile").write_text(f"localhost slots={procs_per_client}\n")
+    client_yaml = write_client_configs(run, raw, out, ds_config)
     (out / "federate.json").write_text(json.dumps({"config": str(Path(config).resolve())}))
-
-    store_dir = out / "store"
-    store = FederationStore(store_dir)
+    store = FederationStore(out / "store")
     if not store.has_global(0):
         from fedzero.client.deepspeed_client import initial_shared_state, load_client_config
 
         state: dict = {}
-        for path in client_yaml.values():   # the union of every client's seeded initial shared state
+        for path in client_yaml.values():
             state.update(initial_shared_state(load_client_config(path)))
-        store.publish_global(0, state, meta={"seed": run.seed, "dema": run.dema.to_dict(), "published_by": "fedzero federate"})
+        store.publish_global(0, state, meta={"seed": run.seed, "dema": run.dema.to_dict(), "published_by": "fedzero"})
+    return run, client_yaml
 
+
+def federate(config: str | Path, out: str | Path, launch: LaunchSettings) -> dict:
+    out = Path(out)
+    run, client_yaml = prepare(config, out, launch.ds_config, launch.procs_per_client)
+    hostfile, store_dir = out / "hostfile", out / "store"
+    store = FederationStore(store_dir)
     deepspeed, mpirun = _tool("deepspeed"), _tool("mpirun")
     ids = [c.id for c in run.clients]
     for rnd in range(run.federation.rounds):
