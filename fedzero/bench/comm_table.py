@@ -1,0 +1,82 @@
+"""Shared bytes per client and round on LLaMA-2 7B / 13B / 70B, from their configs alone (no weights):
+DeMA at its defaults vs FedIT's LoRA r=16 on q,k,v,o vs sending the full model. Counts come from
+fedzero.comm; bytes = parameters × bytes per element of what travels (default 2: bf16).
+
+The configs are configs/models/llama-2-{7b,13b,70b}.json when the repository has them; otherwise
+the public values below (Meta's Llama-2 release configs: same numbers).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedzero.adapters.dema import DeMAConfig
+from fedzero.comm import dema_shared_params, full_model_params, lora_params
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
+MODELS = ("llama-2-7b", "llama-2-13b", "llama-2-70b")
+_COMMON = {"model_type": "llama", "vocab_size": 32000, "max_position_embeddings": 4096,
+           "tie_word_embeddings": False, "hidden_act": "silu", "rms_norm_eps": 1e-05}
+PUBLIC_CONFIGS = {
+    "llama-2-7b": {**_COMMON, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 32},
+    "llama-2-13b": {**_COMMON, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+                    "num_attention_heads": 40, "num_key_value_heads": 40},
+    "llama-2-70b": {**_COMMON, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                    "num_attention_heads": 64, "num_key_value_heads": 8},
+}
+
+
+def llama2_configs(config_dir: Path | None = REPO_CONFIGS) -> dict[str, tuple[dict, str]]:
+    """{model: (config dict, where it came from)}."""
+    out = {}
+    for name in MODELS:
+        path = None if config_dir is None else Path(config_dir) / f"{name}.json"
+        if path is not None and path.is_file():
+            out[name] = (json.loads(path.read_text()), str(path))
+        else:
+            out[name] = (PUBLIC_CONFIGS[name], "fedzero.bench.comm_table.PUBLIC_CONFIGS")
+    return out
+
+
+def comm_rows(dema: DeMAConfig | None = None, lora_rank: int = 16, bytes_per_param: int = 2,
+              config_dir: Path | None = REPO_CONFIGS) -> list[dict]:
+    dema = dema or DeMAConfig()
+    shared = dema_shared_params(dema)
+    rows = []
+    for name, (cfg, source) in llama2_configs(config_dir).items():
+        full, lora = full_model_params(cfg), lora_params(cfg, lora_rank)
+        rows.append({
+            "model": name, "config": source, "bytes_per_param": bytes_per_param,
+            "full_params": full, "lora_params": lora, "dema_params": shared,
+            "full_bytes": full * bytes_per_param, "lora_bytes": lora * bytes_per_param,
+            "dema_bytes": shared * bytes_per_param,
+            "dema_vs_lora": shared / lora, "dema_vs_full": shared / full, "lora_vs_full": lora / full,
+            "reduction_vs_lora_pct": 100 * (1 - shared / lora), "reduction_vs_full_pct": 100 * (1 - shared / full),
+        })
+    return rows
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def comm_markdown(rows: list[dict], dema: DeMAConfig | None = None, lora_rank: int = 16) -> str:
+    dema = dema or DeMAConfig()
+    bpp = rows[0]["bytes_per_param"] if rows else 2
+    lines = [f"Shared per client and round (upload; the download is the same size), {bpp} bytes per parameter. "
+             f"DeMA r={dema.rank}, M={dema.num_experts}, S={dema.num_slots}, h={dema.expert_hidden} (experts + gates); "
+             f"LoRA r={lora_rank} on q,k,v,o (FedIT).",
+             "",
+             "| model | full model | LoRA r=16 (FedIT) | DeMA | DeMA / LoRA | DeMA / full | LoRA / full |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['full_params'] / 1e9:.2f}B params, {_size(r['full_bytes'])} "
+                     f"| {r['lora_params'] / 1e6:.2f}M, {_size(r['lora_bytes'])} "
+                     f"| {r['dema_params'] / 1e3:.0f}k, {_size(r['dema_bytes'])} "
+                     f"| {100 * r['dema_vs_lora']:.2f}% | {100 * r['dema_vs_full']:.4f}% | {100 * r['lora_vs_full']:.3f}% |")
+    return "\n".join(lines)

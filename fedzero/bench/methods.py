@@ -1,0 +1,439 @@
+"""One federation run per (setting, method, seed): every method's round loop, in one process.
+
+A method is a dict from the suite (see suites.py), run by one of two runners:
+
+    {"name": "dema-cmga", "runner": "dema", "strategy": "cmga", "strategy_options": {...},
+     "dema": {DeMAConfig fields}}
+        DeMA adapters on every client (fedzero.client.LocalClient); strategy "local" (no
+        federation), or any fedzero.strategies name ("fedavg", "cmga"), aggregating the shared
+        state with block_of = shared_block (one block per depth slot), group = backbone.
+    {"name": "fedit", "runner": "lora", "strategy": "fedit", "rank": 16}
+        PEFT LoRA on every client (fedzero.baselines.LoRAClient); strategy any
+        fedzero.baselines name ("local", "fedit", "hetlora", "flora", "flexlora"), aggregated
+        within each same-backbone group (a client alone on its backbone trains alone and sends
+        nothing). "rank": an int for every client, or "client" for each client's own `rank`
+        from the setting (heterogeneous budgets).
+
+Common optional fields: "lr" (overrides the suite's lr for the runner), "description".
+The dema dict is passed to DeMAConfig.from_dict as is, so new DeMA options become suite entries
+without touching this file (the run seed is DeMAConfig.seed unless the dict sets it).
+
+Every run starts from fresh backbones, trains `rounds` × `local_steps` steps per client with the
+same data order and lr schedule for every method, and records per client and round: train loss,
+seconds per step and (every `eval_every` rounds and at the end) label-scoring metrics on the
+per-round eval subset; at the end, metrics on the full test sets per view; bytes sent and received;
+and the first-round cosine between clients' updates (all clients start that round from the same
+state, so it is the clean alignment signal, method.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedzero.adapters.dema import DeMAConfig, inject_dema, shared_block
+from fedzero.backbones import load_backbone
+from fedzero.baselines import LORA_STRATEGIES, make_lora_strategy, same_backbone_groups
+from fedzero.client import LocalClient, TrainSettings
+from fedzero.data import LABELS, build_examples, collate, load_tokenizer
+from fedzero.diagnostics import gate_entropy, update_diagnostics
+from fedzero.evaluate import classification_metrics
+from fedzero.simulate import initial_global_state
+from fedzero.strategies import STRATEGIES, ClientUpdate, make_strategy
+
+from .backbones import Backbone
+from .data import Split
+
+METHOD_FIELDS = {"name", "runner", "strategy", "strategy_options", "dema", "rank", "lr", "description"}
+
+
+@dataclass
+class RunContext:
+    """Everything a runner needs that is the same for every method of one (setting, seed)."""
+
+    setting: str
+    seed: int
+    clients: list[dict]                       # [{"id", "backbone", "topics", "rank"?}]
+    backbones: dict[str, Backbone]
+    split: Split
+    rounds: int
+    train: dict                               # TrainSettings fields (without lr)
+    lr: dict                                  # {"dema": float, "lora": float}
+    eval_every: int = 1
+    zero_shot: dict = field(default_factory=dict)   # client id -> {topic: [N, C] scores} on the test sets
+    log: object = print
+    _tokenizers: dict = field(default_factory=dict)
+
+    def tokenizer(self, backbone: str):
+        if backbone not in self._tokenizers:
+            b = self.backbones[backbone]
+            self._tokenizers[backbone] = load_tokenizer(b.tokenizer_source, b.spec.path)
+        return self._tokenizers[backbone]
+
+    def settings(self, runner: str, method: dict) -> TrainSettings:
+        return TrainSettings.from_dict({**self.train, "lr": float(method.get("lr", self.lr[runner]))})
+
+    def client_seed(self, index: int) -> int:
+        return self.seed * 1009 + index         # data order: distinct per client, same for every method
+
+
+def check_method(method: dict) -> None:
+    """Refuse a malformed method spec before any compute is spent on it."""
+    name = method.get("name")
+    unknown = sorted(set(method) - METHOD_FIELDS)
+    if unknown:
+        raise ValueError(f"method {name!r}: unknown field(s) {unknown}; allowed {sorted(METHOD_FIELDS)}")
+    runner = method.get("runner")
+    if runner not in RUNNERS:
+        raise ValueError(f"method {name!r}: runner must be one of {sorted(RUNNERS)}, got {runner!r}")
+    strategy = method.get("strategy")
+    valid = ["local", *STRATEGIES] if runner == "dema" else list(LORA_STRATEGIES)
+    if strategy not in valid:
+        raise ValueError(f"method {name!r}: strategy must be one of {valid} for runner {runner!r}, got {strategy!r}")
+    if runner == "dema":
+        DeMAConfig.from_dict({"seed": 0, **(method.get("dema") or {})})
+        if strategy == "local" and method.get("strategy_options"):
+            raise ValueError(f"method {name!r}: strategy 'local' takes no options")
+    else:
+        if method.get("dema"):
+            raise ValueError(f"method {name!r}: a LoRA method takes no 'dema' settings")
+        rank = method.get("rank", 16)
+        if rank != "client" and not (isinstance(rank, int) and rank >= 1):
+            raise ValueError(f"method {name!r}: rank must be a positive int or 'client', got {rank!r}")
+        make_lora_strategy(strategy, **(method.get("strategy_options") or {}))
+
+
+def run_method(method: dict, ctx: RunContext) -> dict:
+    check_method(method)
+    started = time.time()
+    result = RUNNERS[method["runner"]](method, ctx)
+    result.update({"setting": ctx.setting, "method": method["name"], "seed": ctx.seed, "spec": method,
+                   "rounds": ctx.rounds, "wall_seconds": round(time.time() - started, 1)})
+    return result
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+def true_labels(records: list[dict]) -> np.ndarray:
+    return np.array([LABELS.index(r["label"]) for r in records])
+
+
+@torch.no_grad()
+def label_scores_fast(model, tokenizer, records: list[dict], labels: list[str], *, max_length: int,
+                      batch_size: int = 32) -> np.ndarray:
+    """fedzero.evaluate.label_scores, computing the LM head only where a label token is scored.
+
+    Same candidates (prompt + f" {label}" + eos), same sums of log-probabilities, [N, C]; the decoder
+    runs as before (adapters included: DeMA and LoRA live inside it), but the vocabulary projection,
+    a large share of a small model's compute (49152 x 576 per token on SmolLM2), runs on the 2-3
+    completion positions of each sequence instead of all of them.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = base.model, base.get_output_embeddings()
+    candidates = [{"prompt": r["prompt"], "completion": f" {label}"} for r in records for label in labels]
+    examples = build_examples(candidates, tokenizer, max_length)
+    model.eval()
+    out = []
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size], tokenizer.pad_token_id)
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]                    # position t predicts token t + 1
+        rows, cols = (targets != -100).nonzero(as_tuple=True)
+        logp = torch.log_softmax(head(hidden[rows, cols]).float(), dim=-1)
+        picked = logp.gather(1, targets[rows, cols][:, None])[:, 0]
+        sums = torch.zeros(len(batch["input_ids"]), dtype=torch.float64).index_add_(0, rows, picked.double())
+        out.append(sums)
+    return torch.cat(out).view(len(records), len(labels)).numpy()
+
+
+def score_test_sets(model, tokenizer, split: Split, max_length: int, batch_size: int,
+                    limit: int | None = None) -> dict[str, np.ndarray]:
+    """{topic: [N, C] label scores} on every topic's test set (its first `limit` records)."""
+    return {t: label_scores_fast(model, tokenizer, recs[:limit] if limit is not None else recs, list(LABELS),
+                                 max_length=max_length, batch_size=batch_size)
+            for t, recs in split.test.items()}
+
+
+def view_metrics(scores: dict[str, np.ndarray], split: Split, client_id: str) -> dict[str, dict]:
+    """{view: {accuracy, macro_f1, label_nll, n}} from per-topic scores (any prefix of each test set)."""
+    out = {}
+    for view, topics in split.views(client_id).items():
+        s = np.concatenate([scores[t] for t in topics])
+        y = np.concatenate([true_labels(split.test[t][: len(scores[t])]) for t in topics])
+        out[view] = {**classification_metrics(s, y), "n": int(len(y))}
+    return out
+
+
+def zero_shot_scores(ctx: RunContext) -> dict[str, dict[str, list]]:
+    """Every client's frozen backbone, scored once per backbone on the full test sets: round 0 of
+    every method (DeMA's out-projector and LoRA's B start at zero, so every method starts exactly
+    here). Returns {client id: {topic: [N, C] scores as lists}}."""
+    per_backbone = {}
+    for name in dict.fromkeys(c["backbone"] for c in ctx.clients):
+        model, _ = load_backbone(ctx.backbones[name].spec)
+        scores = score_test_sets(model, ctx.tokenizer(name), ctx.split, ctx.train["max_length"],
+                                 ctx.train.get("eval_batch_size", 32))
+        per_backbone[name] = {t: s.tolist() for t, s in scores.items()}
+        del model
+    return {c["id"]: per_backbone[c["backbone"]] for c in ctx.clients}
+
+
+def _round_zero(ctx: RunContext, client_id: str) -> dict | None:
+    scores = ctx.zero_shot.get(client_id)
+    if scores is None:
+        return None
+    n = ctx.split.round_eval_per_topic
+    return view_metrics({t: np.asarray(s)[:n] for t, s in scores.items()}, ctx.split, client_id)
+
+
+def _eval_round(rnd: int, ctx: RunContext) -> bool:
+    return rnd == ctx.rounds or (ctx.split.round_eval_per_topic > 0 and rnd % ctx.eval_every == 0)
+
+
+# -- update geometry -------------------------------------------------------------------------------
+
+def flat(state: dict[str, torch.Tensor], keys: list[str] | None = None) -> torch.Tensor:
+    keys = list(state) if keys is None else keys
+    return torch.cat([state[k].detach().reshape(-1).to(torch.float64) for k in keys])
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    na, nb = float(a.norm()), float(b.norm())
+    return None if na == 0 or nb == 0 else float(a @ b) / (na * nb)
+
+
+def pairwise_cosines(updates: dict[str, dict[str, torch.Tensor]], *, common: bool = False) -> list[dict]:
+    """Cosine between every two clients' updates. common=False: only pairs with the same keys and
+    shapes (LoRA: same backbone and rank); True: over the keys both hold with equal shapes (DeMA:
+    the experts and gates always, shape-matched projectors only between clients of one width)."""
+    pairs = []
+    for (a, ua), (b, ub) in itertools.combinations(updates.items(), 2):
+        if common:
+            keys = [k for k in ua if k in ub and ua[k].shape == ub[k].shape]
+        elif list(ua) == list(ub) and all(ua[k].shape == ub[k].shape for k in ua):
+            keys = list(ua)
+        else:
+            keys = []
+        c = cosine(flat(ua, keys), flat(ub, keys)) if keys else None
+        if c is not None:
+            pairs.append({"a": a, "b": b, "cos": c})
+    return pairs
+
+
+def first_round_cosine(updates: dict[str, dict[str, torch.Tensor]], block_of=None) -> dict:
+    """Mean pairwise cosine; with `block_of` (DeMA), over common keys and also per block."""
+    pairs = pairwise_cosines(updates, common=block_of is not None)
+    out = {"mean": float(np.mean([p["cos"] for p in pairs])) if pairs else None, "pairs": pairs}
+    if block_of is not None and updates:
+        per_block = {}
+        blocks = list(dict.fromkeys(block_of(k) for u in updates.values() for k in u))
+        for block in blocks:
+            sub = {cid: {k: v for k, v in u.items() if block_of(k) == block} for cid, u in updates.items()}
+            cs = [p["cos"] for p in pairwise_cosines({c: u for c, u in sub.items() if u}, common=True)]
+            per_block[block] = float(np.mean(cs)) if cs else None
+        out["per_block"] = per_block
+    return out
+
+
+def lora_dw_factors(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor],
+                    scaling: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per LoRA module, the change of its weight update as a low-rank product U V:
+    s (B1 A1 - B0 A0) = [s B1, -s B0] [A1; A0], U [out, 2r], V [2r, in] (never formed out x in)."""
+    from fedzero.baselines import lora_modules
+
+    b, a = lora_modules(before), lora_modules(after)
+    return {m: (torch.cat([scaling * a[m][1], -scaling * b[m][1]], dim=1).double(),
+                torch.cat([a[m][0], b[m][0]], dim=0).double()) for m in a}
+
+
+def dw_cosines(changes: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> list[dict]:
+    """Cosine of the weight-update changes <dW_a, dW_b>_F over all modules, for clients with the same
+    modules and weight shapes, whatever their LoRA ranks: <U_a V_a, U_b V_b> = Σ (U_aᵀ U_b) ⊙ (V_a V_bᵀ)."""
+    def inner(x, y):
+        return sum(float(((x[m][0].T @ y[m][0]) * (x[m][1] @ y[m][1].T)).sum()) for m in x)
+
+    pairs = []
+    for (a, ca), (b, cb) in itertools.combinations(changes.items(), 2):
+        if list(ca) != list(cb) or any((ca[m][0].shape[0], ca[m][1].shape[1]) != (cb[m][0].shape[0], cb[m][1].shape[1])
+                                       for m in ca):
+            continue
+        na, nb = inner(ca, ca), inner(cb, cb)
+        if na > 0 and nb > 0:
+            pairs.append({"a": a, "b": b, "cos": inner(ca, cb) / (na * nb) ** 0.5})
+    return pairs
+
+
+def _nbytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+# -- runners ----------------------------------------------------------------------------------------
+
+def _client_record(c: dict, fp: str, n_train: int, trainable: int) -> dict:
+    return {"id": c["id"], "backbone": c["backbone"], "topics": list(c["topics"]), "fingerprint": fp,
+            "train_examples": n_train, "trainable_params": trainable, "rounds": [], "final": None}
+
+
+def run_dema(method: dict, ctx: RunContext) -> dict:
+    config = DeMAConfig.from_dict({"seed": ctx.seed, **(method.get("dema") or {})})
+    settings = ctx.settings("dema", method)
+    federated = method["strategy"] != "local"
+    strategy = (make_strategy(method["strategy"], seed=ctx.seed, **(method.get("strategy_options") or {}))
+                if federated else None)
+
+    clients, records = [], []
+    for i, c in enumerate(ctx.clients):
+        model, fp = load_backbone(ctx.backbones[c["backbone"]].spec)
+        tok = ctx.tokenizer(c["backbone"])
+        handle = inject_dema(model, config, tokenizer=tok)     # anchor projectors run the backbone on anchors
+        train = build_examples(ctx.split.client(c["id"]).train, tok, settings.max_length)
+        client = LocalClient(c["id"], handle, f"{c['backbone']}:{fp}", train, [], settings, pad_id=tok.pad_token_id,
+                             seed=ctx.client_seed(i), total_rounds=ctx.rounds)
+        client._probe = train[:8]           # the gate-entropy probe at the end: the client's own examples
+        clients.append(client)
+        rec = _client_record(c, fp, client.num_samples, sum(p.numel() for p in handle.trainable_parameters()))
+        rec["shared_params"] = handle.num_shared_parameters()
+        rec["rounds"].append({"round": 0, "eval": _round_zero(ctx, c["id"])})
+        records.append(rec)
+
+    # Round 0's global state: the union of the clients' seeded initial shared states (identical where
+    # they overlap; with shape-matched sharing each width adds its own projector bank).
+    global_state = initial_global_state(clients)
+    states = [c.handle.shared_state_dict() for c in clients]   # local-only: each client's own shared state
+    comm, aggregation, diagnostics, first = [], [], [], None
+    for rnd in range(ctx.rounds):
+        updates, deltas = [], {}
+        for k, client in enumerate(clients):
+            start = global_state if federated else states[k]
+            t0 = time.time()
+            delta, metrics = client.train_round(start)           # delta: the client's own shared keys
+            seconds = time.time() - t0
+            deltas[client.client_id] = delta
+            updates.append(ClientUpdate(client.client_id, delta, client.num_samples, client.fingerprint,
+                                        client.handle.slot_use()))
+            if not federated:
+                states[k] = client.handle.shared_state_dict()
+            records[k]["rounds"].append({"round": rnd + 1, "train_loss": metrics["train_loss"],
+                                         "seconds_per_step": seconds / settings.local_steps})
+        if rnd == 0:
+            first = first_round_cosine(deltas, shared_block)
+        diagnostics.append(update_diagnostics(updates, shared_block))    # per block: cosines, norms
+        if federated:
+            global_state, agg = strategy.aggregate(global_state, updates, round=rnd, block_of=shared_block)
+            for client in clients:
+                client.handle.load_shared_state_dict(global_state)
+            aggregation.append({block: {k: v for k, v in stats.items() if k not in ("beta", "group_norms")}
+                                for block, stats in agg["blocks"].items()})
+            sizes = [_nbytes(deltas[c.client_id]) for c in clients]    # each sends and receives its own keys
+            comm.append({"round": rnd + 1, "upload_bytes": sizes, "download_bytes": list(sizes)})
+        else:
+            comm.append({"round": rnd + 1, "upload_bytes": [0] * len(clients), "download_bytes": [0] * len(clients)})
+        _evaluate_round(rnd + 1, ctx, [(c.handle.model, ctx.tokenizer(cc["backbone"])) for c, cc in zip(clients, ctx.clients)],
+                        records)
+        _log_round(ctx, method, rnd + 1, records)
+    for client, rec in zip(clients, records):
+        rec["gate_entropy"] = gate_entropy(client.handle, collate(client._probe, client.pad_id))
+    return {"runner": "dema", "strategy": method["strategy"], "dema": config.to_dict(), "clients": records,
+            "comm": comm, "first_round_cosine": first, "aggregation": aggregation, "diagnostics": diagnostics}
+
+
+def run_lora(method: dict, ctx: RunContext) -> dict:
+    from fedzero.baselines import LoRAClient, LoRASettings
+
+    settings = ctx.settings("lora", method)
+    strategy = make_lora_strategy(method["strategy"], **(method.get("strategy_options") or {}))
+    rank = method.get("rank", 16)
+
+    clients, records = [], []
+    for i, c in enumerate(ctx.clients):
+        r = c.get("rank") if rank == "client" else rank
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"method {method['name']!r}: client {c['id']!r} has no LoRA rank (setting 'rank')")
+        model, fp = load_backbone(ctx.backbones[c["backbone"]].spec)
+        tok = ctx.tokenizer(c["backbone"])
+        train = build_examples(ctx.split.client(c["id"]).train, tok, settings.max_length)
+        client = LoRAClient(c["id"], model, f"{c['backbone']}:{fp}", train, [], settings,
+                            LoRASettings(rank=r, init_seed=ctx.seed), pad_id=tok.pad_token_id,
+                            seed=ctx.client_seed(i), total_rounds=ctx.rounds)
+        clients.append(client)
+        rec = _client_record(c, fp, client.num_samples, sum(p.numel() for p in client.trainable_parameters()))
+        rec["rank"] = r
+        rec["rounds"].append({"round": 0, "eval": _round_zero(ctx, c["id"])})
+        records.append(rec)
+
+    groups = same_backbone_groups([c.fingerprint for c in clients])
+    comm, first, aggregation = [], None, []
+    for rnd in range(ctx.rounds):
+        states, deltas, changes = [], {}, {}
+        for k, client in enumerate(clients):
+            before = client.lora_state()
+            t0 = time.time()
+            state, metrics = client.train_round(None)
+            seconds = time.time() - t0
+            states.append(state)
+            if rnd == 0:
+                deltas[client.client_id] = {key: state[key] - before[key] for key in state}
+                changes[client.client_id] = lora_dw_factors(before, state, client.scaling)
+            records[k]["rounds"].append({"round": rnd + 1, "train_loss": metrics["train_loss"],
+                                         "seconds_per_step": seconds / settings.local_steps})
+        if rnd == 0:
+            first = first_round_cosine(deltas)       # of the LoRA factors (same rank and backbone only)
+            pairs = dw_cosines(changes)               # of the weight updates dW (any ranks, same backbone)
+            first["dw_mean"] = float(np.mean([p["cos"] for p in pairs])) if pairs else None
+            first["dw_pairs"] = pairs
+        up, down = [0] * len(clients), [0] * len(clients)
+        round_metrics = {}
+        for fp, members in groups.items():
+            if len(members) < 2:
+                continue            # alone on its backbone: nothing to federate with, nothing sent
+            agg = strategy.aggregate([states[k] for k in members], [clients[k].num_samples for k in members],
+                                     [clients[k].rank for k in members], rnd,
+                                     fingerprints=[clients[k].fingerprint for k in members],
+                                     scalings=[clients[k].scaling for k in members])
+            for j, k in enumerate(members):
+                clients[k].apply(agg, j)
+                size = next(iter(states[k].values())).element_size()
+                up[k] = int(agg.metrics["upload_params"][j]) * size
+                down[k] = int(agg.metrics["download_params"][j]) * size
+            round_metrics[fp] = {key: v for key, v in agg.metrics.items() if key not in ("upload_params", "download_params")}
+        aggregation.append(round_metrics)
+        comm.append({"round": rnd + 1, "upload_bytes": up, "download_bytes": down})
+        _evaluate_round(rnd + 1, ctx, [(c.model, ctx.tokenizer(cc["backbone"])) for c, cc in zip(clients, ctx.clients)],
+                        records)
+        _log_round(ctx, method, rnd + 1, records)
+    return {"runner": "lora", "strategy": method["strategy"], "clients": records, "comm": comm,
+            "first_round_cosine": first, "aggregation": aggregation,
+            "groups": {fp: [clients[k].client_id for k in m] for fp, m in groups.items()}}
+
+
+def _evaluate_round(rnd: int, ctx: RunContext, models: list, records: list[dict]) -> None:
+    """Score the per-round eval subset (a prefix of each test set); at the last round, the full test
+    sets (the subset's metrics are then read off the same scores)."""
+    if not _eval_round(rnd, ctx):
+        return
+    final = rnd == ctx.rounds
+    n = ctx.split.round_eval_per_topic
+    for (model, tok), rec in zip(models, records):
+        scores = score_test_sets(model, tok, ctx.split, ctx.train["max_length"], ctx.train.get("eval_batch_size", 32),
+                                 None if final else n)
+        if n > 0:
+            rec["rounds"][-1]["eval"] = view_metrics({t: s[:n] for t, s in scores.items()}, ctx.split, rec["id"])
+        if final:
+            rec["final"] = view_metrics(scores, ctx.split, rec["id"])
+
+
+def _log_round(ctx: RunContext, method: dict, rnd: int, records: list[dict]) -> None:
+    parts = []
+    for rec in records:
+        r = rec["rounds"][-1]
+        acc = (r.get("eval") or {}).get("global", {}).get("accuracy")
+        parts.append(f"{rec['id']} loss {r['train_loss']:.3f} {r['seconds_per_step']:.2f} s/step"
+                     + (f" acc {acc:.2f}" if acc is not None else ""))
+    ctx.log(f"[bench]   {ctx.setting} / {method['name']} / seed {ctx.seed} round {rnd}/{ctx.rounds}: " + "; ".join(parts))
+
+
+RUNNERS = {"dema": run_dema, "lora": run_lora}

@@ -1,0 +1,183 @@
+"""`fedzero bench`: build the testbed, run every (setting, seed, method), then write the report.
+
+    OUT/suite.json                      the suite as run (a rerun into OUT must match it, seeds aside)
+    OUT/runs/<setting>-<method>-seed<k>.json   one file per finished run (written atomically)
+    OUT/runs/<setting>-zero-shot-seed<k>.json  the frozen backbones' test-set scores (round 0)
+    OUT/memory.json                     peak memory per method (one subprocess each)
+    OUT/results.json                    everything above plus the testbed, splits, machine, comm table
+    OUT/report.md, OUT/*.png            tables and plots (fedzero.bench.report)
+
+A finished run is never recomputed: rerunning the same command into the same OUT resumes where an
+interrupted invocation stopped (the full suite takes hours on 2 cores), and more seeds can be added
+later with --seeds (the report covers the seeds of the invocation: pass them all). The report is
+rebuilt at the end from the run files of the suite's settings, methods and seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import prepare_backbone
+from .comm_table import comm_rows
+from .data import DataSettings, load_records, split_tweets
+from .methods import RunContext, run_method, view_metrics, zero_shot_scores
+from .peakmem import measure_all
+from .report import markdown, plots, summarize
+from .suites import check_suite, load_suite
+
+
+def default_threads() -> int:
+    """All cores when the machine is idle; 1 when others already keep half of it busy (1-minute load
+    average >= cores / 2). On a shared 2-core machine, OpenMP's spinning threads made 2 threads up
+    to 10x slower than 1 (OMP_WAIT_POLICY=PASSIVE, set by fedzero.bench.run_bench, softens that)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return 1 if load >= cores / 2 else cores
+
+
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) * 1024
+    except (OSError, StopIteration, ValueError):
+        pass
+    gib = f", {mem / 2**30:.0f} GiB" if mem else ""
+    return {"description": f"{cores} cores ({cpu}){gib}, no GPU used", "cpu": cpu, "cores": cores,
+            "memory_bytes": mem, "torch": torch.__version__, "threads": threads, "python": platform.python_version(),
+            "load_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _check_resume(out: Path, suite: dict) -> None:
+    path = out / "suite.json"
+    comparable = {k: v for k, v in suite.items() if k != "seeds"}
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if {k: v for k, v in previous.items() if k != "seeds"} != json.loads(json.dumps(comparable)):
+            raise FileExistsError(f"{out} holds runs of a different suite (its suite.json differs); choose a new --out")
+    elif out.exists() and any(p.name not in ("suite.json",) for p in out.iterdir()):
+        raise FileExistsError(f"output directory {out} is not empty and holds no suite.json; choose a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(path, suite)
+
+
+def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | None = None,
+              threads: int | None = None, cache_dir: str | Path | None = None, memory: bool = True,
+              command: str = "", log=print) -> dict:
+    """Run a suite (a name from fedzero.bench.suites, a JSON/YAML file, or a dict) into `out`.
+    Returns the results dict that is also written to out/results.json."""
+    started = time.time()
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:     # fail now, not after hours of runs
+        raise ModuleNotFoundError("fedzero bench writes PNG plots with matplotlib: pip install matplotlib")
+    if isinstance(suite, dict):
+        spec = copy.deepcopy(suite)
+        check_suite(spec)
+    else:
+        spec = load_suite(suite)
+    if seeds:
+        spec["seeds"] = [int(s) for s in seeds]
+    out = Path(out)
+    _check_resume(out, spec)
+    threads = threads or default_threads()
+    torch.set_num_threads(threads)
+    machine = machine_info(threads)
+    log(f"[bench] suite {spec['name']!r} -> {out}; {threads} torch thread(s); load average {machine['load_start']}")
+
+    used = list(dict.fromkeys(c["backbone"] for s in spec["settings"].values() for c in s["clients"]))
+    if spec.get("memory") and memory:
+        used = list(dict.fromkeys(used + [spec["memory"]["backbone"]]))
+    t0 = time.time()
+    backbones = {name: prepare_backbone(name, spec["backbones"][name], cache_dir, log=log) for name in used}
+    backbone_seconds = time.time() - t0
+
+    data_settings = DataSettings.from_dict(spec["data"])
+    records = load_records(data_settings)
+    runs_dir = out / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    splits, zero_shot, ran = {}, {}, 0
+    for sname, setting in spec["settings"].items():
+        for seed in spec["seeds"]:
+            split = split_tweets(records, setting["clients"], data_settings, seed)
+            splits.setdefault(sname, {})[str(seed)] = split.summary()
+            ctx = RunContext(sname, seed, setting["clients"], backbones, split, int(spec["rounds"]),
+                             dict(spec["train"]), dict(spec["lr"]), int(spec.get("eval_every", 1)), log=log)
+            zpath = runs_dir / f"{sname}-zero-shot-seed{seed}.json"
+            if zpath.exists():
+                ctx.zero_shot = json.loads(zpath.read_text())["scores"]
+            else:
+                t = time.time()
+                ctx.zero_shot = zero_shot_scores(ctx)
+                _write_json(zpath, {"scores": ctx.zero_shot, "seconds": round(time.time() - t, 1)})
+            zero_shot.setdefault(sname, {})[str(seed)] = {
+                cid: view_metrics({t: np.asarray(s) for t, s in sc.items()}, split, cid)
+                for cid, sc in ctx.zero_shot.items()}
+            for method in setting["methods"]:
+                path = runs_dir / f"{sname}-{method['name']}-seed{seed}.json"
+                if path.exists():
+                    log(f"[bench] {sname} / {method['name']} / seed {seed}: done earlier, kept")
+                    continue
+                torch.manual_seed(seed)
+                result = run_method(method, ctx)
+                _write_json(path, result)
+                ran += 1
+                g = [c["final"]["global"]["accuracy"] for c in result["clients"] if c.get("final")]
+                log(f"[bench] {sname} / {method['name']} / seed {seed}: global acc "
+                    f"{sum(g) / max(len(g), 1):.3f} (mean over clients), {result['wall_seconds']:.0f} s")
+
+    mem_rows = None
+    if spec.get("memory") and memory:
+        mpath = out / "memory.json"
+        m = spec["memory"]
+        if mpath.exists():
+            mem_rows = json.loads(mpath.read_text())
+        else:
+            bb = backbones[m["backbone"]]
+            spec_fields = {"path": bb.spec.path} if bb.spec.path else {"llama_config": bb.spec.llama_config,
+                                                                        "init_seed": bb.spec.init_seed}
+            rows = measure_all(spec_fields, m.get("methods"), int(m["batch_size"]), int(m["seq_len"]),
+                               int(m["steps"]), threads=threads, log=log)
+            mem_rows = {"backbone": m["backbone"], "batch_size": m["batch_size"], "seq_len": m["seq_len"],
+                        "steps": m["steps"], "threads": threads, "rows": rows}
+            _write_json(mpath, mem_rows)
+
+    runs = []
+    names = {(s, m["name"]) for s, st in spec["settings"].items() for m in st["methods"]}
+    for path in sorted(runs_dir.glob("*-seed*.json")):
+        if "-zero-shot-" in path.name:
+            continue
+        run = json.loads(path.read_text())
+        if (run["setting"], run["method"]) in names and run["seed"] in spec["seeds"]:
+            runs.append(run)
+    machine["load_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    results = {"suite": spec, "command": command, "machine": machine,
+               "backbones": {n: b.report for n, b in backbones.items()},
+               "backbone_seconds_this_invocation": round(backbone_seconds, 1),
+               "splits": splits, "zero_shot": zero_shot, "runs": runs, "runs_this_invocation": ran,
+               "comm_table": comm_rows(), "memory": mem_rows, "wall_seconds": round(time.time() - started, 1)}
+    summary = summarize(results)
+    results["plots"] = plots(results, out, summary)
+    _write_json(out / "results.json", results)
+    (out / "report.md").write_text(markdown(results, summary))
+    return results

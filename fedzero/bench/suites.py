@@ -1,0 +1,214 @@
+"""Benchmark suites: the testbed, the data cut, the training budget and the methods, as plain dicts.
+
+    fedzero bench --suite quick --out runs/bench-quick      # minutes: checks the harness end to end
+    fedzero bench --suite full  --out runs/bench-full       # hours on 2 CPU cores: the report's numbers
+    fedzero bench --suite my_suite.yaml --out DIR           # your own (same fields as below)
+
+Every method of a suite gets the same clients, data, seeds, rounds, local steps, batch size and lr
+schedule. A new DeMA variant is one more entry in a setting's "methods", e.g.
+    {"name": "dema-anchor-cmga", "runner": "dema", "strategy": "cmga",
+     "dema": {"projector": "anchor", "share": "shape-matched"}}
+(the dema dict goes to DeMAConfig.from_dict unchanged: the suite is refused at start if DeMAConfig
+does not know a field yet).
+
+Settings (issue 5):
+    A  different backbones across clients. FedIT can only federate within a same-backbone group;
+       rank-heterogeneous LoRA methods do not apply across widths. DeMA federates everyone.
+    B  one backbone, heterogeneous LoRA budgets (ranks): where HetLoRA/FLoRA/FlexLoRA apply. FedIT
+       (one rank for all) against LoRA local-only is the control that federation pays on this task.
+
+The lrs are not tuned (fedzero's defaults for DeMA, a common value for LoRA); tune them on the val
+split (data.val_per_topic), never on the test sets.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import yaml
+
+from .backbones import check_backbone_spec
+from .data import DataSettings
+from .methods import check_method
+
+SUITE_FIELDS = {"name", "description", "seeds", "backbones", "data", "rounds", "train", "lr", "eval_every",
+                "settings", "memory"}
+SETTING_FIELDS = {"description", "clients", "methods"}
+MEMORY_METHODS = ("full", "lora", "dema", "dema-side")
+
+
+def _methods_a() -> list[dict]:
+    return [
+        {"name": "lora-local", "runner": "lora", "strategy": "local", "rank": 16,
+         "description": "PEFT LoRA r=16 on q,k,v,o, no federation"},
+        {"name": "fedit", "runner": "lora", "strategy": "fedit", "rank": 16,
+         "description": "FedAvg of LoRA r=16 within each same-backbone group"},
+        {"name": "dema-local", "runner": "dema", "strategy": "local", "dema": {},
+         "description": "DeMA (defaults), no federation"},
+        {"name": "dema-fedavg", "runner": "dema", "strategy": "fedavg", "dema": {},
+         "description": "DeMA (defaults), FedAvg of the shared experts and gates"},
+        {"name": "dema-cmga", "runner": "dema", "strategy": "cmga", "dema": {},
+         "description": "DeMA (defaults), CMGA over backbone groups"},
+    ]
+
+
+def _methods_b(het_local: bool) -> list[dict]:
+    methods = _methods_a()[:2]
+    if het_local:
+        methods.append({"name": "lora-local-het", "runner": "lora", "strategy": "local", "rank": "client",
+                        "description": "PEFT LoRA at each client's own rank, no federation"})
+    methods += [
+        {"name": "hetlora", "runner": "lora", "strategy": "hetlora", "rank": "client",
+         "description": "zero-padded averaging of heterogeneous ranks, truncated back"},
+        {"name": "flora", "runner": "lora", "strategy": "flora", "rank": "client",
+         "description": "stacked factors merged into the base, fresh LoRA each round"},
+        {"name": "flexlora", "runner": "lora", "strategy": "flexlora", "rank": "client",
+         "description": "average of the full dW, SVD back to each rank"},
+    ]
+    return methods + _methods_a()[2:]
+
+
+QUICK = {
+    "name": "quick",
+    "description": "Harness check, minutes on 2 cores: a 10-layer SmolLM2 variant healed for only a few "
+                   "steps and a tiny small-LLaMA, 2 rounds x 2 local steps, 9 test tweets per topic. "
+                   "Its numbers say nothing about the methods.",
+    "seeds": [0, 1],
+    "backbones": {
+        "smol10": {"kind": "depth", "layers": 10, "heldout_blocks": 4,
+                   "train": {"steps": 8, "batch_size": 4, "seq_len": 64, "lr": 3e-4, "warmup_steps": 2}},
+        "small128": {"kind": "small", "heldout_blocks": 4,
+                     "config": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "intermediate_size": 384},
+                     "train": {"steps": 8, "batch_size": 4, "seq_len": 64, "lr": 1e-3, "warmup_steps": 2}},
+    },
+    "data": {"train_per_client": 48, "test_per_topic": 9, "val_per_topic": 0, "round_eval_per_topic": 3,
+             "max_chars": 80},
+    "rounds": 2,
+    "eval_every": 1,
+    "train": {"local_steps": 2, "batch_size": 4, "max_length": 64, "schedule": "cosine", "eval_batch_size": 27},
+    "lr": {"dema": 3e-3, "lora": 1e-3},
+    "settings": {
+        "A": {"description": "two clients on the 10-layer variant (a FedIT group), one on the small LLaMA",
+              "clients": [{"id": "A-airlines-smol10", "backbone": "smol10", "topics": ["airlines"]},
+                          {"id": "A-apple-smol10", "backbone": "smol10", "topics": ["apple"]},
+                          {"id": "A-coachella-small128", "backbone": "small128", "topics": ["coachella"]}],
+              "methods": _methods_a()},
+        "B": {"description": "three clients on the 10-layer variant, LoRA ranks 4 / 8 / 16",
+              "clients": [{"id": "B-airlines-r4", "backbone": "smol10", "topics": ["airlines"], "rank": 4},
+                          {"id": "B-apple-r8", "backbone": "smol10", "topics": ["apple"], "rank": 8},
+                          {"id": "B-coachella-r16", "backbone": "smol10", "topics": ["coachella"], "rank": 16}],
+              "methods": _methods_b(het_local=False)},
+    },
+    "memory": {"backbone": "smol10", "batch_size": 4, "seq_len": 64, "steps": 2, "methods": list(MEMORY_METHODS)},
+}
+
+FULL = {
+    "name": "full",
+    "description": "The report's suite: SmolLM2-135M, a 15-layer variant healed on public text, a small "
+                   "256-wide LLaMA pretrained on public text; 3 seeds, 5 rounds x 20 local steps.",
+    "seeds": [0, 1, 2],
+    "backbones": {
+        "smollm2": {"kind": "smollm2", "heldout_blocks": 32},
+        "smol15": {"kind": "depth", "layers": 15, "heldout_blocks": 32,
+                   "train": {"steps": 300, "batch_size": 8, "seq_len": 128, "lr": 3e-4, "warmup_steps": 20}},
+        "small256": {"kind": "small", "heldout_blocks": 32,
+                     "config": {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "intermediate_size": 768},
+                     "train": {"steps": 400, "batch_size": 8, "seq_len": 128, "lr": 1e-3, "warmup_steps": 20}},
+    },
+    "data": {"train_per_client": 400, "test_per_topic": 100, "val_per_topic": 50, "round_eval_per_topic": 15,
+             "max_chars": 200},
+    # 5 rounds x 20 local steps: the budget of the prototype in which FedIT beat local-only by +11 points
+    "rounds": 5,
+    "eval_every": 1,
+    "train": {"local_steps": 20, "batch_size": 8, "max_length": 128, "schedule": "cosine", "warmup_steps": 5,
+              "eval_batch_size": 32},
+    "lr": {"dema": 3e-3, "lora": 1e-3},
+    "settings": {
+        "A": {"description": "SmolLM2-135M (30 layers), two clients on the healed 15-layer variant (a FedIT "
+                             "group), one on the 256-wide small LLaMA",
+              "clients": [{"id": "A-airlines-smollm2", "backbone": "smollm2", "topics": ["airlines"]},
+                          {"id": "A-apple-smol15", "backbone": "smol15", "topics": ["apple"]},
+                          {"id": "A-coachella-smol15", "backbone": "smol15", "topics": ["coachella"]},
+                          {"id": "A-deflategate-small256", "backbone": "small256", "topics": ["deflategate"]}],
+              "methods": _methods_a()},
+        "B": {"description": "three clients on SmolLM2-135M, LoRA ranks 4 / 8 / 16",
+              "clients": [{"id": "B-airlines-r4", "backbone": "smollm2", "topics": ["airlines"], "rank": 4},
+                          {"id": "B-apple-r8", "backbone": "smollm2", "topics": ["apple"], "rank": 8},
+                          {"id": "B-coachella-r16", "backbone": "smollm2", "topics": ["coachella"], "rank": 16}],
+              "methods": _methods_b(het_local=True)},
+    },
+    "memory": {"backbone": "smollm2", "batch_size": 8, "seq_len": 128, "steps": 3, "methods": list(MEMORY_METHODS)},
+}
+
+SUITES = {"quick": QUICK, "full": FULL}
+
+
+def load_suite(name_or_path: str | Path) -> dict:
+    """A copy of a named suite, or a suite read from a JSON/YAML file; checked before it is returned."""
+    if str(name_or_path) in SUITES:
+        suite = copy.deepcopy(SUITES[str(name_or_path)])
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no suite named {str(name_or_path)!r} (known: {sorted(SUITES)}) and no such file")
+        text = path.read_text()
+        suite = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        suite.setdefault("name", path.stem)
+    check_suite(suite)
+    return suite
+
+
+def check_suite(suite: dict) -> None:
+    """Everything that can be checked without compute, so a typo fails in a second, not an hour in."""
+    if not isinstance(suite, dict):
+        raise ValueError("a suite must be a mapping")
+    unknown = sorted(set(suite) - SUITE_FIELDS)
+    if unknown:
+        raise ValueError(f"suite: unknown field(s) {unknown}; allowed {sorted(SUITE_FIELDS)}")
+    for key in ("seeds", "backbones", "data", "rounds", "train", "lr", "settings"):
+        if key not in suite:
+            raise ValueError(f"suite {suite.get('name')!r}: missing {key!r}")
+    if not suite["seeds"] or any(not isinstance(s, int) for s in suite["seeds"]):
+        raise ValueError("suite: seeds must be a non-empty list of integers")
+    if int(suite["rounds"]) < 1 or int(suite.get("eval_every", 1)) < 1:
+        raise ValueError("suite: rounds and eval_every must be >= 1")
+    for name, spec in suite["backbones"].items():
+        check_backbone_spec(name, spec)
+    DataSettings.from_dict(suite["data"])
+    from fedzero.client import TrainSettings
+    TrainSettings.from_dict({**suite["train"], "lr": 1.0})
+    if "lr" in suite["train"]:
+        raise ValueError("suite: give learning rates in 'lr': {'dema': …, 'lora': …}, not in 'train'")
+    for runner in ("dema", "lora"):
+        if not float(suite["lr"].get(runner, 0)) > 0:
+            raise ValueError(f"suite: lr.{runner} must be > 0")
+    for sname, setting in suite["settings"].items():
+        unknown = sorted(set(setting) - SETTING_FIELDS)
+        if unknown:
+            raise ValueError(f"setting {sname!r}: unknown field(s) {unknown}")
+        ids = [c.get("id") for c in setting["clients"]]
+        if len(set(ids)) != len(ids) or not all(ids):
+            raise ValueError(f"setting {sname!r}: clients need unique ids, got {ids}")
+        for c in setting["clients"]:
+            if c.get("backbone") not in suite["backbones"]:
+                raise ValueError(f"setting {sname!r}, client {c.get('id')!r}: unknown backbone {c.get('backbone')!r}")
+            if not c.get("topics"):
+                raise ValueError(f"setting {sname!r}, client {c['id']!r}: needs 'topics'")
+        names = [m.get("name") for m in setting["methods"]]
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"setting {sname!r}: methods need unique names, got {names}")
+        for m in setting["methods"]:
+            check_method(m)
+            if m.get("rank") == "client" and any(not isinstance(c.get("rank"), int) for c in setting["clients"]):
+                raise ValueError(f"setting {sname!r}, method {m['name']!r}: rank 'client' needs a 'rank' per client")
+    memory = suite.get("memory")
+    if memory:
+        if memory.get("backbone") not in suite["backbones"]:
+            raise ValueError(f"memory: unknown backbone {memory.get('backbone')!r}")
+        bad = [m for m in memory.get("methods", MEMORY_METHODS) if m not in MEMORY_METHODS]
+        if bad:
+            raise ValueError(f"memory: unknown method(s) {bad}; known {MEMORY_METHODS}")
