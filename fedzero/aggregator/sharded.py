@@ -34,6 +34,7 @@ import torch
 
 from fedzero.store import FederationStore, sha256_file
 from fedzero.strategies import ClientUpdate, ServerOptimizer, Strategy
+from fedzero.strategies.base import block_coverage
 
 from .mpi import (AggregationError, all_ok, allreduce_sum, bcast_array, on_root, rank_of, recv_into,
                   send_to_root, size_of)
@@ -198,19 +199,10 @@ def make_plan(store: FederationStore, round: int, manifests: list[dict], strateg
         cid = m["client_id"]
         path = store.update_path(round, cid)
         uinfo = header(path)
-        unexpected = sorted(k for k in uinfo if k not in ginfo)
-        if unexpected:
-            raise AggregationError(f"client {cid!r}: delta keys not in the global state (unexpected {unexpected})")
-        for b, (block, keys) in enumerate(zip(blocks, keys_of)):
-            present = [k in uinfo for k in keys]
-            if any(present) and not all(present):
-                missing = [k for k in keys if k not in uinfo]
-                raise AggregationError(f"client {cid!r}: delta holds block {block!r} only in part "
-                                       f"(missing {missing})")
-            covered[i, b] = all(present)
-        if not covered[i].any():
-            raise AggregationError(f"client {cid!r}: delta keys do not match the global state "
-                                   f"(missing {[x.key for x in infos][:5]}…, it holds no block)")
+        try:
+            covered[i] = block_coverage(cid, sorted(uinfo), dict(zip(blocks, keys_of)), [x.key for x in infos])
+        except ValueError as err:
+            raise AggregationError(str(err)) from None
         for key in sorted(uinfo):
             if uinfo[key].shape != ginfo[key].shape:
                 raise AggregationError(f"client {cid!r}, key {key!r}: update shape {list(uinfo[key].shape)} "

@@ -148,19 +148,7 @@ class Strategy(ABC):
             raise ValueError(f"aggregate: duplicate client ids in {ids}")
         covered = np.zeros((len(updates), len(blocks)), dtype=bool)
         for i, u in enumerate(updates):
-            unexpected = [k for k in u.delta if k not in global_state]
-            if unexpected:
-                raise ValueError(f"client {u.client_id!r}: delta keys not in the global state (unexpected {unexpected})")
-            for b, (block, keys) in enumerate(blocks.items()):
-                present = [k in u.delta for k in keys]
-                if any(present) and not all(present):
-                    missing = [k for k in keys if k not in u.delta]
-                    raise ValueError(f"client {u.client_id!r}: delta holds block {block!r} only in part "
-                                     f"(missing {missing})")
-                covered[i, b] = all(present)
-            if not covered[i].any():
-                raise ValueError(f"client {u.client_id!r}: delta keys do not match the global state "
-                                 f"(missing {list(global_state)[:5]}…, it holds no block)")
+            covered[i] = block_coverage(u.client_id, u.delta, blocks, list(global_state))
             for key in u.delta:
                 if u.delta[key].shape != global_state[key].shape:
                     raise ValueError(f"client {u.client_id!r}, key {key!r}: delta shape "
@@ -169,6 +157,28 @@ class Strategy(ABC):
             if u.num_samples < 0:
                 raise ValueError(f"client {u.client_id!r}: num_samples must be >= 0, got {u.num_samples}")
         return covered
+
+
+def block_coverage(client_id: str, held_keys, blocks: dict[str, list[str]], global_keys: list[str]) -> np.ndarray:
+    """Which blocks an update holds: bool [B]. Each block is held whole or not at all (clients of
+    different widths hold different shape-matched projector blocks); a key outside the global state,
+    a partly held block, or an update holding no block is a ValueError. Shared by the in-process
+    strategy and the sharded MPI aggregator so both refuse the same updates with the same words."""
+    held, known = set(held_keys), set(global_keys)
+    unexpected = [k for k in held_keys if k not in known]
+    if unexpected:
+        raise ValueError(f"client {client_id!r}: delta keys not in the global state (unexpected {unexpected})")
+    row = np.zeros(len(blocks), dtype=bool)
+    for b, (block, keys) in enumerate(blocks.items()):
+        present = [k in held for k in keys]
+        if any(present) and not all(present):
+            missing = [k for k in keys if k not in held]
+            raise ValueError(f"client {client_id!r}: delta holds block {block!r} only in part (missing {missing})")
+        row[b] = all(present)
+    if not row.any():
+        raise ValueError(f"client {client_id!r}: delta keys do not match the global state "
+                         f"(missing {global_keys[:5]}…, it holds no block)")
+    return row
 
 
 def _flat64(t: Tensor) -> Tensor:
