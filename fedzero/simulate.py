@@ -35,10 +35,9 @@ def build_client(cfg, run: RunConfig) -> LocalClient:
     train = build_examples(read_jsonl(cfg.train_data), tokenizer, cfg.train.max_length)
     test_records = read_jsonl(cfg.test_data)[: cfg.train.max_eval_examples]
     test = build_examples(test_records, tokenizer, cfg.train.max_length)
-    client = LocalClient(cfg.id, handle, fp, train, test, cfg.train, pad_id=tokenizer.pad_token_id,
-                         seed=run.seed, total_rounds=run.federation.rounds)
-    client.tokenizer, client.test_records = tokenizer, test_records
-    return client
+    return LocalClient(cfg.id, handle, fp, train, test, cfg.train, pad_id=tokenizer.pad_token_id,
+                       seed=run.seed, total_rounds=run.federation.rounds, tokenizer=tokenizer,
+                       eval_records=test_records)
 
 
 def initial_global_state(clients: list[LocalClient]) -> dict[str, torch.Tensor]:
@@ -56,7 +55,7 @@ def initial_global_state(clients: list[LocalClient]) -> dict[str, torch.Tensor]:
 
 def label_set(clients: list[LocalClient]) -> list[str] | None:
     """The label words of a prompt -> label task, if every test record carries a label."""
-    records = [r for c in clients for r in c.test_records]
+    records = [r for c in clients for r in c.eval_records]
     if not records or any("label" not in r or "prompt" not in r for r in records):
         return None
     return sorted({r["label"] for r in records})
@@ -65,7 +64,7 @@ def label_set(clients: list[LocalClient]) -> list[str] | None:
 def evaluate_client(client: LocalClient, labels: list[str] | None) -> dict:
     metrics = {"eval_loss": client.evaluate()}
     if labels:
-        metrics.update(evaluate_classification(client.handle.model, client.tokenizer, client.test_records, labels,
+        metrics.update(evaluate_classification(client.handle.model, client.tokenizer, client.eval_records, labels,
                                                max_length=client.settings.max_length))
     return metrics
 

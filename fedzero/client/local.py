@@ -66,11 +66,14 @@ def token_loss_sums(model, batch) -> tuple[torch.Tensor, int]:
 
 class LocalClient:
     def __init__(self, client_id: str, handle: DeMAModel, fingerprint: str, train_examples, eval_examples,
-                 settings: TrainSettings, *, pad_id: int, seed: int, total_rounds: int):
+                 settings: TrainSettings, *, pad_id: int, seed: int, total_rounds: int,
+                 tokenizer=None, eval_records: list[dict] | None = None):
         if not train_examples:
             raise ValueError(f"client {client_id!r} has no training examples")
         self.client_id = client_id
         self.handle = handle
+        self.tokenizer = tokenizer            # for label scoring of eval_records (prompt -> label tasks)
+        self.eval_records = eval_records or []
         self.fingerprint = fingerprint
         self.eval_examples = eval_examples[: settings.max_eval_examples] if settings.max_eval_examples else eval_examples
         self.num_samples = len(train_examples)
