@@ -28,7 +28,6 @@ from fedzero.client.deepspeed_client import (CRASH_ENV, CRASH_EXIT_CODE, initial
 from fedzero.ds_config import complete_ds_config, read_ds_config, resolve_precision
 from fedzero.store import FederationStore
 
-from conftest import tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))

@@ -1,6 +1,5 @@
 """DeMA adapters: config, injection, what is shared, save/load."""
 
-import json
 
 import pytest
 import torch
@@ -132,7 +131,7 @@ def test_gradients_reach_shared_experts_once_out_projector_is_nonzero(tiny_model
 
 def test_side_placement_keeps_no_backbone_graph(tiny_model):
     """Side placement: the backbone's hidden states never require grad, so autograd keeps none of them."""
-    handle = inject_dema(tiny_model, DeMAConfig(placement="side", **SMALL))
+    inject_dema(tiny_model, DeMAConfig(placement="side", **SMALL))
     seen = []
     tiny_model.model.layers[-1].register_forward_hook(lambda m, a, out: seen.append(out if torch.is_tensor(out) else out[0]))
     ids = torch.randint(0, 64, (1, 5))

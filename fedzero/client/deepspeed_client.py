@@ -24,7 +24,6 @@ Local directory of a client (`state_dir`):
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
