@@ -121,10 +121,15 @@ def parse_run_config(data: dict, base: Path, source: Path | None = None) -> RunC
     return RunConfig(seed, dema, federation, clients, source)
 
 
-def load_run_config(path: str | Path) -> RunConfig:
+def read_yaml(path: str | Path, what: str = "config file") -> tuple[object, Path]:
+    """(parsed YAML, path), with a clear error when the file is missing."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no config file at {path}")
+        raise FileNotFoundError(f"no {what} at {path}")
     with open(path) as f:
-        data = yaml.safe_load(f)
+        return yaml.safe_load(f), path
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    data, path = read_yaml(path)
     return parse_run_config(data, path.parent, source=path)

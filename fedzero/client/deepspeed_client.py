@@ -35,13 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from fedzero.adapters.dema import DeMAConfig, DeMAModel, inject_dema
 from fedzero.adapters.dema.io import read_part, save_part
 from fedzero.backbones import BackboneSpec, fingerprint, load_backbone
 from fedzero.client.local import lr_factor, token_loss_sums
-from fedzero.config import ClientConfig, _only, parse_run_config, resolve_path
+from fedzero.config import ClientConfig, _only, parse_run_config, read_yaml, resolve_path
 from fedzero.data import batches, build_examples, load_tokenizer, read_jsonl
 from fedzero.ds_config import complete_ds_config, precision_of, zero_stage
 from fedzero.store import FederationStore, StoreIntegrityError, atomic_write_json
@@ -122,11 +121,7 @@ def parse_client_config(data: dict, base: Path, source: Path | None = None) -> C
 
 
 def load_client_config(path: str | Path) -> ClientRunConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no client config at {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    data, path = read_yaml(path, "client config")
     return parse_client_config(data, path.parent, source=path)
 
 
