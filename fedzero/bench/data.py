@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedzero.data import LABELS, TOPICS, load_tweets, read_jsonl, to_prompt
+from fedzero.fields import from_known_fields
 
 _RT = re.compile(r"^\s*rt\s+@\w+:?", re.IGNORECASE)
 _NOISE = re.compile(r"https?://\S*|@\w+|#|[^a-z0-9 ]")
@@ -56,11 +57,7 @@ class DataSettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DataSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown data setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return from_known_fields(cls, data, "data setting")
 
 
 @dataclass

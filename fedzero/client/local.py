@@ -7,13 +7,14 @@ reference path the simulator uses and the tests compare against.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from fedzero.adapters.dema import DeMAModel
 from fedzero.data import batches, collate
+from fedzero.fields import from_known_fields
 
 
 @dataclass
@@ -40,11 +41,7 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown train setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return from_known_fields(cls, data, "train setting")
 
 
 def lr_factor(step: int, total_steps: int, settings: TrainSettings) -> float:

@@ -9,6 +9,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from fedzero.fields import from_known_fields
+
 PLACEMENTS = ("parallel", "side")
 TARGETS = ("mlp",)
 PROJECTORS = ("learned", "anchor", "anchor+learned")
@@ -70,11 +72,7 @@ class DeMAConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DeMAConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DeMAConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return from_known_fields(cls, data, "DeMAConfig field")
 
     @classmethod
     def from_json(cls, text: str) -> "DeMAConfig":
