@@ -73,7 +73,7 @@ def _bench(args) -> int:
     from fedzero.bench import run_bench
 
     results = run_bench(args.suite, args.out, seeds=args.seeds, threads=args.threads, cache_dir=args.cache_dir,
-                        memory=not args.no_memory, command="fedzero " + " ".join(sys.argv[1:]))
+                        memory=not args.no_memory, settings=args.settings, command="fedzero " + " ".join(sys.argv[1:]))
     print((Path(args.out) / "report.md").read_text())
     print(f"{len(results['runs'])} runs ({results['runs_this_invocation']} this invocation), "
           f"{results['wall_seconds']:.0f} s; report: {args.out}/report.md, data: {args.out}/results.json")
@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads (default: all cores, or 1 if the machine is busy)")
     p.add_argument("--cache-dir", help="where built backbones are cached (default ~/.cache/fedzero/bench)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--settings", nargs="+", help="run only these settings now (e.g. one process per setting "
+                                                 "into the same --out; a last run without it writes the full report)")
     p.set_defaults(func=_bench)
     return parser
 

@@ -306,6 +306,15 @@ def test_bench_end_to_end_on_tiny_models_then_resumes(tmp_path):
     other["rounds"] = 3
     with pytest.raises(FileExistsError, match="different suite"):
         run_bench(other, out, threads=1, memory=False, log=logs.append)
+    # a changed method spec is redone, for every seed, and the others are kept
+    changed = tiny_suite(source)
+    next(m for m in changed["settings"]["A"]["methods"] if m["name"] == "fedit")["lr"] = 2e-3
+    logs.clear()
+    third = run_bench(changed, out, threads=1, memory=False, log=logs.append)
+    assert third["runs_this_invocation"] == 2 and sum("spec changed" in line for line in logs) == 2
+    assert {r["spec"].get("lr") for r in third["runs"] if r["method"] == "fedit"} == {2e-3}
+    with pytest.raises(ValueError, match="unknown setting"):
+        run_bench(tiny_suite(source), out, threads=1, memory=False, settings=["Z"])
 
 
 def test_peak_memory_measure_in_process_on_a_tiny_model():

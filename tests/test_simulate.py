@@ -192,3 +192,31 @@ def test_cli_strategy_override_drops_the_other_strategys_options(tmp_path, capsy
     path.write_text(yaml.safe_dump(cfg))
     assert main(["simulate", "--config", str(path), "--out", str(tmp_path / "o"), "--quiet", "--strategy", "fedavg", "--rounds", "1"]) == 0
     assert "drops the config's options" in capsys.readouterr().err
+
+
+def test_token_loss_sums_through_kept_positions_equals_full_logits():
+    """Only label-predicting positions go through the LM head; the loss must not change (also via PEFT)."""
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedzero.client.local import token_loss_sums
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    ids = torch.randint(0, 50, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[0, 5], labels[1, 8], labels[2, 3:5] = ids[0, 5], ids[1, 8], ids[2, 3:5]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+    loss, count = token_loss_sums(model, batch)
+    assert count == 4 and torch.allclose(loss, expected, rtol=1e-6, atol=1e-6)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert torch.allclose(token_loss_sums(peft_model, batch)[0], expected, rtol=1e-6, atol=1e-6)
+    nothing = {**batch, "labels": torch.full_like(ids, -100)}
+    loss, count = token_loss_sums(model, nothing)
+    assert count == 0 and float(loss) == 0.0

@@ -11,6 +11,10 @@ A finished run is never recomputed: rerunning the same command into the same OUT
 interrupted invocation stopped (the full suite takes hours on 2 cores), and more seeds can be added
 later with --seeds (the report covers the seeds of the invocation: pass them all). The report is
 rebuilt at the end from the run files of the suite's settings, methods and seeds.
+
+Two cores, two workers: `--settings A` in one process and `--settings B` in another (one torch
+thread each) share OUT safely (distinct run files); a last invocation without --settings finds
+every run done and writes the whole report.
 """
 
 from __future__ import annotations
@@ -69,13 +73,21 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _fixed_part(suite: dict) -> dict:
+    """What every run of a suite depends on: all but its seeds and its settings' method lists."""
+    fixed = {k: v for k, v in suite.items() if k != "seeds"}
+    fixed["settings"] = {s: {k: v for k, v in st.items() if k != "methods"} for s, st in suite["settings"].items()}
+    return json.loads(json.dumps(fixed))
+
+
 def _check_resume(out: Path, suite: dict) -> None:
+    """OUT may be resumed by the same suite, or one with other seeds or more/changed methods (a run
+    whose method spec changed is redone, see run_bench); anything else would mix incomparable runs."""
     path = out / "suite.json"
-    comparable = {k: v for k, v in suite.items() if k != "seeds"}
     if path.exists():
-        previous = json.loads(path.read_text())
-        if {k: v for k, v in previous.items() if k != "seeds"} != json.loads(json.dumps(comparable)):
-            raise FileExistsError(f"{out} holds runs of a different suite (its suite.json differs); choose a new --out")
+        if _fixed_part(json.loads(path.read_text())) != _fixed_part(suite):
+            raise FileExistsError(f"{out} holds runs of a different suite (its suite.json differs beyond seeds "
+                                  "and methods); choose a new --out")
     elif out.exists() and any(p.name not in ("suite.json",) for p in out.iterdir()):
         raise FileExistsError(f"output directory {out} is not empty and holds no suite.json; choose a new one")
     out.mkdir(parents=True, exist_ok=True)
@@ -84,8 +96,9 @@ def _check_resume(out: Path, suite: dict) -> None:
 
 def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | None = None,
               threads: int | None = None, cache_dir: str | Path | None = None, memory: bool = True,
-              command: str = "", log=print) -> dict:
+              settings: list[str] | None = None, command: str = "", log=print) -> dict:
     """Run a suite (a name from fedzero.bench.suites, a JSON/YAML file, or a dict) into `out`.
+    `settings`: run only these settings' runs in this invocation (the report covers what is on disk).
     Returns the results dict that is also written to out/results.json."""
     started = time.time()
     import importlib.util
@@ -98,6 +111,10 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
         spec = load_suite(suite)
     if seeds:
         spec["seeds"] = [int(s) for s in seeds]
+    unknown = sorted(set(settings or ()) - set(spec["settings"]))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; the suite has {sorted(spec['settings'])}")
+    selected = {s: st for s, st in spec["settings"].items() if not settings or s in settings}
     out = Path(out)
     _check_resume(out, spec)
     threads = threads or default_threads()
@@ -105,7 +122,7 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
     machine = machine_info(threads)
     log(f"[bench] suite {spec['name']!r} -> {out}; {threads} torch thread(s); load average {machine['load_start']}")
 
-    used = list(dict.fromkeys(c["backbone"] for s in spec["settings"].values() for c in s["clients"]))
+    used = list(dict.fromkeys(c["backbone"] for s in selected.values() for c in s["clients"]))
     if spec.get("memory") and memory:
         used = list(dict.fromkeys(used + [spec["memory"]["backbone"]]))
     t0 = time.time()
@@ -117,7 +134,7 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)
     splits, zero_shot, ran = {}, {}, 0
-    for sname, setting in spec["settings"].items():
+    for sname, setting in selected.items():
         for seed in spec["seeds"]:
             split = split_tweets(records, setting["clients"], data_settings, seed)
             splits.setdefault(sname, {})[str(seed)] = split.summary()
@@ -136,8 +153,10 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
             for method in setting["methods"]:
                 path = runs_dir / f"{sname}-{method['name']}-seed{seed}.json"
                 if path.exists():
-                    log(f"[bench] {sname} / {method['name']} / seed {seed}: done earlier, kept")
-                    continue
+                    if json.loads(path.read_text()).get("spec") == json.loads(json.dumps(method)):
+                        log(f"[bench] {sname} / {method['name']} / seed {seed}: done earlier, kept")
+                        continue
+                    log(f"[bench] {sname} / {method['name']} / seed {seed}: its method spec changed, rerunning")
                 torch.manual_seed(seed)
                 result = run_method(method, ctx)
                 _write_json(path, result)
@@ -163,12 +182,12 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
             _write_json(mpath, mem_rows)
 
     runs = []
-    names = {(s, m["name"]) for s, st in spec["settings"].items() for m in st["methods"]}
+    specs = {(s, m["name"]): json.loads(json.dumps(m)) for s, st in spec["settings"].items() for m in st["methods"]}
     for path in sorted(runs_dir.glob("*-seed*.json")):
         if "-zero-shot-" in path.name:
             continue
         run = json.loads(path.read_text())
-        if (run["setting"], run["method"]) in names and run["seed"] in spec["seeds"]:
+        if specs.get((run["setting"], run["method"])) == run.get("spec") and run["seed"] in spec["seeds"]:
             runs.append(run)
     machine["load_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     results = {"suite": spec, "command": command, "machine": machine,
