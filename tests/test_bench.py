@@ -214,6 +214,15 @@ def test_suites_load_and_bad_entries_are_refused():
     bad["settings"]["A"]["methods"].append({"name": "y", "runner": "lora", "strategy": "hetlora", "rank": "client"})
     with pytest.raises(ValueError, match="rank 'client'"):
         check_suite(bad)
+    for distill in ({"weight": 1.0, "typo": 2}, {"weight": 0.0}):
+        bad = load_suite("quick")
+        bad["settings"]["A"]["methods"].append({"name": "z", "runner": "dema", "strategy": "local", "distill": distill})
+        with pytest.raises(ValueError, match="distill"):
+            check_suite(bad)
+    bad = load_suite("quick")
+    bad["settings"]["A"]["methods"].append({"name": "w", "runner": "lora", "strategy": "fedit", "distill": {}})
+    with pytest.raises(ValueError, match="DeMA option"):
+        check_suite(bad)
 
 
 def test_keep_layers_evenly_spaced_first_and_last():

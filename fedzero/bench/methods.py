@@ -15,6 +15,9 @@ A method is a dict from the suite (see suites.py), run by one of two runners:
         from the setting (heterogeneous budgets).
 
 Common optional fields: "lr" (overrides the suite's lr for the runner), "description".
+DeMA only: "distill": {"weight", "anchors", "batch_size"} adds output distillation on the first
+`anchors` public anchor texts framed as task prompts (fedzero.strategies.distill), on top of the
+weight strategy (which may be "local": then only anchor predictions travel).
 The dema dict is passed to DeMAConfig.from_dict as is, so new DeMA options become suite entries
 without touching this file (the run seed is DeMAConfig.seed unless the dict sets it).
 
@@ -36,19 +39,23 @@ import numpy as np
 import torch
 
 from fedzero.adapters.dema import DeMAConfig, inject_dema, shared_block
+from fedzero.adapters.dema.anchors import load_anchor_texts
 from fedzero.backbones import load_backbone
 from fedzero.baselines import LORA_STRATEGIES, make_lora_strategy, same_backbone_groups
 from fedzero.client import LocalClient, TrainSettings
-from fedzero.data import LABELS, build_examples, collate, load_tokenizer
+from fedzero.client.distill import AnchorDistiller
+from fedzero.data import LABELS, build_examples, collate, load_tokenizer, to_prompt
 from fedzero.diagnostics import gate_entropy, update_diagnostics
 from fedzero.evaluate import classification_metrics
 from fedzero.simulate import initial_global_state
 from fedzero.strategies import STRATEGIES, ClientUpdate, make_strategy
+from fedzero.strategies.distill import leave_one_out_teachers
 
 from .backbones import Backbone
 from .data import Split
 
-METHOD_FIELDS = {"name", "runner", "strategy", "strategy_options", "dema", "rank", "lr", "description"}
+METHOD_FIELDS = {"name", "runner", "strategy", "strategy_options", "dema", "distill", "rank", "lr", "description"}
+DISTILL_FIELDS = {"weight": 1.0, "anchors": 64, "batch_size": 4}   # fedzero.strategies.distill, with defaults
 
 
 @dataclass
@@ -94,6 +101,13 @@ def check_method(method: dict) -> None:
     valid = ["local", *STRATEGIES] if runner == "dema" else list(LORA_STRATEGIES)
     if strategy not in valid:
         raise ValueError(f"method {name!r}: strategy must be one of {valid} for runner {runner!r}, got {strategy!r}")
+    if method.get("distill") is not None:
+        bad = sorted(set(method["distill"]) - set(DISTILL_FIELDS)) if isinstance(method["distill"], dict) else ["?"]
+        if runner != "dema" or bad:
+            raise ValueError(f"method {name!r}: 'distill' is a DeMA option with fields {sorted(DISTILL_FIELDS)}")
+        d = {**DISTILL_FIELDS, **method["distill"]}
+        if not (d["weight"] > 0 and int(d["anchors"]) >= 1 and int(d["batch_size"]) >= 1):
+            raise ValueError(f"method {name!r}: distill needs weight > 0, anchors >= 1, batch_size >= 1")
     if runner == "dema":
         DeMAConfig.from_dict({"seed": 0, **(method.get("dema") or {})})
         if strategy == "local" and method.get("strategy_options"):
@@ -285,14 +299,22 @@ def run_dema(method: dict, ctx: RunContext) -> dict:
     strategy = (make_strategy(method["strategy"], seed=ctx.seed, **(method.get("strategy_options") or {}))
                 if federated else None)
 
+    distill = {**DISTILL_FIELDS, **method["distill"]} if method.get("distill") is not None else None
+    if distill:
+        anchor_prompts = [to_prompt({"text": t, "label": ""})["prompt"]
+                          for t in load_anchor_texts(None, int(distill["anchors"]))]
+
     clients, records = [], []
     for i, c in enumerate(ctx.clients):
         model, fp = load_backbone(ctx.backbones[c["backbone"]].spec)
         tok = ctx.tokenizer(c["backbone"])
         handle = inject_dema(model, config, tokenizer=tok)     # anchor projectors run the backbone on anchors
         train = build_examples(ctx.split.client(c["id"]).train, tok, settings.max_length)
+        distiller = (AnchorDistiller(tok, anchor_prompts, list(LABELS), weight=float(distill["weight"]),
+                                     batch_size=int(distill["batch_size"]), max_length=settings.max_length,
+                                     seed=ctx.client_seed(i)) if distill else None)
         client = LocalClient(c["id"], handle, f"{c['backbone']}:{fp}", train, [], settings, pad_id=tok.pad_token_id,
-                             seed=ctx.client_seed(i), total_rounds=ctx.rounds)
+                             seed=ctx.client_seed(i), total_rounds=ctx.rounds, distiller=distiller)
         client._probe = train[:8]           # the gate-entropy probe at the end: the client's own examples
         clients.append(client)
         rec = _client_record(c, fp, client.num_samples, sum(p.numel() for p in handle.trainable_parameters()))
@@ -319,6 +341,13 @@ def run_dema(method: dict, ctx: RunContext) -> dict:
                 states[k] = client.handle.shared_state_dict()
             records[k]["rounds"].append({"round": rnd + 1, "train_loss": metrics["train_loss"],
                                          "seconds_per_step": seconds / settings.local_steps})
+        distill_bytes = [0] * len(clients)
+        if distill:     # each sends its anchor predictions and receives the others' mean (N x C float32)
+            predictions = {c.client_id: c.distiller.predict(c.handle.model) for c in clients}
+            teachers = leave_one_out_teachers(predictions, {c.client_id: c.num_samples for c in clients})
+            for client in clients:
+                client.distiller.set_teacher(teachers.get(client.client_id))
+            distill_bytes = [predictions[c.client_id].size * 4 for c in clients]
         if rnd == 0:
             first = first_round_cosine(deltas, shared_block)
         diagnostics.append(update_diagnostics(updates, shared_block))    # per block: cosines, norms
@@ -328,16 +357,16 @@ def run_dema(method: dict, ctx: RunContext) -> dict:
                 client.handle.load_shared_state_dict(global_state)
             aggregation.append({block: {k: v for k, v in stats.items() if k not in ("beta", "group_norms")}
                                 for block, stats in agg["blocks"].items()})
-            sizes = [_nbytes(deltas[c.client_id]) for c in clients]    # each sends and receives its own keys
+            sizes = [_nbytes(deltas[c.client_id]) + d for c, d in zip(clients, distill_bytes)]   # own keys both ways
             comm.append({"round": rnd + 1, "upload_bytes": sizes, "download_bytes": list(sizes)})
         else:
-            comm.append({"round": rnd + 1, "upload_bytes": [0] * len(clients), "download_bytes": [0] * len(clients)})
+            comm.append({"round": rnd + 1, "upload_bytes": list(distill_bytes), "download_bytes": list(distill_bytes)})
         _evaluate_round(rnd + 1, ctx, [(c.handle.model, ctx.tokenizer(cc["backbone"])) for c, cc in zip(clients, ctx.clients)],
                         records)
         _log_round(ctx, method, rnd + 1, records)
     for client, rec in zip(clients, records):
         rec["gate_entropy"] = gate_entropy(client.handle, collate(client._probe, client.pad_id))
-    return {"runner": "dema", "strategy": method["strategy"], "dema": config.to_dict(), "clients": records,
+    return {"runner": "dema", "strategy": method["strategy"], "dema": config.to_dict(), "distill": distill, "clients": records,
             "comm": comm, "first_round_cosine": first, "aggregation": aggregation, "diagnostics": diagnostics}
 
 

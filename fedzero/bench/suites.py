@@ -106,10 +106,12 @@ QUICK = {
 }
 
 def _dema_variants() -> list[dict]:
-    """Issue 6's sharing / projector options, each x {FedAvg, CMGA}, plus the local-only control of
-    the anchor projector (sharing options do not change local training; projector options do)."""
+    """Issue 6's sharing / projector options, each x {FedAvg, CMGA}, the local-only control of the
+    anchor projector (sharing options do not change local training; projector options do), and
+    output distillation on the public anchors, alone and on top of shape-matched FedAvg."""
     shaped = {"share": "shape-matched"}
     anchor = {"projector": "anchor+learned", "anchor_out": True}
+    distill = {"weight": 1.0, "anchors": 64, "batch_size": 4}
     return [
         {"name": "dema-shaped-fedavg", "runner": "dema", "strategy": "fedavg", "dema": shaped,
          "description": "DeMA, shape-matched sharing (projectors too, among equal widths), FedAvg"},
@@ -121,6 +123,12 @@ def _dema_variants() -> list[dict]:
          "description": "DeMA, anchor+learned in-projector, anchor out-projector, FedAvg"},
         {"name": "dema-anchor-cmga", "runner": "dema", "strategy": "cmga", "dema": anchor,
          "description": "DeMA, anchor+learned in-projector, anchor out-projector, CMGA"},
+        # method.md's fallback when weights carry nothing across widths: transfer through outputs
+        {"name": "dema-distill-local", "runner": "dema", "strategy": "local", "dema": {}, "distill": distill,
+         "description": "DeMA, no weights travel; label predictions on 64 public anchor prompts are "
+                        "exchanged and each client distils from the others' mean"},
+        {"name": "dema-distill-shaped-fedavg", "runner": "dema", "strategy": "fedavg", "dema": shaped,
+         "distill": distill, "description": "DeMA, shape-matched FedAvg plus anchor-output distillation"},
     ]
 
 

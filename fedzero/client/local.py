@@ -69,13 +69,14 @@ def token_loss_sums(model, batch) -> tuple[torch.Tensor, int]:
 class LocalClient:
     def __init__(self, client_id: str, handle: DeMAModel, fingerprint: str, train_examples, eval_examples,
                  settings: TrainSettings, *, pad_id: int, seed: int, total_rounds: int,
-                 tokenizer=None, eval_records: list[dict] | None = None):
+                 tokenizer=None, eval_records: list[dict] | None = None, distiller=None):
         if not train_examples:
             raise ValueError(f"client {client_id!r} has no training examples")
         self.client_id = client_id
         self.handle = handle
         self.tokenizer = tokenizer            # for label scoring of eval_records (prompt -> label tasks)
         self.eval_records = eval_records or []
+        self.distiller = distiller            # fedzero.client.distill.AnchorDistiller: output distillation
         self.fingerprint = fingerprint
         self.eval_examples = eval_examples[: settings.max_eval_examples] if settings.max_eval_examples else eval_examples
         self.num_samples = len(train_examples)
@@ -105,8 +106,9 @@ class LocalClient:
             loss_sum, count = token_loss_sums(model, next(self._batches))
             loss = loss_sum / max(count, 1)
             penalty = self.handle.regularization()
+            distill = self.distiller.loss(model) if self.distiller is not None else None
             optimizer.zero_grad(set_to_none=True)
-            (loss + penalty).backward()
+            (loss + penalty + (distill if distill is not None else 0.0)).backward()
             if self.settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
             optimizer.step()

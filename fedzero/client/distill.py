@@ -1,0 +1,112 @@
+"""A client's side of output distillation on public anchor prompts (fedzero.strategies.distill).
+
+The anchors are public texts framed as the task's prompts (e.g. "Tweet: <anchor>\\nSentiment:"); a
+model's prediction on one is its distribution over the label words: read from the logits of the one
+token that tells the labels apart (one forward per anchor) when the tokenizer has one, else from
+the summed log-likelihoods of the whole completions (C forwards per anchor). Differentiable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedzero.data import build_examples, collate
+from fedzero.strategies.distill import kl_to_teacher
+
+
+def label_branch(tokenizer, labels: list[str]) -> tuple[list[int], list[int]] | None:
+    """(prefix, next ids): the token prefix every " label" starts with, and the one token after it
+    that tells the labels apart (SmolLM2: prefix [], " negative"/" neutral"/" positive" are single
+    tokens). None when the labels are not told apart by one token after a common prefix (a byte
+    tokenizer on negative/neutral): then whole completions are scored."""
+    seqs = [list(tokenizer.encode(f" {label}")) for label in labels]
+    n = 0
+    while all(len(q) > n for q in seqs) and len({q[n] for q in seqs}) == 1:
+        n += 1
+    if any(len(q) <= n for q in seqs) or len({q[n] for q in seqs}) != len(labels):
+        return None
+    return seqs[0][:n], [q[n] for q in seqs]
+
+
+def label_logprobs(model, batch: dict[str, torch.Tensor], label_ids: list[int]) -> torch.Tensor:
+    """[B, C] log-softmax over the label tokens at each (right-padded) sequence's last position."""
+    last = batch["attention_mask"].sum(dim=1) - 1
+    keep, row_pos = torch.unique(last, return_inverse=True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    picked = logits[torch.arange(len(last)), row_pos][:, label_ids].float()
+    return torch.log_softmax(picked, dim=-1)
+
+
+def completion_logprobs(model, batch: dict[str, torch.Tensor], num_labels: int) -> torch.Tensor:
+    """[B/C, C] log-softmax over the summed log-likelihoods of C consecutive candidate rows
+    (prompt + " label" + eos, as fedzero.evaluate.label_scores scores them)."""
+    targets = batch["labels"][:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().flatten()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    t = targets[:, keep]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, t.clamp(min=0)[..., None])[..., 0]
+    sums = (logp * (t != -100)).sum(dim=1).view(-1, num_labels)
+    return torch.log_softmax(sums, dim=-1)
+
+
+class AnchorDistiller:
+    """Scores the anchor prompts and adds weight * KL(teacher || model) on `batch_size` of them per step."""
+
+    def __init__(self, tokenizer, prompts: list[str], labels: list[str], *, weight: float, batch_size: int,
+                 max_length: int, seed: int):
+        if not prompts:
+            raise ValueError("output distillation needs at least one anchor prompt")
+        if not weight > 0 or batch_size < 1:
+            raise ValueError(f"distillation weight must be > 0 and batch_size >= 1, got {weight}, {batch_size}")
+        self.num_labels = len(labels)
+        branch = label_branch(tokenizer, labels)
+        self.label_ids = branch[1] if branch else None
+        if branch:      # one sequence per anchor: prompt + the labels' common prefix, scored at its end
+            bos = getattr(tokenizer, "bos_token_id", None)
+            head = [bos] if bos is not None else []
+            self.examples = []
+            for p in prompts:
+                ids = head + (list(tokenizer.encode(p)) + branch[0])[-(max_length - len(head)):]
+                t = torch.tensor(ids, dtype=torch.long)
+                self.examples.append([{"input_ids": t, "labels": torch.full_like(t, -100)}])
+        else:           # C candidate sequences per anchor
+            cands = build_examples([{"prompt": p, "completion": f" {label}"} for p in prompts for label in labels],
+                                   tokenizer, max_length)
+            self.examples = [cands[i:i + len(labels)] for i in range(0, len(cands), len(labels))]
+        self.pad_id = tokenizer.pad_token_id
+        self.weight, self.batch_size = float(weight), int(batch_size)
+        self.teacher: torch.Tensor | None = None
+        self._rng = np.random.default_rng(seed)
+        self._order: list[int] = []
+
+    def logprobs(self, model, idx: list[int]) -> torch.Tensor:
+        """[len(idx), C] label log-probabilities of the model on these anchors (differentiable)."""
+        batch = collate([ex for i in idx for ex in self.examples[i]], self.pad_id)
+        if self.label_ids is not None:
+            return label_logprobs(model, batch, self.label_ids)
+        return completion_logprobs(model, batch, self.num_labels)
+
+    @torch.no_grad()
+    def predict(self, model, batch_size: int = 32) -> np.ndarray:
+        """[N, C] label probabilities of the current model on every anchor prompt (what is sent)."""
+        was_training = model.training
+        model.eval()
+        n = len(self.examples)
+        out = [self.logprobs(model, list(range(i, min(i + batch_size, n)))).exp() for i in range(0, n, batch_size)]
+        model.train(was_training)
+        return torch.cat(out).double().numpy()
+
+    def set_teacher(self, teacher: np.ndarray | None) -> None:
+        if teacher is not None and tuple(np.shape(teacher)) != (len(self.examples), self.num_labels):
+            raise ValueError(f"teacher of shape {np.shape(teacher)}, expected {(len(self.examples), self.num_labels)}")
+        self.teacher = None if teacher is None else torch.as_tensor(np.asarray(teacher), dtype=torch.float32)
+
+    def loss(self, model) -> torch.Tensor | None:
+        """The distillation term for one step (None before the first teacher arrives)."""
+        if self.teacher is None:
+            return None
+        if len(self._order) < self.batch_size:                      # reshuffled epochs over the anchors
+            self._order += self._rng.permutation(len(self.examples)).tolist()
+        idx, self._order = self._order[: self.batch_size], self._order[self.batch_size:]
+        return self.weight * kl_to_teacher(self.logprobs(model, idx), self.teacher[idx])
