@@ -393,3 +393,37 @@ def test_lora_dw_cosine_equals_explicit_weight_updates_across_ranks():
                           for i in range(2)])
     expected = float(dw("a") @ dw("b") / (dw("a").norm() * dw("b").norm()))
     assert pair["cos"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_gain_over_local_pairs_each_method_with_the_control_that_trains_alike():
+    from fedzero.bench.report import gains_vs_local, local_control
+
+    methods = [{"name": "lora-local", "runner": "lora", "strategy": "local", "rank": 16},
+               {"name": "lora-local-het", "runner": "lora", "strategy": "local", "rank": "client"},
+               {"name": "fedit", "runner": "lora", "strategy": "fedit", "rank": 16},
+               {"name": "hetlora", "runner": "lora", "strategy": "hetlora", "rank": "client"},
+               {"name": "dema-local", "runner": "dema", "strategy": "local", "dema": {}},
+               {"name": "dema-shaped", "runner": "dema", "strategy": "fedavg", "dema": {"share": "shape-matched"}},
+               {"name": "dema-distill", "runner": "dema", "strategy": "local", "dema": {}, "distill": {}},
+               {"name": "dema-anchor-local", "runner": "dema", "strategy": "local", "dema": {"projector": "anchor"}},
+               {"name": "dema-anchor-cmga", "runner": "dema", "strategy": "cmga", "dema": {"projector": "anchor"}},
+               {"name": "dema-lr", "runner": "dema", "strategy": "fedavg", "dema": {}, "lr": 1.0}]
+    controls = {m["name"]: local_control(m, methods) for m in methods}
+    assert controls == {"lora-local": None, "lora-local-het": None, "fedit": "lora-local",
+                        "hetlora": "lora-local-het", "dema-local": None, "dema-shaped": "dema-local",
+                        "dema-distill": "dema-local", "dema-anchor-local": None,
+                        "dema-anchor-cmga": "dema-anchor-local", "dema-lr": None}
+
+    def run(seed, accs):
+        return {"seed": seed, "clients": [{"id": c, "final": {"own": {"accuracy": a[0]}, "unseen": {"accuracy": a[1]},
+                                                              "global": {"accuracy": a[2]}}} for c, a in accs.items()]}
+
+    runs = {"fed": [run(0, {"x": (0.5, 0.6, 0.55), "y": (0.7, 0.4, 0.5)}), run(1, {"x": (0.6, 0.6, 0.6), "y": (0.7, 0.5, 0.6)}),
+                    run(2, {"x": (0.1, 0.1, 0.1), "y": (0.1, 0.1, 0.1)})],          # seed 2 has no control: left out
+            "alone": [run(0, {"x": (0.5, 0.4, 0.45), "y": (0.8, 0.2, 0.4)}), run(1, {"x": (0.4, 0.5, 0.45), "y": (0.7, 0.3, 0.5)})]}
+    g = gains_vs_local(runs, "fed", "alone", ["x", "y"])
+    assert g["seeds"] == [0, 1]
+    m, sd, n = g["per_client"]["x"]["unseen"]
+    assert (m, n) == (pytest.approx(0.15), 2) and sd == pytest.approx(np.std([0.2, 0.1], ddof=1))
+    m, sd, n = g["mean"]["own"]                      # seed 0: (0 - 0.1)/2, seed 1: (0.2 + 0)/2
+    assert (m, n) == (pytest.approx(0.025), 2) and sd == pytest.approx(np.std([-0.05, 0.1], ddof=1))

@@ -7,6 +7,7 @@ Views: own (the client's topic), unseen (the federation's other topics), global 
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -96,7 +97,48 @@ def summarize(results: dict) -> dict:
                 m["per_client"][cid] = {v: mean_std([f[v]["accuracy"] if f and v in f else None for f in finals])
                                         for v in VIEWS}
             entry["methods"][spec["name"]] = m
+        entry["gains"] = {}
+        for spec in setting_spec["methods"]:
+            control = local_control(spec, setting_spec["methods"])
+            if control and spec["name"] in entry["methods"] and control in entry["methods"]:
+                entry["gains"][spec["name"]] = gains_vs_local(runs_by[setting], spec["name"], control, entry["clients"])
         out[setting] = entry
+    return out
+
+
+def local_control(spec: dict, methods: list[dict]) -> str | None:
+    """The local-only method that trains exactly like `spec` (same runner, LoRA rank, DeMA settings
+    apart from what is shared, lr) but federates nothing: what `spec`'s gain is measured against."""
+    if spec["strategy"] == "local" and spec.get("distill") is None:
+        return None
+
+    def trains_like(m: dict) -> tuple:
+        dema = {k: v for k, v in (m.get("dema") or {}).items() if k != "share"}   # sharing does not change local training
+        return m["runner"], m.get("rank", 16) if m["runner"] == "lora" else None, json.dumps(dema, sort_keys=True), m.get("lr")
+
+    return next((m["name"] for m in methods if m["strategy"] == "local" and m.get("distill") is None
+                 and trains_like(m) == trains_like(spec)), None)
+
+
+def gains_vs_local(runs_by_method: dict[str, list[dict]], name: str, control: str, clients: list[str]) -> dict:
+    """Paired by seed: accuracy of `name` minus its local-only control, per client and view, and the
+    mean over clients; mean ± std over the seeds both have."""
+    ours = {r["seed"]: r for r in runs_by_method.get(name, [])}
+    base = {r["seed"]: r for r in runs_by_method.get(control, [])}
+    seeds = sorted(set(ours) & set(base))
+
+    def acc(run, cid, view):
+        c = next(c for c in run["clients"] if c["id"] == cid)
+        return c["final"][view]["accuracy"] if c.get("final") and view in c["final"] else None
+
+    out = {"control": control, "seeds": seeds, "per_client": {}, "mean": {}}
+    for view in ("own", "unseen", "global"):
+        diffs = {cid: [acc(ours[s], cid, view) - acc(base[s], cid, view) for s in seeds
+                       if acc(ours[s], cid, view) is not None and acc(base[s], cid, view) is not None] for cid in clients}
+        for cid in clients:
+            out["per_client"].setdefault(cid, {})[view] = mean_std(diffs[cid])
+        out["mean"][view] = mean_std([float(np.mean([d[i] for d in diffs.values() if len(d) > i]))
+                                      for i in range(len(seeds))])
     return out
 
 
@@ -123,6 +165,14 @@ def _data_lines(results: dict, setting: str) -> list[str]:
                f"{t} {v['n']} ({' / '.join(str(v['labels'][k]) for k in sorted(v['labels']))})" for t, v in sp["test"].items())
            + ".", ""]
     return out
+
+
+def _pts(stat: tuple) -> str:
+    """Accuracy difference in percentage points, signed."""
+    m, sd, n = stat
+    if m is None:
+        return "–"
+    return f"{m * 100:+.1f}" + (f" ± {sd * 100:.1f}" if sd is not None else f" (n={n})")
 
 
 def _mb(stat: tuple) -> str:
@@ -187,6 +237,16 @@ def markdown(results: dict, summary: dict | None = None) -> str:
         lines.append("| backbone zero-shot | " + " | ".join(fmt(z[f"{v}.{k}"]) for k in ("macro_f1", "label_nll") for v in VIEWS) + " |")
         for name, m in entry["methods"].items():
             lines.append(f"| {name} | " + " | ".join(fmt(m[f"{v}.{k}"]) for k in ("macro_f1", "label_nll") for v in VIEWS) + " |")
+        if entry.get("gains"):
+            lines += ["", "Gain over training alone: accuracy of each federated method minus that of its local-only "
+                      "control (the same adapters and lr, nothing federated), paired by seed, mean ± std over seeds; "
+                      "own / unseen topics, mean over clients, then per client (own | unseen):", "",
+                      "| method | control | own Δ | unseen Δ | " + " | ".join(f"`{c}`" for c in entry["clients"]) + " |",
+                      "|---|---|---:|---:|" + "---|" * len(entry["clients"])]
+            for name, g in entry["gains"].items():
+                per = [f"{_pts(g['per_client'][c]['own'])} \\| {_pts(g['per_client'][c]['unseen'])}" for c in entry["clients"]]
+                lines.append(f"| {name} | {g['control']} | {_pts(g['mean']['own'])} | {_pts(g['mean']['unseen'])} | "
+                             + " | ".join(per) + " |")
         lines += ["", "Per client, global accuracy:", "",
                   "| method | " + " | ".join(f"`{c}`" for c in entry["clients"]) + " |",
                   "|---|" + "---:|" * len(entry["clients"])]
