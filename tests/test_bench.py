@@ -427,3 +427,23 @@ def test_gain_over_local_pairs_each_method_with_the_control_that_trains_alike():
     assert (m, n) == (pytest.approx(0.15), 2) and sd == pytest.approx(np.std([0.2, 0.1], ddof=1))
     m, sd, n = g["mean"]["own"]                      # seed 0: (0 - 0.1)/2, seed 1: (0.2 + 0)/2
     assert (m, n) == (pytest.approx(0.025), 2) and sd == pytest.approx(np.std([-0.05, 0.1], ddof=1))
+
+
+def test_run_claims_are_exclusive_and_a_dead_workers_claim_is_taken_over(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from fedzero.bench.runner import _claim
+
+    lock = tmp_path / ".A-x-seed0.lock"
+    assert _claim(lock) and lock.read_text() == str(os.getpid())
+    assert _claim(lock)                                   # our own claim stays ours
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        lock.write_text(str(child.pid))                   # a live worker holds it
+        assert not _claim(lock)
+    finally:
+        child.kill()
+        child.wait()
+    assert _claim(lock) and lock.read_text() == str(os.getpid())   # its holder died

@@ -12,9 +12,10 @@ interrupted invocation stopped (the full suite takes hours on 2 cores), and more
 later with --seeds (the report covers the seeds of the invocation: pass them all). The report is
 rebuilt at the end from the run files of the suite's settings, methods and seeds.
 
-Two cores, two workers: `--settings A` in one process and `--settings B` in another (one torch
-thread each) share OUT safely (distinct run files); a last invocation without --settings finds
-every run done and writes the whole report.
+Several workers may share one OUT (e.g. two processes of one torch thread each on 2 cores): a
+run is claimed with a lock file (OUT/runs/.<run>.lock, holding the pid; a dead holder's lock is
+taken over), so each run is done once; `--settings B A` sets the order a worker walks the settings.
+A last invocation finds every run done and writes the whole report.
 """
 
 from __future__ import annotations
@@ -68,9 +69,30 @@ def machine_info(threads: int) -> dict:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")     # workers sharing OUT never share a tmp file
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
+
+
+def _claim(lock: Path) -> bool:
+    """Take the lock file of one run for this process; False if a live process holds it."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(lock.read_text() or 0)
+            os.kill(pid, 0)                 # raises if no such process: the holder died
+            return pid == os.getpid()
+        except (ValueError, ProcessLookupError, FileNotFoundError):
+            tmp = lock.with_name(f"{lock.name}.{os.getpid()}")
+            tmp.write_text(str(os.getpid()))
+            os.replace(tmp, lock)
+            return True
+        except PermissionError:         # alive, another user's
+            return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
 
 
 def _fixed_part(suite: dict) -> dict:
@@ -114,7 +136,7 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
     unknown = sorted(set(settings or ()) - set(spec["settings"]))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; the suite has {sorted(spec['settings'])}")
-    selected = {s: st for s, st in spec["settings"].items() if not settings or s in settings}
+    selected = {s: spec["settings"][s] for s in (settings or spec["settings"])}
     out = Path(out)
     _check_resume(out, spec)
     threads = threads or default_threads()
@@ -157,9 +179,16 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
                         log(f"[bench] {sname} / {method['name']} / seed {seed}: done earlier, kept")
                         continue
                     log(f"[bench] {sname} / {method['name']} / seed {seed}: its method spec changed, rerunning")
-                torch.manual_seed(seed)
-                result = run_method(method, ctx)
-                _write_json(path, result)
+                lock = runs_dir / f".{path.stem}.lock"
+                if not _claim(lock):
+                    log(f"[bench] {sname} / {method['name']} / seed {seed}: another worker is running it, skipped")
+                    continue
+                try:
+                    torch.manual_seed(seed)
+                    result = run_method(method, ctx)
+                    _write_json(path, result)
+                finally:
+                    lock.unlink(missing_ok=True)
                 ran += 1
                 g = [c["final"]["global"]["accuracy"] for c in result["clients"] if c.get("final")]
                 log(f"[bench] {sname} / {method['name']} / seed {seed}: global acc "

@@ -133,13 +133,14 @@ def _dema_variants() -> list[dict]:
 
 
 # What the report's numbers come from, sized to run in about 1.5 hours on 2 CPU cores (two bench
-# processes of one thread each, split by seed). SmolLM2-135M itself (30 layers) is the source of
-# the depth variants and the zero-shot reference, but no federation client runs it: one run of a
-# 30-layer client costs as much as three 10-layer ones, and the 9+10 methods x 3 seeds did not fit.
+# workers of one torch thread each sharing OUT). SmolLM2-135M itself (30 layers) is the source of
+# the depth variants, but no federation client runs it: a 30-layer client costs three 10-layer ones,
+# and 21 methods x 3 seeds did not fit. Evaluation is half of a run's cost (3 label words scored per
+# tweet), hence 24 test tweets per topic and per-round curves every 2 rounds on 6 per topic.
 FULL = {
     "name": "full",
     "description": "The report's suite: two healed depth variants of SmolLM2-135M (10 and 6 of its 30 layers) "
-                   "and a 256-wide LLaMA pretrained on public text; 3 seeds, 4 rounds x 8 local steps.",
+                   "and a 256-wide LLaMA pretrained on public text; 3 seeds, 4 rounds x 6 local steps.",
     "seeds": [0, 1, 2],
     "backbones": {
         "smollm2": {"kind": "smollm2", "heldout_blocks": 24},
@@ -152,11 +153,11 @@ FULL = {
                                 "num_key_value_heads": 2, "intermediate_size": 768},
                      "train": {"steps": 300, "batch_size": 8, "seq_len": 64, "lr": 1e-3, "warmup_steps": 20}},
     },
-    "data": {"train_per_client": 256, "test_per_topic": 40, "val_per_topic": 20, "round_eval_per_topic": 10,
+    "data": {"train_per_client": 192, "test_per_topic": 24, "val_per_topic": 20, "round_eval_per_topic": 6,
              "max_chars": 120},
     "rounds": 4,
-    "eval_every": 1,
-    "train": {"local_steps": 8, "batch_size": 8, "max_length": 64, "schedule": "cosine", "warmup_steps": 3,
+    "eval_every": 2,
+    "train": {"local_steps": 6, "batch_size": 8, "max_length": 64, "schedule": "cosine", "warmup_steps": 3,
               "eval_batch_size": 40},
     "lr": {"dema": 3e-3, "lora": 1e-3},
     "settings": {
