@@ -285,7 +285,8 @@ def markdown(results: dict, summary: dict | None = None) -> str:
 
 
 def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str]:
-    """accuracy_per_round.png, accuracy_vs_bytes.png, per_client_accuracy.png, first_round_cosine.png."""
+    """accuracy_per_round.png, accuracy_vs_bytes.png, per_client_accuracy.png, first_round_cosine.png,
+    gain_over_local.png. Colours from tab20 (suites have more than 10 methods); DeMA dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -300,6 +301,9 @@ def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str
         fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.5), squeeze=False)
         return fig, axes[0]
 
+    def color(i):
+        return plt.cm.tab20(i % 20)
+
     def save(fig, name):
         fig.tight_layout()
         path = out_dir / name
@@ -310,10 +314,10 @@ def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str
     fig, axes = grid()
     for ax, setting in zip(axes, settings):
         entry = summary[setting]
-        for name, m in entry["methods"].items():
+        for i, (name, m) in enumerate(entry["methods"].items()):
             rounds = sorted(m["curve"])             # round 0 = the frozen backbone (zero-shot)
             ys = [m["curve"][r][0] for r in rounds]
-            ax.plot(rounds, ys, marker="o", label=name)
+            ax.plot(rounds, ys, marker="o", label=name, color=color(i), ls="--" if name.startswith("dema") else "-")
         ax.set_title(f"setting {setting}: global accuracy (per-round eval subset)")
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -347,7 +351,8 @@ def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str
             stats = [entry["methods"][name]["per_client"][c]["global"] for c in clients]
             ys = [s[0] if s[0] is not None else 0.0 for s in stats]
             errs = [s[1] or 0.0 for s in stats]
-            ax.bar(np.arange(len(clients)) + j * width - 0.4 + width / 2, ys, width, yerr=errs, capsize=2, label=name)
+            ax.bar(np.arange(len(clients)) + j * width - 0.4 + width / 2, ys, width, yerr=errs, capsize=2, label=name,
+                   color=color(j))
         ax.set_xticks(np.arange(len(clients)))
         ax.set_xticklabels(clients, rotation=15, fontsize=7)
         ax.set_title(f"setting {setting}: final global accuracy per client")
@@ -375,4 +380,24 @@ def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
     save(fig, "first_round_cosine.png")
+
+    if any(summary[s].get("gains") for s in settings):
+        fig, axes = grid()
+        for ax, setting in zip(axes, settings):
+            gains = summary[setting].get("gains", {})
+            names = list(gains)
+            x = np.arange(len(names))
+            for offset, view in ((-0.2, "own"), (0.2, "unseen")):
+                stats = [gains[n]["mean"][view] for n in names]
+                ys = [100 * s[0] if s[0] is not None else np.nan for s in stats]
+                errs = [100 * (s[1] or 0.0) for s in stats]
+                ax.bar(x + offset, ys, 0.4, yerr=errs, capsize=3, label=f"{view} topics")
+            ax.set_xticks(x)
+            ax.set_xticklabels([f"{n}\n(vs {gains[n]['control']})" for n in names], rotation=25, fontsize=7, ha="right")
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_title(f"setting {setting}: accuracy gain over training alone")
+            ax.set_ylabel("points, paired by seed (mean ± std)")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3, axis="y")
+        save(fig, "gain_over_local.png")
     return files
