@@ -183,6 +183,9 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
                 if not _claim(lock):
                     log(f"[bench] {sname} / {method['name']} / seed {seed}: another worker is running it, skipped")
                     continue
+                if path.exists() and json.loads(path.read_text()).get("spec") == json.loads(json.dumps(method)):
+                    lock.unlink(missing_ok=True)           # another worker finished it meanwhile
+                    continue
                 try:
                     torch.manual_seed(seed)
                     result = run_method(method, ctx)
