@@ -8,10 +8,20 @@ from __future__ import annotations
 from fedzero.adapters.dema import DeMAConfig
 
 
-def dema_shared_params(config: DeMAConfig) -> int:
-    """What one client sends per round with DeMA: every slot's experts (A, B) and gate, whatever the backbone."""
+def dema_shared_params(config: DeMAConfig, hidden_size: int | None = None) -> int:
+    """What one client sends per round with DeMA: every slot's experts (A, B) and gate, whatever the
+    backbone; with shared projectors (share='shape-matched', learned projectors) also its width's
+    bank: per slot in- and out-projector (d x r each; side placement: the in-projectors and one
+    out-projector)."""
     r, h, m, s = config.rank, config.expert_hidden, config.num_experts, config.num_slots
-    return s * (m * 2 * r * h + m * r)
+    experts = s * (m * 2 * r * h + m * r)
+    if not config.shares_projectors:
+        return experts
+    if hidden_size is None:
+        raise ValueError("with shared projectors (share='shape-matched') what travels depends on the "
+                         "backbone's width: pass hidden_size")
+    bank = s * hidden_size * r + (hidden_size * r if config.placement == "side" else s * hidden_size * r)
+    return experts + bank
 
 
 def lora_params(model_config, rank: int, targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> int:

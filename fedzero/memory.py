@@ -79,7 +79,7 @@ def dema_params(cfg: dict, dema: DeMAConfig) -> tuple[int, int]:
 
     config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")})
     if dema.uses_anchors:
-        dema = dataclasses.replace(dema, projector="learned", anchor_out=False)
+        dema = dataclasses.replace(dema, projector="learned", anchor_out=False, share="experts-only")  # anchors stay private
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
         handle = inject_dema(model, dema)

@@ -185,10 +185,12 @@ def test_comm_table_matches_fedzero_comm(tmp_path):
     for name, (cfg, _) in llama2_configs().items():
         assert rows[name]["full_params"] == full_model_params(cfg)
         assert rows[name]["lora_params"] == lora_params(cfg, 16)
-        assert rows[name]["dema_params"] == dema_shared_params(DeMAConfig())
+        assert rows[name]["dema_params"] == dema_shared_params(DeMAConfig(), cfg["hidden_size"])
         assert rows[name]["dema_bytes"] == 2 * rows[name]["dema_params"]
-    # the public numbers of method.md: DeMA defaults 264k; LoRA r=16 q,k,v,o on 7B 16.8M; 7B 6.7B
-    assert rows["llama-2-7b"]["dema_params"] == 8 * 4 * 2 * 64 * 64 + 8 * 4 * 64 == 264_192
+    # the public numbers of method.md: DeMA experts and gates 264k (+ 8 x 2 x 4096 x 64 projector params
+    # on 7B with the default shape-matched sharing); LoRA r=16 q,k,v,o on 7B 16.8M; 7B 6.7B
+    assert rows["llama-2-7b"]["dema_experts_params"] == 8 * 4 * 2 * 64 * 64 + 8 * 4 * 64 == 264_192
+    assert rows["llama-2-7b"]["dema_params"] == 264_192 + 8 * 2 * 4096 * 64
     assert rows["llama-2-7b"]["lora_params"] == 32 * 4 * 16 * (4096 + 4096) == 16_777_216
     assert rows["llama-2-7b"]["full_params"] == 6_738_415_616
     # the built-in public configs give the same counts as the repository's files
@@ -255,7 +257,8 @@ def tiny_suite(source):
                                        {"id": "c2", "backbone": "b", "topics": ["t2"]}],
                            "methods": [{"name": "fedit", "runner": "lora", "strategy": "fedit", "rank": 2},
                                        {"name": "dema-cmga", "runner": "dema", "strategy": "cmga",
-                                        "dema": {"rank": 4, "num_experts": 2, "num_slots": 2}},
+                                        "dema": {"rank": 4, "num_experts": 2, "num_slots": 2,
+                                                 "share": "experts-only"}},
                                        {"name": "dema-sm", "runner": "dema", "strategy": "fedavg",
                                         "dema": {"rank": 4, "num_experts": 2, "num_slots": 2,
                                                  "share": "shape-matched"}}]}},
@@ -284,7 +287,7 @@ def test_bench_end_to_end_on_tiny_models_then_resumes(tmp_path):
     assert [r["upload_bytes"][2] for r in fedit["comm"]] == [0, 0] and all(r["upload_bytes"][0] > 0 for r in fedit["comm"])
     # DeMA sends its shared state (fp32) from every client, every round
     shared = dema["clients"][0]["shared_params"]
-    assert shared == dema_shared_params(DeMAConfig(rank=4, num_experts=2, num_slots=2))
+    assert shared == dema_shared_params(DeMAConfig(rank=4, num_experts=2, num_slots=2, share="experts-only"))
     assert all(r["upload_bytes"] == [4 * shared] * 3 for r in dema["comm"])
     # shape-matched sharing: the clients on backbone a also send their per-slot projectors, b its own bank
     sm = by[("dema-sm", 0)]

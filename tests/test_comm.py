@@ -8,11 +8,18 @@ from fedzero.comm import dema_shared_params, full_model_params, lora_params
 from conftest import tiny_llama
 
 
-def test_dema_count_matches_built_adapter_and_method_example():
-    cfg = DeMAConfig(rank=8, num_experts=3, num_slots=4)
-    assert dema_shared_params(cfg) == inject_dema(tiny_llama(), cfg).num_shared_parameters()
-    # method.md: defaults r=64, M=4, S=8 -> 8*4*2*64*64 + 8*4*64 = 264,192
-    assert dema_shared_params(DeMAConfig()) == 264_192
+@pytest.mark.parametrize("placement", ["parallel", "side"])
+@pytest.mark.parametrize("share", ["experts-only", "shape-matched"])
+def test_dema_count_matches_built_adapter_and_method_example(share, placement):
+    cfg = DeMAConfig(rank=8, num_experts=3, num_slots=4, share=share, placement=placement)
+    model = tiny_llama()
+    assert dema_shared_params(cfg, model.config.hidden_size) == inject_dema(model, cfg).num_shared_parameters()
+    # method.md: defaults r=64, M=4, S=8 -> experts and gates 8*4*2*64*64 + 8*4*64 = 264,192, plus
+    # (shape-matched, the default) the width's projector bank 8 slots x 2 x d x 64
+    assert dema_shared_params(DeMAConfig(share="experts-only")) == 264_192
+    assert dema_shared_params(DeMAConfig(), 4096) == 264_192 + 8 * 2 * 4096 * 64
+    with pytest.raises(ValueError, match="hidden_size"):
+        dema_shared_params(DeMAConfig())
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])

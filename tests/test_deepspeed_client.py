@@ -183,8 +183,10 @@ def test_memory_estimate(name, params):
     cfg = load_model_config(REPO / f"configs/models/{name}.json")
     est = estimate(cfg, gpus_per_node=8, nodes=2)
     assert est["params"] == params
-    assert est["dema_shared"] == dema_shared_params(DeMAConfig())
-    assert est["dema_private"] == 2 * cfg["num_hidden_layers"] * cfg["hidden_size"] * 64
+    assert est["dema_shared"] == dema_shared_params(DeMAConfig(), cfg["hidden_size"]) and est["dema_private"] == 0
+    private = estimate(cfg, gpus_per_node=8, nodes=2, dema=DeMAConfig(share="experts-only"))
+    assert private["dema_shared"] == dema_shared_params(DeMAConfig(share="experts-only"))
+    assert private["dema_private"] == 2 * cfg["num_hidden_layers"] * cfg["hidden_size"] * 64
     full, lora, dema = est["lines"]
     # Full fine-tuning without offload: DeepSpeed's 18 bytes per parameter over 16 GPUs + 4 bytes per
     # parameter of the gathered largest layer.

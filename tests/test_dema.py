@@ -10,7 +10,8 @@ from fedzero.backbones import fingerprint
 
 from conftest import tiny_llama, tiny_llama_config
 
-SMALL = dict(rank=8, num_experts=3, num_slots=4)
+# experts-only: these tests pin the private-projector layout (shape-matched sharing: test_dema_sharing.py)
+SMALL = dict(rank=8, num_experts=3, num_slots=4, share="experts-only")
 
 
 # -- config -----------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_load_refuses_wrong_part_backbone_shape_and_foreign_files(tmp_path, tiny
     wider = inject_dema(tiny_llama(hidden=48, heads=6, kv_heads=3), DeMAConfig(**SMALL))
     save_part(wider, tmp_path / "wide.safetensors", "shared", fingerprint="x")
     load_part(handle, tmp_path / "wide.safetensors", "shared", fingerprint=fp)  # shared: fine across widths
-    other_space = inject_dema(tiny_llama(), DeMAConfig(rank=4, num_experts=3, num_slots=4))
+    other_space = inject_dema(tiny_llama(), DeMAConfig(rank=4, num_experts=3, num_slots=4, share="experts-only"))
     save_part(other_space, tmp_path / "r4.safetensors", "shared", fingerprint=fp)
     with pytest.raises(ValueError, match="shared space"):
         load_part(handle, tmp_path / "r4.safetensors", "shared", fingerprint=fp)

@@ -31,7 +31,7 @@ def tiny_run(tmp_path, strategy="cmga", rounds=2):
                     f.write(json.dumps({"prompt": f"item {i}:", "completion": f" {words[i % 2]}"}) + "\n")
     cfg = {
         "seed": 0,
-        "dema": {"rank": 4, "num_experts": 2, "num_slots": 2},
+        "dema": {"rank": 4, "num_experts": 2, "num_slots": 2, "share": "experts-only"},   # private projectors
         "federation": {"rounds": rounds, "strategy": strategy},
         "train": {"local_steps": 3, "batch_size": 4, "lr": 0.01, "max_length": 32},
         "clients": [

@@ -8,6 +8,8 @@ the public values below (Meta's Llama-2 release configs: same numbers).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -42,17 +44,22 @@ def llama2_configs(config_dir: Path | None = REPO_CONFIGS) -> dict[str, tuple[di
 
 def comm_rows(dema: DeMAConfig | None = None, lora_rank: int = 16, bytes_per_param: int = 2,
               config_dir: Path | None = REPO_CONFIGS) -> list[dict]:
+    """Per LLaMA-2 model: parameters a client uploads per round with the full model, LoRA (FedIT),
+    DeMA as configured (default: shape-matched, so its width's projector bank travels too) and DeMA
+    with experts-only sharing (what crosses widths)."""
     dema = dema or DeMAConfig()
-    shared = dema_shared_params(dema)
+    experts = dema_shared_params(dataclasses.replace(dema, share="experts-only"))
     rows = []
     for name, (cfg, source) in llama2_configs(config_dir).items():
         full, lora = full_model_params(cfg), lora_params(cfg, lora_rank)
+        shared = dema_shared_params(dema, cfg["hidden_size"])
         rows.append({
             "model": name, "config": source, "bytes_per_param": bytes_per_param,
-            "full_params": full, "lora_params": lora, "dema_params": shared,
+            "full_params": full, "lora_params": lora, "dema_params": shared, "dema_experts_params": experts,
             "full_bytes": full * bytes_per_param, "lora_bytes": lora * bytes_per_param,
-            "dema_bytes": shared * bytes_per_param,
+            "dema_bytes": shared * bytes_per_param, "dema_experts_bytes": experts * bytes_per_param,
             "dema_vs_lora": shared / lora, "dema_vs_full": shared / full, "lora_vs_full": lora / full,
+            "dema_experts_vs_lora": experts / lora,
             "reduction_vs_lora_pct": 100 * (1 - shared / lora), "reduction_vs_full_pct": 100 * (1 - shared / full),
         })
     return rows
@@ -69,14 +76,18 @@ def comm_markdown(rows: list[dict], dema: DeMAConfig | None = None, lora_rank: i
     dema = dema or DeMAConfig()
     bpp = rows[0]["bytes_per_param"] if rows else 2
     lines = [f"Shared per client and round (upload; the download is the same size), {bpp} bytes per parameter. "
-             f"DeMA r={dema.rank}, M={dema.num_experts}, S={dema.num_slots}, h={dema.expert_hidden} (experts + gates); "
+             f"DeMA r={dema.rank}, M={dema.num_experts}, S={dema.num_slots}, h={dema.expert_hidden}, share={dema.share} "
+             f"(experts + gates, plus the width's {dema.num_slots} per-slot projector pairs when projectors are shared); "
+             f"'experts only': what a client sends with share=experts-only (all that crosses widths); "
              f"LoRA r={lora_rank} on q,k,v,o (FedIT).",
              "",
-             "| model | full model | LoRA r=16 (FedIT) | DeMA | DeMA / LoRA | DeMA / full | LoRA / full |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | full model | LoRA r=16 (FedIT) | DeMA | DeMA experts only | DeMA / LoRA | experts only / LoRA | DeMA / full | LoRA / full |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['full_params'] / 1e9:.2f}B params, {_size(r['full_bytes'])} "
                      f"| {r['lora_params'] / 1e6:.2f}M, {_size(r['lora_bytes'])} "
-                     f"| {r['dema_params'] / 1e3:.0f}k, {_size(r['dema_bytes'])} "
-                     f"| {100 * r['dema_vs_lora']:.2f}% | {100 * r['dema_vs_full']:.4f}% | {100 * r['lora_vs_full']:.3f}% |")
+                     f"| {r['dema_params'] / 1e6:.2f}M, {_size(r['dema_bytes'])} "
+                     f"| {r['dema_experts_params'] / 1e3:.0f}k, {_size(r['dema_experts_bytes'])} "
+                     f"| {100 * r['dema_vs_lora']:.2f}% | {100 * r['dema_experts_vs_lora']:.2f}% "
+                     f"| {100 * r['dema_vs_full']:.4f}% | {100 * r['lora_vs_full']:.3f}% |")
     return "\n".join(lines)

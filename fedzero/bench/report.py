@@ -109,14 +109,14 @@ def summarize(results: dict) -> dict:
 def local_control(spec: dict, methods: list[dict]) -> str | None:
     """The local-only method that trains exactly like `spec` (same runner, LoRA rank, DeMA settings
     apart from what is shared, lr) but federates nothing: what `spec`'s gain is measured against."""
-    if spec["strategy"] == "local" and spec.get("distill") is None:
+    if spec.get("strategy", "local") == "local" and spec.get("distill") is None:
         return None
 
     def trains_like(m: dict) -> tuple:
         dema = {k: v for k, v in (m.get("dema") or {}).items() if k != "share"}   # sharing does not change local training
-        return m["runner"], m.get("rank", 16) if m["runner"] == "lora" else None, json.dumps(dema, sort_keys=True), m.get("lr")
+        return m.get("runner"), m.get("rank", 16) if m.get("runner") == "lora" else None, json.dumps(dema, sort_keys=True), m.get("lr")
 
-    return next((m["name"] for m in methods if m["strategy"] == "local" and m.get("distill") is None
+    return next((m["name"] for m in methods if m.get("strategy") == "local" and m.get("distill") is None
                  and trains_like(m) == trains_like(spec)), None)
 
 

@@ -15,6 +15,8 @@ rebuilt at the end from the run files of the suite's settings, methods and seeds
 Several workers may share one OUT (e.g. two processes of one torch thread each on 2 cores): a
 run is claimed with a lock file (OUT/runs/.<run>.lock, holding the pid; a dead holder's lock is
 taken over), so each run is done once; `--settings B A` sets the order a worker walks the settings.
+A finished run is kept while its method trains the same thing (same_run: a DeMA method by its
+resolved DeMAConfig, so a changed default redoes the runs that relied on it).
 A last invocation finds every run done and writes the whole report.
 """
 
@@ -93,6 +95,22 @@ def _claim(lock: Path) -> bool:
     with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))
     return True
+
+
+def same_run(run: dict, method: dict) -> bool:
+    """Whether a finished run trained what `method` asks for now. Descriptions do not count; a DeMA
+    method counts by its resolved DeMAConfig, so a default that changes later cannot pass off old
+    runs as new ones, and pinning the old value explicitly keeps them."""
+    def essentials(m: dict) -> dict:
+        return json.loads(json.dumps({k: v for k, v in m.items() if k not in ("description", "dema")}))
+
+    if essentials(run.get("spec") or {}) != essentials(method):
+        return False
+    if method.get("runner") != "dema":
+        return True
+    from fedzero.adapters.dema import DeMAConfig
+    wanted = DeMAConfig.from_dict({"seed": run["seed"], **(method.get("dema") or {})}).to_dict()
+    return run.get("dema") == json.loads(json.dumps(wanted))
 
 
 def _fixed_part(suite: dict) -> dict:
@@ -175,7 +193,7 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
             for method in setting["methods"]:
                 path = runs_dir / f"{sname}-{method['name']}-seed{seed}.json"
                 if path.exists():
-                    if json.loads(path.read_text()).get("spec") == json.loads(json.dumps(method)):
+                    if same_run(json.loads(path.read_text()), method):
                         log(f"[bench] {sname} / {method['name']} / seed {seed}: done earlier, kept")
                         continue
                     log(f"[bench] {sname} / {method['name']} / seed {seed}: its method spec changed, rerunning")
@@ -183,7 +201,7 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
                 if not _claim(lock):
                     log(f"[bench] {sname} / {method['name']} / seed {seed}: another worker is running it, skipped")
                     continue
-                if path.exists() and json.loads(path.read_text()).get("spec") == json.loads(json.dumps(method)):
+                if path.exists() and same_run(json.loads(path.read_text()), method):
                     lock.unlink(missing_ok=True)           # another worker finished it meanwhile
                     continue
                 try:
@@ -214,12 +232,13 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
             _write_json(mpath, mem_rows)
 
     runs = []
-    specs = {(s, m["name"]): json.loads(json.dumps(m)) for s, st in spec["settings"].items() for m in st["methods"]}
+    specs = {(s, m["name"]): m for s, st in spec["settings"].items() for m in st["methods"]}
     for path in sorted(runs_dir.glob("*-seed*.json")):
         if "-zero-shot-" in path.name:
             continue
         run = json.loads(path.read_text())
-        if specs.get((run["setting"], run["method"])) == run.get("spec") and run["seed"] in spec["seeds"]:
+        method = specs.get((run["setting"], run["method"]))
+        if method is not None and run["seed"] in spec["seeds"] and same_run(run, method):
             runs.append(run)
     machine["load_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     results = {"suite": spec, "command": command, "machine": machine,

@@ -45,12 +45,13 @@ def _methods_a() -> list[dict]:
          "description": "PEFT LoRA r=16 on q,k,v,o, no federation"},
         {"name": "fedit", "runner": "lora", "strategy": "fedit", "rank": 16,
          "description": "FedAvg of LoRA r=16 within each same-backbone group"},
-        {"name": "dema-local", "runner": "dema", "strategy": "local", "dema": {},
-         "description": "DeMA (defaults), no federation"},
-        {"name": "dema-fedavg", "runner": "dema", "strategy": "fedavg", "dema": {},
-         "description": "DeMA (defaults), FedAvg of the shared experts and gates"},
-        {"name": "dema-cmga", "runner": "dema", "strategy": "cmga", "dema": {},
-         "description": "DeMA (defaults), CMGA over backbone groups"},
+        # experts-only: the learned projectors stay private (DeMA's default before this benchmark)
+        {"name": "dema-local", "runner": "dema", "strategy": "local", "dema": {"share": "experts-only"},
+         "description": "DeMA (learned projectors), no federation"},
+        {"name": "dema-fedavg", "runner": "dema", "strategy": "fedavg", "dema": {"share": "experts-only"},
+         "description": "DeMA, experts-only sharing, FedAvg of the shared experts and gates"},
+        {"name": "dema-cmga", "runner": "dema", "strategy": "cmga", "dema": {"share": "experts-only"},
+         "description": "DeMA, experts-only sharing, CMGA over backbone groups"},
     ]
 
 
@@ -110,7 +111,7 @@ def _dema_variants() -> list[dict]:
     anchor projector (sharing options do not change local training; projector options do), and
     output distillation on the public anchors, alone and on top of shape-matched FedAvg."""
     shaped = {"share": "shape-matched"}
-    anchor = {"projector": "anchor+learned", "anchor_out": True}
+    anchor = {"projector": "anchor+learned", "anchor_out": True, "share": "experts-only"}  # anchor projectors never travel
     distill = {"weight": 1.0, "anchors": 64, "batch_size": 4}
     return [
         {"name": "dema-shaped-fedavg", "runner": "dema", "strategy": "fedavg", "dema": shaped,
@@ -124,7 +125,8 @@ def _dema_variants() -> list[dict]:
         {"name": "dema-anchor-cmga", "runner": "dema", "strategy": "cmga", "dema": anchor,
          "description": "DeMA, anchor+learned in-projector, anchor out-projector, CMGA"},
         # method.md's fallback when weights carry nothing across widths: transfer through outputs
-        {"name": "dema-distill-local", "runner": "dema", "strategy": "local", "dema": {}, "distill": distill,
+        {"name": "dema-distill-local", "runner": "dema", "strategy": "local", "dema": {"share": "experts-only"},
+         "distill": distill,
          "description": "DeMA, no weights travel; label predictions on 64 public anchor prompts are "
                         "exchanged and each client distils from the others' mean"},
         {"name": "dema-distill-shaped-fedavg", "runner": "dema", "strategy": "fedavg", "dema": shaped,

@@ -31,7 +31,7 @@ class DeMAConfig:
     target: str = field(default="mlp", metadata={"help": "which block of each decoder layer the adapter runs beside"})
     projector: str = field(default="learned", metadata={"help": "in-projector: 'learned' (trained), 'anchor' (frozen relative representation over the public anchor set) or 'anchor+learned' (anchor start, fine-tuned with a penalty)"})
     anchor_out: bool = field(default=False, metadata={"help": "anchor-defined out-projector U = (A - mu)^T diag(g), g learned and zero-initialised (needs an anchor projector)"})
-    share: str = field(default="experts-only", metadata={"help": "'experts-only' (projectors stay on the client) or 'shape-matched' (clients of equal hidden size also share per-slot projectors)"})
+    share: str = field(default="shape-matched", metadata={"help": "'shape-matched' (default: clients of equal hidden size also share their learned per-slot projectors; anchor projectors stay private) or 'experts-only' (projectors stay on the client)"})
     anchor_file: str | None = field(default=None, metadata={"help": "JSONL of public anchor texts ({'text': ...}); default: the bundled set. Every client must use the same file"})
     num_anchors: int = field(default=256, metadata={"help": "anchor texts used for the mean mu (the first `rank` of them define the directions)"})
     anchor_lr_scale: float = field(default=0.1, metadata={"help": "anchor+learned: learning-rate factor of the in-projector"})
@@ -53,9 +53,6 @@ class DeMAConfig:
 
         if self.anchor_out and not self.uses_anchors:
             raise ValueError("DeMAConfig.anchor_out needs projector 'anchor' or 'anchor+learned'")
-        if self.share == "shape-matched" and self.projector != "learned":
-            # Anchor projectors are frozen per layer: nothing shape-matched is left to share.
-            raise ValueError("DeMAConfig.share='shape-matched' shares learned projectors; use projector='learned'")
         if self.uses_anchors and self.num_anchors < self.rank:
             raise ValueError(f"DeMAConfig.num_anchors ({self.num_anchors}) must be >= rank ({self.rank}): "
                              "each of the r code dimensions is one anchor")
@@ -63,6 +60,12 @@ class DeMAConfig:
     @property
     def uses_anchors(self) -> bool:
         return self.projector in ("anchor", "anchor+learned")
+
+    @property
+    def shares_projectors(self) -> bool:
+        """Whether the projectors travel (per slot, among clients of one width). Anchor projectors are
+        defined by each backbone's own anchor states, so they stay private under either `share`."""
+        return self.share == "shape-matched" and self.projector == "learned"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -108,7 +108,7 @@ class DeMAModel:
         use = {f"slot{s}": 0 for s in range(self.config.num_slots)}
         for s in self.slot_of_layer():
             use[f"slot{s}"] += 1
-        if self.config.share == "shape-matched":
+        if self.config.shares_projectors:
             use.update({f"{block}.h{self.hidden_size}": n for block, n in list(use.items())})
             if self.config.placement == "side":
                 use[f"side_out.h{self.hidden_size}"] = 1
@@ -149,7 +149,7 @@ def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = to
     layers = decoder_layers(model)
     num_layers, hidden = len(layers), model.config.hidden_size
     model.requires_grad_(False)
-    shape_matched = config.share == "shape-matched"
+    shape_matched = config.shares_projectors
     slots = [config.slot_of_layer(l, num_layers) for l in range(num_layers)]
 
     shared = DeMAShared(config.rank, config.num_experts, config.expert_hidden, config.num_slots, config.temperature)
