@@ -687,7 +687,8 @@ def initial_shared_state(cfg: ClientRunConfig) -> dict[str, torch.Tensor]:
     dema = cfg.dema
     if dema.uses_anchors:
         # Anchor projectors are private and computed from the weights; the shared part does not depend on them.
-        dema = dataclasses.replace(dema, projector="learned", anchor_out=False)
+        # (share stays experts-only: anchor projectors never travel, whatever `share` says).
+        dema = dataclasses.replace(dema, projector="learned", anchor_out=False, share="experts-only")
     return inject_dema(model, dema).shared_state_dict()
 
 
