@@ -74,7 +74,7 @@ def _methods_b(het_local: bool) -> list[dict]:
 QUICK = {
     "name": "quick",
     "description": "Harness check, minutes on 2 cores: a 10-layer SmolLM2 variant healed for only a few "
-                   "steps and a tiny small-LLaMA, 2 rounds x 2 local steps, 9 test tweets per topic. "
+                   "steps and a tiny small-LLaMA, 2 rounds x 2 local steps, 6 test tweets per topic, scored after the last round. "
                    "Its numbers say nothing about the methods.",
     "seeds": [0, 1],
     "backbones": {
