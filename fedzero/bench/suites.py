@@ -134,7 +134,7 @@ def _dema_variants() -> list[dict]:
     ]
 
 
-# What the report's numbers come from, sized to run in about 1.5 hours on 2 CPU cores (two bench
+# What the report's numbers come from, sized to run in about 1 h 45 min on 2 CPU cores (two bench
 # workers of one torch thread each sharing OUT). SmolLM2-135M itself (30 layers) is the source of
 # the depth variants, but no federation client runs it: a 30-layer client costs three 10-layer ones,
 # and 21 methods x 3 seeds did not fit. Evaluation is half of a run's cost (3 label words scored per
