@@ -71,18 +71,14 @@ def dema_params(cfg: dict, dema: DeMAConfig) -> tuple[int, int]:
     """(shared, private) DeMA parameter counts for this backbone: inject_dema on the backbone built on
     the meta device (no memory, no weights). Anchor projectors need a forward pass on real weights,
     so they are counted as learned ones (an upper bound: a frozen anchor projector has no parameters)."""
-    import dataclasses
-
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fedzero.adapters.dema import inject_dema
 
     config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")})
-    if dema.uses_anchors:
-        dema = dataclasses.replace(dema, projector="learned", anchor_out=False, share="experts-only")  # anchors stay private
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-        handle = inject_dema(model, dema)
+        handle = inject_dema(model, dema.learned_stand_in())
     return (sum(p.numel() for p in handle.shared_parameters().values()),
             sum(p.numel() for p in handle.private_parameters().values()))
 

@@ -167,6 +167,11 @@ def _data_lines(results: dict, setting: str) -> list[str]:
     return out
 
 
+def _scaled(stat: tuple, factor: float) -> tuple:
+    m, sd, n = stat
+    return (None if m is None else m * factor, None if sd is None else sd * factor, n)
+
+
 def _pts(stat: tuple) -> str:
     """Accuracy difference in percentage points, signed."""
     m, sd, n = stat
@@ -361,43 +366,38 @@ def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str
         ax.grid(alpha=0.3, axis="y")
     save(fig, "per_client_accuracy.png")
 
-    fig, axes = grid()
-    for ax, setting in zip(axes, settings):
-        entry = summary[setting]
-        names = list(entry["methods"])
-        x = np.arange(len(names))
-        for offset, key, label in ((-0.2, "first_round_cos", "trained parameters"),
-                                   (0.2, "first_round_cos_dw", "LoRA weight update dW")):
-            stats = [entry["methods"][n].get(key, (None, None, 0)) for n in names]
+    def paired_bars(ax, ticklabels, series, title, ylabel, **tick_kw):
+        """Two bars per tick, one per (label, [(mean, std, n)]) series, with std error bars."""
+        x = np.arange(len(ticklabels))
+        for offset, (label, stats) in zip((-0.2, 0.2), series):
             ys = [s[0] if s[0] is not None else np.nan for s in stats]
-            errs = [s[1] or 0.0 for s in stats]
-            ax.bar(x + offset, ys, 0.4, yerr=errs, capsize=3, label=label)
+            ax.bar(x + offset, ys, 0.4, yerr=[s[1] or 0.0 for s in stats], capsize=3, label=label)
         ax.set_xticks(x)
-        ax.set_xticklabels(names, rotation=20, fontsize=8)
+        ax.set_xticklabels(ticklabels, **tick_kw)
         ax.axhline(0, color="black", lw=0.8)
-        ax.set_title(f"setting {setting}: first-round cosine of clients' updates")
-        ax.set_ylabel("mean pairwise cosine (comparable pairs)")
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
+
+    fig, axes = grid()
+    for ax, setting in zip(axes, settings):
+        methods = summary[setting]["methods"]
+        series = [(label, [methods[n].get(key, (None, None, 0)) for n in methods])
+                  for key, label in (("first_round_cos", "trained parameters"),
+                                     ("first_round_cos_dw", "LoRA weight update dW"))]
+        paired_bars(ax, list(methods), series, f"setting {setting}: first-round cosine of clients' updates",
+                    "mean pairwise cosine (comparable pairs)", rotation=20, fontsize=8)
     save(fig, "first_round_cosine.png")
 
     if any(summary[s].get("gains") for s in settings):
         fig, axes = grid()
         for ax, setting in zip(axes, settings):
             gains = summary[setting].get("gains", {})
-            names = list(gains)
-            x = np.arange(len(names))
-            for offset, view in ((-0.2, "own"), (0.2, "unseen")):
-                stats = [gains[n]["mean"][view] for n in names]
-                ys = [100 * s[0] if s[0] is not None else np.nan for s in stats]
-                errs = [100 * (s[1] or 0.0) for s in stats]
-                ax.bar(x + offset, ys, 0.4, yerr=errs, capsize=3, label=f"{view} topics")
-            ax.set_xticks(x)
-            ax.set_xticklabels([f"{n}\n(vs {gains[n]['control']})" for n in names], rotation=25, fontsize=7, ha="right")
-            ax.axhline(0, color="black", lw=0.8)
-            ax.set_title(f"setting {setting}: accuracy gain over training alone")
-            ax.set_ylabel("points, paired by seed (mean ± std)")
-            ax.legend(fontsize=7)
-            ax.grid(alpha=0.3, axis="y")
+            series = [(f"{view} topics", [_scaled(g["mean"][view], 100) for g in gains.values()])
+                      for view in ("own", "unseen")]
+            paired_bars(ax, [f"{n}\n(vs {g['control']})" for n, g in gains.items()], series,
+                        f"setting {setting}: accuracy gain over training alone", "points, paired by seed (mean ± std)",
+                        rotation=25, fontsize=7, ha="right")
         save(fig, "gain_over_local.png")
     return files

@@ -675,8 +675,6 @@ def initial_shared_state(cfg: ClientRunConfig) -> dict[str, torch.Tensor]:
     inject_dema builds (it depends on the DeMA config, the seed and, for shape-matched projectors,
     the backbone's width and depth, never on its weights: the backbone is built on the meta device).
     A federation's round-0 global is the union of its clients' parts (fedzero.simulate)."""
-    import dataclasses
-
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     spec = cfg.client.backbone
@@ -684,12 +682,8 @@ def initial_shared_state(cfg: ClientRunConfig) -> dict[str, torch.Tensor]:
               else LlamaConfig(**spec.llama_config))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    dema = cfg.dema
-    if dema.uses_anchors:
-        # Anchor projectors are private and computed from the weights; the shared part does not depend on them.
-        # (share stays experts-only: anchor projectors never travel, whatever `share` says).
-        dema = dataclasses.replace(dema, projector="learned", anchor_out=False, share="experts-only")
-    return inject_dema(model, dema).shared_state_dict()
+    # Anchor projectors are private and computed from the weights; the shared part does not depend on them.
+    return inject_dema(model, cfg.dema.learned_stand_in()).shared_state_dict()
 
 
 def init_store(cfg: ClientRunConfig, root: str | Path) -> None:

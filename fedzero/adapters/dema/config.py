@@ -61,6 +61,14 @@ class DeMAConfig:
     def uses_anchors(self) -> bool:
         return self.projector in ("anchor", "anchor+learned")
 
+    def learned_stand_in(self) -> "DeMAConfig":
+        """The learned-projector config with the same shared state as this one: for counting and for
+        round 0's shared state without a backbone's weights (anchor projectors are computed from
+        them, and stay private: share experts-only)."""
+        if not self.uses_anchors:
+            return self
+        return dataclasses.replace(self, projector="learned", anchor_out=False, share="experts-only")
+
     @property
     def shares_projectors(self) -> bool:
         """Whether the projectors travel (per slot, among clients of one width). Anchor projectors are
