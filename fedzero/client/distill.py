@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedzero.client.local import labelled_logits
 from fedzero.data import build_examples, collate
 from fedzero.strategies.distill import kl_to_teacher
 
@@ -41,10 +42,7 @@ def label_logprobs(model, batch: dict[str, torch.Tensor], label_ids: list[int]) 
 def completion_logprobs(model, batch: dict[str, torch.Tensor], num_labels: int) -> torch.Tensor:
     """[B/C, C] log-softmax over the summed log-likelihoods of C consecutive candidate rows
     (prompt + " label" + eos, as fedzero.evaluate.label_scores scores them)."""
-    targets = batch["labels"][:, 1:]
-    keep = (targets != -100).any(dim=0).nonzero().flatten()
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    t = targets[:, keep]
+    logits, t = labelled_logits(model, batch)
     logp = torch.log_softmax(logits.float(), dim=-1).gather(2, t.clamp(min=0)[..., None])[..., 0]
     sums = (logp * (t != -100)).sum(dim=1).view(-1, num_labels)
     return torch.log_softmax(sums, dim=-1)

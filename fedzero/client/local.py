@@ -53,16 +53,21 @@ def lr_factor(step: int, total_steps: int, settings: TrainSettings) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine down to 10%
 
 
-def token_loss_sums(model, batch) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over labelled tokens, and their count.
-
-    Only the positions that predict a labelled token in some row go through the LM head (HF's
+def labelled_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B, K, V] at the K positions that predict a labelled token in some row, and the targets
+    there [B, K] (-100 where a row has none). Only those positions go through the LM head (HF's
     `logits_to_keep` with a tensor of positions): with prompt -> label examples that is a few of
     ~64 positions, and a 49k-word head costs as much as a third of a 10-layer SmolLM2."""
     targets = batch["labels"][:, 1:]
     keep = (targets != -100).any(dim=0).nonzero().flatten()
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=-100, reduction="sum")
+    return logits, targets[:, keep]
+
+
+def token_loss_sums(model, batch) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labelled tokens, and their count."""
+    logits, targets = labelled_logits(model, batch)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
     return loss, int((targets != -100).sum())
 
 
