@@ -16,6 +16,7 @@ import yaml
 from fedzero.adapters.dema import DeMAConfig
 from fedzero.backbones import BackboneSpec
 from fedzero.client import TrainSettings
+from fedzero.client.distill import DistillSettings
 
 RESOURCES = Path(__file__).parent / "resources"
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -67,6 +68,7 @@ class RunConfig:
     federation: FederationSettings
     clients: list[ClientConfig]
     source: Path | None = None
+    distill: DistillSettings | None = None    # output distillation on the public anchors (off when absent)
 
 
 def _only(section: str, data: dict, allowed: set[str]) -> None:
@@ -78,7 +80,7 @@ def _only(section: str, data: dict, allowed: set[str]) -> None:
 def parse_run_config(data: dict, base: Path, source: Path | None = None) -> RunConfig:
     if not isinstance(data, dict):
         raise ValueError("a run config must be a YAML mapping")
-    _only("config", data, {"seed", "dema", "federation", "train", "clients"})
+    _only("config", data, {"seed", "dema", "federation", "train", "clients", "distill"})
     seed = int(data.get("seed", 0))
     dema = DeMAConfig.from_dict({"seed": seed, **(data.get("dema") or {})})
     fed_data = data.get("federation") or {}
@@ -118,7 +120,14 @@ def parse_run_config(data: dict, base: Path, source: Path | None = None) -> RunC
                 raise FileNotFoundError(f"{where}.data.{split}: no such file {paths[split]}")
         train = TrainSettings.from_dict({**copy.deepcopy(defaults), **(c.get("train") or {})})
         clients.append(ClientConfig(cid, spec, paths["train"], paths["test"], train))
-    return RunConfig(seed, dema, federation, clients, source)
+    distill = None
+    if data.get("distill") is not None:
+        distill = DistillSettings.from_dict(dict(data["distill"]))
+        if distill.anchor_file is not None:
+            distill.anchor_file = str(resolve_path(distill.anchor_file, base))
+            if not Path(distill.anchor_file).is_file():
+                raise FileNotFoundError(f"distill.anchor_file: no such file {distill.anchor_file}")
+    return RunConfig(seed, dema, federation, clients, source, distill)
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> tuple[object, Path]:

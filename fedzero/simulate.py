@@ -7,6 +7,7 @@ run leaves exactly the files a real one would (docs/store.md).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import time
@@ -26,6 +27,7 @@ from fedzero.diagnostics import gate_entropy, update_diagnostics
 from fedzero.evaluate import evaluate_classification
 from fedzero.store import FederationStore
 from fedzero.strategies import ClientUpdate
+from fedzero.strategies.distill import publish_teachers
 
 
 def build_client(cfg, run: RunConfig) -> LocalClient:
@@ -35,9 +37,11 @@ def build_client(cfg, run: RunConfig) -> LocalClient:
     train = build_examples(read_jsonl(cfg.train_data), tokenizer, cfg.train.max_length)
     test_records = read_jsonl(cfg.test_data)[: cfg.train.max_eval_examples]
     test = build_examples(test_records, tokenizer, cfg.train.max_length)
+    distiller = (run.distill.make_distiller(tokenizer, max_length=cfg.train.max_length, seed=run.seed)
+                 if run.distill is not None else None)
     return LocalClient(cfg.id, handle, fp, train, test, cfg.train, pad_id=tokenizer.pad_token_id,
                        seed=run.seed, total_rounds=run.federation.rounds, tokenizer=tokenizer,
-                       eval_records=test_records)
+                       eval_records=test_records, distiller=distiller)
 
 
 def initial_global_state(clients: list[LocalClient]) -> dict[str, torch.Tensor]:
@@ -92,6 +96,7 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
         "strategy": fed.strategy,
         "seed": run.seed,
         "dema": run.dema.to_dict(),
+        "distill": dataclasses.asdict(run.distill) if run.distill is not None else None,
         "shared_params_per_client": clients[0].handle.num_shared_parameters(),
         "clients": [{"id": c.client_id, "fingerprint": c.fingerprint, "num_layers": c.handle.num_layers,
                      "hidden_size": c.handle.hidden_size, "train_examples": c.num_samples,
@@ -110,9 +115,16 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
     for rnd in range(fed.rounds):
         global_state, _ = store.read_global(rnd)
         round_rows, updates = [], []
+        uploaded = 0
         for client in clients:
             bar.set_postfix_str(f"round {rnd + 1}/{fed.rounds} client {client.client_id}")
+            if client.distiller is not None:
+                client.distiller.set_teacher(store.read_teacher(rnd, client.client_id))
             delta, metrics = client.train_round(global_state)
+            if client.distiller is not None:     # sent before the update, whose manifest closes the round
+                sent = store.write_anchor_predictions(rnd, client.client_id,
+                                                      torch.as_tensor(client.distiller.predict(client.handle.model), dtype=torch.float32))
+                uploaded += sent.stat().st_size
             store.write_update(rnd, client.client_id, delta, fingerprint=client.fingerprint,
                                num_samples=client.num_samples, metrics=metrics, slot_use=client.handle.slot_use())
             # Private projectors persist locally between rounds and never enter the store.
@@ -120,7 +132,6 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
                       fingerprint=client.fingerprint)
             round_rows.append({"id": client.client_id, "fingerprint": client.fingerprint, **metrics})
             bar.update(1)
-        uploaded = 0
         for manifest in store.list_updates(rnd):
             delta, _ = store.read_update(rnd, manifest["client_id"])
             uploaded += manifest["bytes"]
@@ -129,6 +140,7 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
         new_state, agg = strategy.aggregate(global_state, updates, round=rnd, block_of=shared_block)
         diagnostics = {"updates": update_diagnostics(updates, shared_block)}
         store.write_result(rnd, {"strategy": fed.strategy, **agg, "diagnostics": diagnostics})
+        publish_teachers(store, rnd, {u.client_id: u.num_samples for u in updates})
         store.publish_global(rnd + 1, new_state, meta={"aggregated_from_round": rnd})
 
         for client, row in zip(clients, round_rows):

@@ -141,6 +141,33 @@ def test_single_process_equals_in_process_strategy_over_two_rounds_with_momentum
     assert sorted(store.read_server_state(1)) == sorted(k for k in SHAPES)
 
 
+def write_predictions(store: FederationStore, round: int, clients=("a", "b", "c")) -> dict[str, torch.Tensor]:
+    """Anchor predictions (output distillation) sent with some clients' updates: 4 anchors x 3 labels."""
+    preds = {c: torch.softmax(torch.randn(4, 3, generator=torch.Generator().manual_seed(ord(c))), dim=1)
+             for c in clients}
+    for c, p in preds.items():
+        store.write_anchor_predictions(round, c, p)
+    return preds
+
+
+def check_teachers(store: FederationStore, preds: dict[str, torch.Tensor]) -> None:
+    """Round 1's teachers: per predicting client the sample-weighted mean of the others' predictions,
+    and for d (no predictions) the mean of all of them."""
+    n = {c: CLIENTS[c][1] for c in preds}
+    assert store.read_result(0)["teachers_from"] == sorted(preds)
+    for c in [*preds, "d"]:
+        others = [o for o in preds if o != c]
+        expected = sum(n[o] * preds[o].double() for o in others) / sum(n[o] for o in others)
+        torch.testing.assert_close(store.read_teacher(1, c), expected.float())
+
+
+def test_predictions_sent_with_the_updates_become_the_next_rounds_teachers(tmp_path):
+    store = build_store(tmp_path / "store", rounds=1)
+    preds = write_predictions(store, 0)
+    run_aggregation(store.root, 0, strategy_for("fedavg"), comm=None, log=quiet)
+    check_teachers(store, preds)
+
+
 def test_cmga_result_reports_the_conflict_and_resolves_it(tmp_path):
     store = build_store(tmp_path / "store", rounds=1)
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedzero.store import FederationStore
+
 REPO = Path(__file__).resolve().parents[1]
 MPIRUN = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
 STRATEGIES = ("fedavg", "cmga")
@@ -36,11 +38,12 @@ def mpirun(n: int, *args: str, timeout: float = 120) -> subprocess.CompletedProc
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_sharded_equals_in_process_strategy(tmp_path, ranks):
     from test_aggregator import (SM_CLIENTS, assert_matches_reference, assert_sm_matches_reference, build_sm_store,
-                                 build_store, sm_delta)
+                                 build_store, check_teachers, sm_delta, write_predictions)
 
     for name in STRATEGIES:
         build_store(tmp_path / name)
         build_sm_store(tmp_path / f"sm-{name}")
+    preds = write_predictions(FederationStore(tmp_path / "fedavg"), 0)
     build_store(tmp_path / "corrupt", rounds=1)
     partial = build_sm_store(tmp_path / "partial", rounds=1)
     delta = sm_delta("c", 0)
@@ -52,7 +55,7 @@ def test_sharded_equals_in_process_strategy(tmp_path, ranks):
     proc = mpirun(ranks, __file__, str(tmp_path))
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    from fedzero.store import FederationStore
+    check_teachers(FederationStore(tmp_path / "fedavg", create=False), preds)
 
     for name in STRATEGIES:
         store = FederationStore(tmp_path / name, create=False)

@@ -73,6 +73,19 @@ def test_clients_see_only_their_topics_and_views_partition_the_test_sets():
     assert "unseen" not in everyone.views("all")
 
 
+def test_scoring_the_val_split_scores_val_in_place_of_test_with_the_same_training_data():
+    import dataclasses
+
+    records = synthetic_records()
+    split = split_tweets(records, CLIENTS, SETTINGS, seed=0)
+    tune = split_tweets(records, CLIENTS, dataclasses.replace(SETTINGS, score="val"), seed=0)
+    assert tune.test == split.val and tune.val == {}          # the test sets are never read
+    assert [c.train for c in tune.clients] == [c.train for c in split.clients]
+    with pytest.raises(ValueError, match="val_per_topic >= max"):
+        DataSettings(test_per_topic=6, val_per_topic=1, round_eval_per_topic=2, score="val")
+    assert load_suite("tune")["data"]["score"] == "val"
+
+
 def test_split_is_deterministic_per_seed():
     def uids(split):
         return ([[r["uid"] for r in c.train] for c in split.clients],
@@ -204,7 +217,7 @@ def test_comm_table_matches_fedzero_comm(tmp_path):
 # -- suites and testbed helpers --------------------------------------------------------------------------------
 
 def test_suites_load_and_bad_entries_are_refused():
-    for name in SUITES:
+    for name in ("quick", "full"):      # the report suites (tune sweeps one method)
         suite = load_suite(name)
         methods = {m["name"] for s in suite["settings"].values() for m in s["methods"]}
         assert {"lora-local", "fedit", "dema-local", "dema-fedavg", "dema-cmga", "hetlora", "flora", "flexlora"} <= methods

@@ -255,8 +255,12 @@ def workspace(tmp_path_factory):
     return root
 
 
+DISTILL = {"labels": ["negative", "neutral", "positive"], "template": "Tweet: {text}\nSentiment:", "anchors": 8,
+           "batch_size": 2, "weight": 2.0, "max_chars": 60}
+
+
 def _client_yaml(workspace, name, *, ds_config, overrides=None, accumulation=1, checkpoint_every=0,
-                 **dema) -> Path:
+                 distill=False, **dema) -> Path:
     folder = workspace / name
     folder.mkdir()
     data = {
@@ -269,9 +273,15 @@ def _client_yaml(workspace, name, *, ds_config, overrides=None, accumulation=1, 
                       "gradient_accumulation_steps": accumulation, "checkpoint_every": checkpoint_every},
         "state_dir": "state", "wait": {"timeout": 60, "poll": 0.2},
     }
+    if distill:
+        data["distill"] = DISTILL
     path = folder / "client.yaml"
     path.write_text(yaml.safe_dump(data))
-    FederationStore(folder / "store").publish_global(0, initial_shared_state(load_client_config(path)))
+    store = FederationStore(folder / "store")
+    if distill:     # a teacher already in round 0 (a real federation has its first one in round 1)
+        teacher = torch.softmax(torch.randn(8, 3, generator=torch.Generator().manual_seed(1)), dim=1)
+        store.write_teachers(0, {"c1": teacher})
+    store.publish_global(0, initial_shared_state(load_client_config(path)))
     return path
 
 
@@ -289,14 +299,20 @@ def _reference(config_path: Path, rounds: int) -> list[dict]:
     tok = load_tokenizer("byte")
     handle = inject_dema(model, cfg.dema, tokenizer=tok)
     examples = build_examples(read_jsonl(cfg.client.train_data), tok, cfg.client.train.max_length)
+    distiller = (cfg.distill.make_distiller(tok, max_length=cfg.client.train.max_length, seed=cfg.seed)
+                 if cfg.distill is not None else None)
     client = LocalClient("c1", handle, fp, examples, examples[:2], cfg.client.train, pad_id=tok.pad_token_id,
-                         seed=cfg.seed, total_rounds=cfg.total_rounds)
+                         seed=cfg.seed, total_rounds=cfg.total_rounds, distiller=distiller)
     out = []
     g, _ = store.read_global(0)
-    for _ in range(rounds):
+    for rnd in range(rounds):
+        if distiller is not None:
+            teacher = store.read_teacher(rnd, "c1")
+            distiller.set_teacher(None if teacher is None else teacher.numpy())
         delta, metrics = client.train_round(g)
         out.append({"global": g, "delta": delta, "fingerprint": fp, "private": handle.private_state_dict(),
-                    "slot_use": handle.slot_use(), **metrics})
+                    "slot_use": handle.slot_use(), **metrics,
+                    "predictions": distiller.predict(model) if distiller is not None else None})
         g = {k: g[k] + delta[k] for k in g}
     return out
 
@@ -323,6 +339,12 @@ def _check_update(config_path: Path, rnd: int, ref: dict, world: int, stage: int
     private, _ = read_part(config_path.parent / "state" / "private" / f"r{rnd:06d}.safetensors")
     assert sorted(private) == sorted(ref["private"])
     assert all(float((private[k] - ref["private"][k]).abs().max()) < TOL for k in private)
+    sent = store.read_anchor_predictions(rnd, "c1")
+    assert (sent is None) == (ref["predictions"] is None)
+    if sent is not None:
+        assert sent.dtype == torch.float32 and sent.shape == (8, 3)
+        gap = float((sent.double() - torch.as_tensor(ref["predictions"])).abs().max())
+        assert gap < 10 * TOL, f"round {rnd}: anchor predictions differ from LocalClient's by {gap:.2e}"
     return manifest
 
 
@@ -388,9 +410,10 @@ def test_torchrun_two_processes_with_accumulation(workspace, ds_ops, ds_config, 
     """torchrun, 2 processes, 2 accumulation steps (batch 4 = micro 1 x 2 processes x 2). ZeRO-2 with
     shape-matched projector sharing (the projector bank travels); ZeRO-3 with anchor projectors, whose
     anchors are computed on the partitioned backbone (temporary ZeRO inference hooks), fine-tuned at a
-    scaled learning rate with the anchor penalty (external parameters of a penalty module)."""
+    scaled learning rate with the anchor penalty (external parameters of a penalty module). Both
+    distil from a teacher on the anchor prompts and send their anchor predictions."""
     stage = 2 if ds_config == "zero2.json" else 3
-    path = _client_yaml(workspace, f"tr{stage}", ds_config=ds_config, accumulation=2,
+    path = _client_yaml(workspace, f"tr{stage}", ds_config=ds_config, accumulation=2, distill=True,
                         overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}} if stage == 3 else None,
                         **dema)
     ref = _reference(path, rounds=1)[0]

@@ -1,5 +1,7 @@
-"""Output distillation on public anchors: the server's leave-one-out teachers, the KL term, and the
-client's label distributions (one-token and whole-completion routes) on tiny hand-made cases."""
+"""Output distillation on public anchors: the server's leave-one-out teachers, the KL term, the
+client's label distributions (one-token and whole-completion routes) on tiny hand-made cases, the
+anchor order, the run config's `distill:` section, and the store files that carry predictions and
+teachers (the simulator, DeepSpeed client and MPI aggregator paths are tested in their own files)."""
 
 import numpy as np
 import pytest
@@ -7,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fedzero.client.distill import AnchorDistiller, label_branch
-from fedzero.data import ByteTokenizer, build_examples
+from fedzero.client.distill import AnchorDistiller, DistillSettings, label_branch
+from fedzero.data import PROMPT_TEMPLATE, ByteTokenizer, build_examples, to_prompt
 from fedzero.evaluate import label_scores
-from fedzero.strategies.distill import kl_to_teacher, leave_one_out_teachers
+from fedzero.store import FederationStore, StoreIntegrityError
+from fedzero.strategies.distill import kl_to_teacher, leave_one_out_teachers, publish_teachers, round_teachers
 
 
 def test_leave_one_out_teachers_weighted_and_never_self():
@@ -69,7 +72,7 @@ def test_distillation_loss_is_off_until_a_teacher_arrives_and_pulls_the_model_to
     model, tok = _tiny_model(), ByteTokenizer()
     prompts = [f"Tweet: anchor {i}\nSentiment:" for i in range(6)]
     d = AnchorDistiller(tok, prompts, ["bad", "fine", "good"], weight=2.0, batch_size=3, max_length=64, seed=0)
-    assert d.loss(model) is None
+    assert d.loss(model, 0) is None
     teacher = np.tile([[0.8, 0.1, 0.1]], (6, 1))
     d.set_teacher(teacher)
     with pytest.raises(ValueError, match="teacher of shape"):
@@ -82,8 +85,8 @@ def test_distillation_loss_is_off_until_a_teacher_arrives_and_pulls_the_model_to
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train()
     seen = []
-    for _ in range(8):              # 8 steps x 3 anchors: every anchor is visited (reshuffled epochs)
-        loss = d.loss(model)
+    for step in range(8):           # 8 steps x 3 anchors: every anchor is visited (reshuffled epochs)
+        loss = d.loss(model, step)
         seen.append(loss.item())
         opt.zero_grad()
         loss.backward()
@@ -116,3 +119,69 @@ def test_local_client_adds_the_distillation_term():
     d.set_teacher(np.array([[0.0, 0.0, 1.0]]))
     d_distilled, _ = with_teacher.train_round(start)
     assert any(not torch.allclose(d_plain[k], d_distilled[k]) for k in d_plain)
+
+
+def test_round_teachers_add_the_all_clients_mean_for_a_client_without_predictions():
+    p = {"a": np.array([[1.0, 0.0]]), "b": np.array([[0.0, 1.0]])}
+    t = round_teachers(p, {"a": 1, "b": 3})
+    assert sorted(t) == ["*", "a", "b"] and all(v.dtype == torch.float32 for v in t.values())
+    torch.testing.assert_close(t["a"], torch.tensor([[0.0, 1.0]]))
+    torch.testing.assert_close(t["b"], torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(t["*"], torch.tensor([[0.25, 0.75]]))
+    assert round_teachers({}, {}) == {}
+
+
+def test_anchor_order_is_a_function_of_the_step():
+    tok = ByteTokenizer()
+    prompts = [f"p{i}:" for i in range(5)]
+
+    def make():
+        return AnchorDistiller(tok, prompts, ["bad", "good"], weight=1.0, batch_size=2, max_length=32, seed=3)
+
+    sequential = make()
+    steps = [sequential.anchors_at(s) for s in range(10)]        # 20 positions = 4 epochs of 5
+    flat = [i for idx in steps for i in idx]
+    assert all(sorted(flat[e * 5:(e + 1) * 5]) == list(range(5)) for e in range(4))   # each epoch a permutation
+    assert flat[:5] != flat[5:10] or flat[5:10] != flat[10:15]                        # reshuffled
+    late = make()                                   # a client resumed at step 7 picks the same anchors
+    assert late.anchors_at(7) == steps[7] and late.anchors_at(3) == steps[3]
+
+
+def test_distill_settings_frame_anchor_texts_like_the_task_and_refuse_bad_input(tmp_path):
+    from fedzero.adapters.dema.anchors import load_anchor_texts
+
+    s = DistillSettings.from_dict({"labels": ["negative", "neutral", "positive"], "template": PROMPT_TEMPLATE,
+                                   "anchors": 3})
+    assert s.prompts() == [to_prompt({"text": t, "label": ""})["prompt"] for t in load_anchor_texts(None, 3)]
+    assert all(len(p) <= len("Tweet: \nSentiment:") + 10 for p in
+               DistillSettings(labels=["a", "b"], template=PROMPT_TEMPLATE, anchors=3, max_chars=10).prompts())
+    for bad, match in (({"labels": ["a", "b"]}, "needs 'labels'"),
+                       ({"labels": ["a"], "template": "{text}"}, "at least two distinct"),
+                       ({"labels": ["a", "b"], "template": "no slot"}, "must contain"),
+                       ({"labels": ["a", "b"], "template": "{text}", "weight": 0}, "weight must be > 0"),
+                       ({"labels": ["a", "b"], "template": "{text}", "anchor": 3}, "unknown distill setting")):
+        with pytest.raises(ValueError, match=match):
+            DistillSettings.from_dict(bad)
+
+
+def test_store_carries_predictions_and_teachers_checked_and_optional(tmp_path):
+    store = FederationStore(tmp_path / "store")
+    assert store.read_anchor_predictions(0, "a") is None and store.read_teacher(1, "a") is None
+    pa, pb = torch.tensor([[0.9, 0.1], [0.5, 0.5]]), torch.tensor([[0.2, 0.8], [0.4, 0.6]])
+    store.write_anchor_predictions(0, "a", pa)
+    store.write_anchor_predictions(0, "b", pb)
+    store.write_anchor_predictions(0, "z", pb)              # sent, but its update is not aggregated
+    torch.testing.assert_close(store.read_anchor_predictions(0, "a"), pa)
+    assert publish_teachers(store, 0, {"a": 1, "b": 3}) == ["a", "b"]
+    torch.testing.assert_close(store.read_teacher(1, "a"), pb)           # the other client's predictions
+    torch.testing.assert_close(store.read_teacher(1, "b"), pa)
+    torch.testing.assert_close(store.read_teacher(1, "newcomer"), 0.25 * pa + 0.75 * pb)
+    assert publish_teachers(store, 1, {"a": 1}) == [] and store.read_teacher(2, "a") is None
+    with pytest.raises(ValueError, match="2-d"):
+        store.write_anchor_predictions(0, "a", torch.zeros(3))
+    path = store.round_dir(1) / "global" / "teachers.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreIntegrityError, match="checksum"):
+        store.read_teacher(1, "a")

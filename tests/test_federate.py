@@ -31,7 +31,9 @@ def test_federate_runs_rounds_through_the_launchers_and_matches_the_strategy(tmp
     run = {"seed": 0, "dema": {"rank": 4, "num_experts": 2, "num_slots": 2},
            "federation": {"rounds": 2, "strategy": "cmga"},
            "train": {"local_steps": 2, "batch_size": 4, "lr": 0.01, "max_length": 64},
-           "clients": [_client("a", 16, 2, 1, "airlines"), _client("b", 24, 1, 2, "apple")]}
+           "clients": [_client("a", 16, 2, 1, "airlines"), _client("b", 24, 1, 2, "apple")],
+           "distill": {"labels": ["negative", "neutral", "positive"], "template": "Tweet: {text}\nSentiment:",
+                       "anchors": 6, "batch_size": 2}}
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(run))
     assert main(["federate", "--config", str(cfg), "--out", str(tmp_path / "out"), "--aggregator-ranks", "2"]) == 0
@@ -48,6 +50,15 @@ def test_federate_runs_rounds_through_the_launchers_and_matches_the_strategy(tmp
     expected, _ = make_strategy("cmga", seed=0).aggregate(g1, updates, round=1, block_of=shared_block)
     g2, _ = store.read_global(2)
     assert all(torch.allclose(expected[k], g2[k], rtol=1e-6, atol=1e-6) for k in g2)
+
+    # Output distillation: the DeepSpeed clients sent anchor predictions, the MPI aggregator turned
+    # them into the next round's teachers (two clients: each one's teacher is the other's predictions).
+    assert store.read_teacher(0, "a") is None
+    for rnd in (0, 1):
+        assert store.read_result(rnd)["teachers_from"] == ["a", "b"]
+        for me, other in (("a", "b"), ("b", "a")):
+            assert store.read_anchor_predictions(rnd, me).shape == (6, 3)
+            torch.testing.assert_close(store.read_teacher(rnd + 1, me), store.read_anchor_predictions(rnd, other))
 
     # Rerunning into the same directory resumes: everything is done, nothing is retrained.
     assert main(["federate", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 0

@@ -220,3 +220,32 @@ def test_token_loss_sums_through_kept_positions_equals_full_logits():
     nothing = {**batch, "labels": torch.full_like(ids, -100)}
     loss, count = token_loss_sums(model, nothing)
     assert count == 0 and float(loss) == 0.0
+
+
+def test_output_distillation_through_the_store(tmp_path):
+    """`distill:` on: each client sends its anchor predictions with its update; round r+1's teachers
+    are the leave-one-out means of round r's predictions; round 0 (no teacher yet) trains exactly
+    as without distillation, round 1 does not."""
+    cfg = yaml.safe_load(tiny_run(tmp_path, strategy="fedavg").read_text())
+    plain = simulate(parse_run_config(cfg, tmp_path), tmp_path / "plain", progress=False)
+    cfg["distill"] = {"labels": ["good", "bad"], "template": "item {text}:", "anchors": 6, "batch_size": 2,
+                      "weight": 2.0, "max_chars": 40}
+    summary = simulate(parse_run_config(cfg, tmp_path), tmp_path / "distill", progress=False)
+    assert summary["distill"]["labels"] == ["good", "bad"]
+    s_plain = FederationStore(tmp_path / "plain" / "store", create=False)
+    store = FederationStore(tmp_path / "distill" / "store", create=False)
+    for cid in ("a", "b"):
+        assert s_plain.read_anchor_predictions(0, cid) is None
+        for rnd in (0, 1):
+            p = store.read_anchor_predictions(rnd, cid)
+            assert p.shape == (6, 2) and torch.allclose(p.sum(dim=1), torch.ones(6, dtype=p.dtype))
+        d0, d0_plain = store.read_update(0, cid)[0], s_plain.read_update(0, cid)[0]
+        assert all(torch.equal(d0[k], d0_plain[k]) for k in d0)
+        d1, d1_plain = store.read_update(1, cid)[0], s_plain.read_update(1, cid)[0]
+        assert any(not torch.allclose(d1[k], d1_plain[k]) for k in d1)
+    assert store.read_teacher(0, "a") is None
+    # both clients hold 12 examples: each one's teacher is the other's predictions
+    torch.testing.assert_close(store.read_teacher(1, "a"), store.read_anchor_predictions(0, "b").float())
+    torch.testing.assert_close(store.read_teacher(2, "b"), store.read_anchor_predictions(1, "a").float())
+    extra = [d["uploaded_bytes"] - p["uploaded_bytes"] for d, p in zip(summary["rounds"], plain["rounds"])]
+    assert all(0 < e < 1000 for e in extra)             # two 6 x 2 predictions files, not weights

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from fedzero.store import FederationStore, StoreError
 from fedzero.strategies import Strategy
+from fedzero.strategies.distill import publish_teachers
 
 from .mpi import AggregationError, QuorumError, all_ok, gather_small, on_root, rank_of, size_of
 from .sharded import aggregate_sharded, make_plan, verify_files
@@ -219,6 +220,8 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
             "published_round": round + 1,
         }
         store.write_server_state(round, res.buffers)
+        # output distillation: the anchor predictions sent with these updates become round+1's teachers
+        result["teachers_from"] = publish_teachers(store, round, result["num_samples"])
         store.write_result(round, result)
         store.publish_global(round + 1, res.state, meta={"aggregated_from_round": round, "strategy": strategy.name,
                                                           "clients": arrivals.clients})

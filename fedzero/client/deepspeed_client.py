@@ -39,6 +39,7 @@ import torch
 from fedzero.adapters.dema import DeMAConfig, DeMAModel, inject_dema
 from fedzero.adapters.dema.io import read_part, save_part
 from fedzero.backbones import BackboneSpec, fingerprint, load_backbone
+from fedzero.client.distill import DistillSettings
 from fedzero.client.local import lr_factor, token_loss_sums
 from fedzero.config import ClientConfig, _only, parse_run_config, read_yaml, resolve_path
 from fedzero.data import batches, build_examples, load_tokenizer, read_jsonl
@@ -78,9 +79,10 @@ class ClientRunConfig:
     wait_timeout: float | None = 3600.0
     poll: float = 2.0
     source: Path | None = None
+    distill: DistillSettings | None = None    # output distillation on the public anchors
 
 
-_TOP_KEYS = {"seed", "dema", "federation", "train", "client", "deepspeed", "state_dir", "wait"}
+_TOP_KEYS = {"seed", "dema", "federation", "train", "client", "deepspeed", "state_dir", "wait", "distill"}
 
 
 def parse_client_config(data: dict, base: Path, source: Path | None = None) -> ClientRunConfig:
@@ -96,7 +98,8 @@ def parse_client_config(data: dict, base: Path, source: Path | None = None) -> C
     # The client only needs the schedule's horizon; the rest of the section belongs to the aggregator.
     run = parse_run_config({"seed": data.get("seed", 0), "dema": data.get("dema") or {},
                             "federation": {"rounds": federation.get("rounds", 1)},
-                            "train": data.get("train") or {}, "clients": [data["client"]]}, base, source)
+                            "train": data.get("train") or {}, "clients": [data["client"]],
+                            "distill": data.get("distill")}, base, source)
     ds_data = dict(data["deepspeed"])
     _only("deepspeed", ds_data, {"config", "gradient_accumulation_steps", "precision", "overrides", "checkpoint_every"})
     if "config" not in ds_data:
@@ -117,7 +120,7 @@ def parse_client_config(data: dict, base: Path, source: Path | None = None) -> C
     return ClientRunConfig(seed=run.seed, dema=run.dema, total_rounds=run.federation.rounds, client=run.clients[0],
                            deepspeed=ds, state_dir=resolve_path(str(data["state_dir"]), base),
                            wait_timeout=None if timeout is None else float(timeout),
-                           poll=float(wait.get("poll", 2.0)), source=source)
+                           poll=float(wait.get("poll", 2.0)), source=source, distill=run.distill)
 
 
 def load_client_config(path: str | Path) -> ClientRunConfig:
@@ -394,6 +397,11 @@ class DeepSpeedClient:
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=self.handle.param_groups(settings.lr),
                                                     config=self.ds_config)
         self.device = self.engine.device
+        # Every rank scores the same anchors (a ZeRO-3 forward is collective); rank 0 sends them.
+        self.distiller = (cfg.distill.make_distiller(tokenizer, max_length=settings.max_length, seed=cfg.seed)
+                          if cfg.distill is not None else None)
+        if self.distiller is not None:
+            self.distiller.device = self.device
         if self.rank == 0:
             print(self.describe(), flush=True)
         self._stream = None
@@ -587,6 +595,9 @@ class DeepSpeedClient:
             self._private_loaded = False   # the next round must start from the saved private state
             return None
         self.set_trainable(self.shared, global_state)
+        if self.distiller is not None:
+            teacher = self.store.read_teacher(rnd, cid) if self.rank == 0 else None
+            self.distiller.set_teacher(self._broadcast(None if teacher is None else teacher.numpy()))
         if not self._private_loaded:
             self._load_private(rnd)
             self._private_loaded = True
@@ -626,7 +637,12 @@ class DeepSpeedClient:
                 micro = {k: v[first:first + self.micro].to(self.device) for k, v in batch.items()}
                 loss_sum, _ = token_loss_sums(self.engine, micro)
                 # The penalty enters every micro-batch unscaled: DeepSpeed's 1/(W·A) brings it back to once.
-                self.engine.backward(loss_sum * scale + self.penalty())
+                loss = loss_sum * scale + self.penalty()
+                # The distillation term (same anchors on every rank) once per step, times A for the same reason.
+                distill = self.distiller.loss(self.engine, step) if self.distiller is not None and a == 0 else None
+                if distill is not None:
+                    loss = loss + distill * self.accum
+                self.engine.backward(loss)
                 self.engine.step()
                 local_sum += loss_sum.detach().double().cpu()
             total = local_sum.to(self._comm_device())
@@ -645,6 +661,7 @@ class DeepSpeedClient:
 
         trained = self.gather_fp32(self.shared)
         private = self.gather_fp32(self.private)
+        predictions = self.distiller.predict(self.engine) if self.distiller is not None else None
         metrics = {"train_loss": sum(losses) / len(losses), "steps": settings.local_steps,
                    "resumed_at_step": start, "world_size": self.world, "zero_stage": self.stage,
                    "precision": self.precision, "seconds": round(seconds, 3),
@@ -652,6 +669,8 @@ class DeepSpeedClient:
                    **self._peak_memory()}
         if self.rank == 0:
             delta = {k: trained[k] - global_state[k] for k in trained}
+            if predictions is not None:     # before the update: its manifest marks the round complete
+                self.store.write_anchor_predictions(rnd, cid, torch.as_tensor(predictions, dtype=torch.float32))
             # The store commits the tensor file first and the manifest last: a crash here never
             # leaves a visible half-written update.
             self.store.write_update(rnd, cid, delta, fingerprint=self.fingerprint,

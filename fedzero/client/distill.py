@@ -4,16 +4,62 @@ The anchors are public texts framed as the task's prompts (e.g. "Tweet: <anchor>
 model's prediction on one is its distribution over the label words: read from the logits of the one
 token that tells the labels apart (one forward per anchor) when the tokenizer has one, else from
 the summed log-likelihoods of the whole completions (C forwards per anchor). Differentiable.
+
+A run config turns it on with a `distill:` section (DistillSettings); every client of a federation
+must use the same anchors, template and labels (the aggregator refuses predictions of other shapes).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from fedzero.client.local import labelled_logits
 from fedzero.data import build_examples, collate
+from fedzero.fields import from_known_fields
 from fedzero.strategies.distill import kl_to_teacher
+
+
+@dataclass
+class DistillSettings:
+    labels: list[str] = field(metadata={"help": "the task's label words, in a fixed order (e.g. [negative, neutral, positive])"})
+    template: str = field(metadata={"help": "frames an anchor text as a task prompt; must contain {text} (e.g. 'Tweet: {text}\\nSentiment:')"})
+    weight: float = field(default=1.0, metadata={"help": "lambda: weight of KL(teacher || model) in the loss"})
+    anchors: int = field(default=64, metadata={"help": "how many anchor texts (the first of the anchor file) are scored and sent"})
+    batch_size: int = field(default=4, metadata={"help": "anchors in the distillation term of one optimizer step"})
+    anchor_file: str | None = field(default=None, metadata={"help": "JSONL of public texts ({'text': ...}); default: the bundled set"})
+    max_chars: int | None = field(default=None, metadata={"help": "cut anchor texts to this many characters (None: prompts are cut to train.max_length tokens, keeping their end)"})
+
+    def __post_init__(self):
+        if not isinstance(self.labels, list) or len(self.labels) < 2 or len(set(self.labels)) != len(self.labels) \
+                or not all(isinstance(x, str) and x for x in self.labels):
+            raise ValueError(f"distill.labels must list at least two distinct label words, got {self.labels!r}")
+        if not isinstance(self.template, str) or "{text}" not in self.template:
+            raise ValueError(f"distill.template must contain '{{text}}', got {self.template!r}")
+        if not self.weight > 0 or int(self.anchors) < 1 or int(self.batch_size) < 1 \
+                or (self.max_chars is not None and int(self.max_chars) < 1):
+            raise ValueError("distill: weight must be > 0 and anchors, batch_size, max_chars >= 1")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DistillSettings":
+        if not isinstance(data, dict) or "labels" not in data or "template" not in data:
+            raise ValueError("distill: needs 'labels' (the label words) and 'template' (a prompt with {text})")
+        return from_known_fields(cls, data, "distill setting")
+
+    def prompts(self) -> list[str]:
+        from fedzero.adapters.dema.anchors import load_anchor_texts
+
+        texts = load_anchor_texts(self.anchor_file, int(self.anchors))
+        texts = [" ".join(t.split()) for t in texts]
+        if self.max_chars is not None:
+            texts = [t[: self.max_chars].rstrip() for t in texts]
+        return [self.template.replace("{text}", t) for t in texts]
+
+    def make_distiller(self, tokenizer, *, max_length: int, seed: int) -> "AnchorDistiller":
+        return AnchorDistiller(tokenizer, self.prompts(), list(self.labels), weight=self.weight,
+                               batch_size=int(self.batch_size), max_length=max_length, seed=seed)
 
 
 def label_branch(tokenizer, labels: list[str]) -> tuple[list[int], list[int]] | None:
@@ -75,12 +121,15 @@ class AnchorDistiller:
         self.pad_id = tokenizer.pad_token_id
         self.weight, self.batch_size = float(weight), int(batch_size)
         self.teacher: torch.Tensor | None = None
+        self.device: torch.device | None = None   # where the model's inputs go (the DeepSpeed client sets it)
         self._rng = np.random.default_rng(seed)
-        self._order: list[int] = []
+        self._epochs: list[np.ndarray] = []       # the anchor order: one seeded permutation per epoch
 
     def logprobs(self, model, idx: list[int]) -> torch.Tensor:
         """[len(idx), C] label log-probabilities of the model on these anchors (differentiable)."""
         batch = collate([ex for i in idx for ex in self.examples[i]], self.pad_id)
+        if self.device is not None:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
         if self.label_ids is not None:
             return label_logprobs(model, batch, self.label_ids)
         return completion_logprobs(model, batch, self.num_labels)
@@ -93,18 +142,25 @@ class AnchorDistiller:
         n = len(self.examples)
         out = [self.logprobs(model, list(range(i, min(i + batch_size, n)))).exp() for i in range(0, n, batch_size)]
         model.train(was_training)
-        return torch.cat(out).double().numpy()
+        return torch.cat(out).double().cpu().numpy()
 
     def set_teacher(self, teacher: np.ndarray | None) -> None:
         if teacher is not None and tuple(np.shape(teacher)) != (len(self.examples), self.num_labels):
             raise ValueError(f"teacher of shape {np.shape(teacher)}, expected {(len(self.examples), self.num_labels)}")
         self.teacher = None if teacher is None else torch.as_tensor(np.asarray(teacher), dtype=torch.float32)
 
-    def loss(self, model) -> torch.Tensor | None:
-        """The distillation term for one step (None before the first teacher arrives)."""
+    def anchors_at(self, step: int) -> list[int]:
+        """The anchors of optimizer step `step`: positions [step*b, (step+1)*b) of a seeded sequence of
+        reshuffled epochs. A function of the step alone, so a client resumed mid-round, or one of
+        several data-parallel ranks, picks the same anchors as an uninterrupted single process."""
+        n, start = len(self.examples), step * self.batch_size
+        while len(self._epochs) * n < start + self.batch_size:
+            self._epochs.append(self._rng.permutation(n))
+        return [int(self._epochs[p // n][p % n]) for p in range(start, start + self.batch_size)]
+
+    def loss(self, model, step: int) -> torch.Tensor | None:
+        """The distillation term of optimizer step `step` (None while there is no teacher)."""
         if self.teacher is None:
             return None
-        if len(self._order) < self.batch_size:                      # reshuffled epochs over the anchors
-            self._order += self._rng.permutation(len(self.examples)).tolist()
-        idx, self._order = self._order[: self.batch_size], self._order[self.batch_size:]
+        idx = self.anchors_at(step)
         return self.weight * kl_to_teacher(self.logprobs(model, idx), self.teacher[idx])

@@ -111,7 +111,7 @@ class LocalClient:
             loss_sum, count = token_loss_sums(model, next(self._batches))
             loss = loss_sum / max(count, 1)
             penalty = self.handle.regularization()
-            distill = self.distiller.loss(model) if self.distiller is not None else None
+            distill = self.distiller.loss(model, self.step) if self.distiller is not None else None
             optimizer.zero_grad(set_to_none=True)
             (loss + penalty + (distill if distill is not None else 0.0)).backward()
             if self.settings.grad_clip:

@@ -21,7 +21,7 @@ from .tokenize import (
     collate,
     load_tokenizer,
 )
-from .tweets import LABELS, TOPICS, load_tweets, to_prompt, topic_of
+from .tweets import LABELS, PROMPT_TEMPLATE, TOPICS, load_tweets, to_prompt, topic_of
 
 DEMO_TOPICS = ("airlines", "apple", "coachella")
 
@@ -47,6 +47,7 @@ __all__ = [
     "train_test_split",
     "TOPICS",
     "LABELS",
+    "PROMPT_TEMPLATE",
     "load_tweets",
     "to_prompt",
     "topic_of",

@@ -251,6 +251,9 @@ def load_tweets(csv_path: str | os.PathLike | None = None) -> list[dict]:
     return records
 
 
+PROMPT_TEMPLATE = "Tweet: {text}\nSentiment:"
+
+
 def to_prompt(record: dict, max_chars: int | None = None) -> dict:
     """Frame a tweet record as a prompt/completion pair::
 
@@ -264,7 +267,7 @@ def to_prompt(record: dict, max_chars: int | None = None) -> dict:
         text = text[:max_chars].rstrip()
     label = record["label"]
     return {
-        "prompt": f"Tweet: {text}\nSentiment:",
+        "prompt": PROMPT_TEMPLATE.replace("{text}", text),
         "completion": f" {label}",
         "label": label,
         "topic": record.get("topic"),

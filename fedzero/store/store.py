@@ -8,8 +8,12 @@ Layout (see docs/store.md for the full description)::
       store.json                                         {"format": "fedzero-store", "version": 1}
       rounds/r000000/global/shared.safetensors           global shared state at the START of round r
       rounds/r000000/global/manifest.json
+      rounds/r000000/global/teachers.safetensors         optional: per-client anchor teachers (distillation)
+      rounds/r000000/global/teachers.manifest.json
       rounds/r000000/updates/<client_id>/update.safetensors   client delta (theta_k - theta)
       rounds/r000000/updates/<client_id>/manifest.json
+      rounds/r000000/updates/<client_id>/anchor_predictions.safetensors   optional (distillation)
+      rounds/r000000/updates/<client_id>/anchor_predictions.manifest.json
       rounds/r000000/aggregate/result.json               aggregation report
       rounds/r000000/aggregate/server_state.safetensors  optional server optimizer state
       rounds/r000000/aggregate/server_state.manifest.json
@@ -76,6 +80,9 @@ AGGREGATE_DIR = "aggregate"
 RESULT_FILE = "result.json"
 SERVER_STATE_TENSORS = "server_state.safetensors"
 SERVER_STATE_MANIFEST = "server_state.manifest.json"
+PREDICTIONS_TENSORS = "anchor_predictions.safetensors"
+TEACHERS_TENSORS = "teachers.safetensors"
+ALL_CLIENTS = "*"           # the teachers file's key for a client that sent no predictions that round
 
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _CLIENT_ID_MAX = 128
@@ -286,6 +293,16 @@ class FederationStore:
 
     def _server_state_manifest_path(self, round: int) -> Path:
         return self.round_dir(round) / AGGREGATE_DIR / SERVER_STATE_MANIFEST
+
+    def _predictions_path(self, round: int, client_id: str) -> Path:
+        return self._update_dir(round, client_id) / PREDICTIONS_TENSORS
+
+    def _teachers_path(self, round: int) -> Path:
+        return self.round_dir(round) / GLOBAL_DIR / TEACHERS_TENSORS
+
+    @staticmethod
+    def _side_manifest_path(path: Path) -> Path:
+        return path.with_name(path.name.replace(".safetensors", ".manifest.json"))
 
     # ------------------------------------------------------------------ shared reading logic
 
@@ -676,9 +693,63 @@ class FederationStore:
         """Write the server optimizer state (e.g. momentum) after aggregating ``round``:
         tensor file, then its manifest. Replaces any earlier one for that round."""
         round = _validate_round(round)
-        tensors = _prepare_tensors(state, "server state")
-        path = self.server_state_path(round)
-        mpath = self._server_state_manifest_path(round)
+        return self._write_side_file(self.server_state_path(round), self._server_state_manifest_path(round),
+                                     round, _prepare_tensors(state, "server state"))
+
+    def read_server_state(self, round: int) -> dict[str, torch.Tensor] | None:
+        """The verified server state written for ``round``, or ``None`` if there is none."""
+        round = _validate_round(round)
+        return self._read_side_file(self.server_state_path(round), self._server_state_manifest_path(round),
+                                    round, f"server state of round {round}")
+
+    # ------------------------------------------------------------------ output distillation
+
+    def write_anchor_predictions(self, round: int, client_id: str, probs: torch.Tensor) -> Path:
+        """The client's label distribution on the public anchor prompts after training ``round``
+        ([N, C], fedzero.client.distill). Written *before* the client's update: the update's
+        manifest marks the client's whole round complete."""
+        round = _validate_round(round)
+        validate_client_id(client_id)
+        if not isinstance(probs, torch.Tensor) or probs.dim() != 2:
+            raise ValueError(f"anchor predictions must be a 2-d tensor [anchors, labels], got {probs!r:.80}")
+        path = self._predictions_path(round, client_id)
+        return self._write_side_file(path, self._side_manifest_path(path), round,
+                                     _prepare_tensors({"probs": probs}, "anchor predictions"))
+
+    def read_anchor_predictions(self, round: int, client_id: str) -> torch.Tensor | None:
+        """A client's verified anchor predictions of ``round``, or ``None`` if it sent none."""
+        round = _validate_round(round)
+        path = self._predictions_path(round, client_id)
+        found = self._read_side_file(path, self._side_manifest_path(path), round,
+                                     f"anchor predictions of client {client_id} in round {round}")
+        return None if found is None else found["probs"]
+
+    def write_teachers(self, round: int, teachers: Mapping[str, torch.Tensor]) -> Path:
+        """The anchor teachers clients distil from in ``round`` ({client id or ALL_CLIENTS: [N, C]}),
+        written by the aggregator of round-1 *before* it publishes the global of ``round``."""
+        round = _validate_round(round)
+        for key in teachers:
+            if key != ALL_CLIENTS:
+                validate_client_id(key)
+        path = self._teachers_path(round)
+        return self._write_side_file(path, self._side_manifest_path(path), round,
+                                     _prepare_tensors(teachers, "teachers"))
+
+    def read_teacher(self, round: int, client_id: str) -> torch.Tensor | None:
+        """The teacher for ``client_id`` in ``round``: its own (the others' mean), else the mean of
+        every client that sent predictions, else ``None`` (no distillation this round)."""
+        round = _validate_round(round)
+        path = self._teachers_path(round)
+        found = self._read_side_file(path, self._side_manifest_path(path), round, f"teachers of round {round}")
+        if found is None:
+            return None
+        return found.get(client_id, found.get(ALL_CLIENTS))
+
+    # ------------------------------------------------------------------ small tensor files beside the main ones
+
+    def _write_side_file(self, path: Path, mpath: Path, round: int, tensors: dict[str, torch.Tensor]) -> Path:
+        """Tensor file, then its manifest (removed first when replacing, so a reader never pairs
+        a new file with an old manifest)."""
         ensure_dir(path.parent)
         if mpath.exists():
             remove_quietly(mpath)
@@ -693,16 +764,11 @@ class FederationStore:
         })
         return path
 
-    def read_server_state(self, round: int) -> dict[str, torch.Tensor] | None:
-        """The verified server state written for ``round``, or ``None`` if there is none."""
-        round = _validate_round(round)
-        mpath = self._server_state_manifest_path(round)
-        what = f"server state of round {round}"
+    def _read_side_file(self, path: Path, mpath: Path, round: int, what: str) -> dict[str, torch.Tensor] | None:
         try:
             manifest = self._load_manifest(mpath, what)
         except StoreNotFoundError:
             return None
         self._check_common(manifest, round, what, mpath)
-        path = self.server_state_path(round)
         data = self._read_verified_bytes(path, manifest, what)
         return self._load_tensors(data, path, manifest, what)
