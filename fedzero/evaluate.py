@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from fedzero.client.local import completion_logprob_sums
 from fedzero.data import build_examples, collate
 
 
@@ -40,19 +40,16 @@ def classification_metrics(scores: np.ndarray, true: np.ndarray) -> dict:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def label_scores(model, tokenizer, records, labels, *, max_length: int, batch_size: int = 32) -> np.ndarray:
-    """Sum of log-probabilities of each candidate completion f" {label}" (+ eos): [N, C]."""
+    """Sum of log-probabilities of each candidate completion f" {label}" (+ eos): [N, C]. The LM
+    head runs only where a completion token is scored (a large share of a small model's compute)."""
     candidates = [{"prompt": r["prompt"], "completion": f" {label}"} for r in records for label in labels]
     examples = build_examples(candidates, tokenizer, max_length)
-    out = []
     model.eval()
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        targets = batch["labels"][:, 1:]
-        logp = -F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
-        out.append((logp * (targets != -100)).sum(dim=1))
-    return torch.cat(out).view(len(records), len(labels)).numpy().astype(np.float64)
+    out = [completion_logprob_sums(model, collate(examples[i:i + batch_size], tokenizer.pad_token_id))
+           for i in range(0, len(examples), batch_size)]
+    return torch.cat(out).view(len(records), len(labels)).numpy()
 
 
 def evaluate_classification(model, tokenizer, records, labels, *, max_length: int, batch_size: int = 32) -> dict:

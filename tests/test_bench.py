@@ -12,7 +12,7 @@ from fedzero.bench.backbones import keep_layers
 from fedzero.bench.comm_table import PUBLIC_CONFIGS, comm_markdown, comm_rows, llama2_configs
 from fedzero.bench.data import DataSettings, dedup_key, split_tweets
 from fedzero.bench.methods import first_round_cosine, pairwise_cosines, view_metrics
-from fedzero.bench.suites import SUITES, check_suite, load_suite
+from fedzero.bench.suites import check_suite, load_suite
 from fedzero.comm import dema_shared_params, full_model_params, lora_params
 from fedzero.data import LABELS
 
@@ -354,13 +354,15 @@ def test_peak_memory_measure_in_process_on_a_tiny_model():
 
 
 @pytest.mark.parametrize("adapter", ["none", "dema-parallel", "dema-side", "lora"])
-def test_fast_label_scores_equal_fedzero_evaluate(adapter):
+def test_label_scores_through_kept_positions_equal_full_logits(adapter):
+    """fedzero.evaluate.label_scores runs the LM head only at scored positions (HF logits_to_keep),
+    through DeMA (both placements) and PEFT LoRA: equal to summing full-logit log-probabilities."""
     import torch
+    import torch.nn.functional as F
 
     from fedzero.adapters.dema import inject_dema
     from fedzero.backbones import BackboneSpec, load_backbone
-    from fedzero.bench.methods import label_scores_fast
-    from fedzero.data import ByteTokenizer
+    from fedzero.data import ByteTokenizer, build_examples, collate
     from fedzero.evaluate import label_scores
 
     model, _ = load_backbone(BackboneSpec(llama_config=_llama(16, 2, 2, 1)["config"], init_seed=1))
@@ -379,9 +381,17 @@ def test_fast_label_scores_equal_fedzero_evaluate(adapter):
                 if "lora_B" in n:
                     p.normal_(0, 0.5)
     records = [{"prompt": f"Tweet: item {i} {'x' * i}\nSentiment:"} for i in range(5)]
-    fast = label_scores_fast(model, ByteTokenizer(), records, list(LABELS), max_length=64, batch_size=4)
-    ref = label_scores(model, ByteTokenizer(), records, list(LABELS), max_length=64, batch_size=4)
-    assert fast.shape == (5, 3)
+    tok = ByteTokenizer()
+    fast = label_scores(model, tok, records, list(LABELS), max_length=64, batch_size=4)
+    examples = build_examples([{"prompt": r["prompt"], "completion": f" {label}"} for r in records for label in LABELS],
+                              tok, 64)
+    with torch.no_grad():
+        batch = collate(examples, tok.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        logp = -F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+        ref = (logp * (targets != -100)).sum(dim=1).view(5, 3).numpy()
+    assert fast.shape == (5, 3) and fast.dtype == np.float64
     np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-4)
 
 

@@ -45,7 +45,7 @@ from fedzero.client import LocalClient, TrainSettings
 from fedzero.client.distill import DistillSettings
 from fedzero.data import LABELS, PROMPT_TEMPLATE, build_examples, collate, load_tokenizer
 from fedzero.diagnostics import gate_entropy, update_diagnostics
-from fedzero.evaluate import classification_metrics
+from fedzero.evaluate import classification_metrics, label_scores
 from fedzero.simulate import initial_global_state
 from fedzero.strategies import STRATEGIES, ClientUpdate, make_strategy
 from fedzero.strategies.distill import leave_one_out_teachers
@@ -135,38 +135,10 @@ def true_labels(records: list[dict]) -> np.ndarray:
     return np.array([LABELS.index(r["label"]) for r in records])
 
 
-@torch.no_grad()
-def label_scores_fast(model, tokenizer, records: list[dict], labels: list[str], *, max_length: int,
-                      batch_size: int = 32) -> np.ndarray:
-    """fedzero.evaluate.label_scores, computing the LM head only where a label token is scored.
-
-    Same candidates (prompt + f" {label}" + eos), same sums of log-probabilities, [N, C]; the decoder
-    runs as before (adapters included: DeMA and LoRA live inside it), but the vocabulary projection,
-    a large share of a small model's compute (49152 x 576 per token on SmolLM2), runs on the 2-3
-    completion positions of each sequence instead of all of them.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = base.model, base.get_output_embeddings()
-    candidates = [{"prompt": r["prompt"], "completion": f" {label}"} for r in records for label in labels]
-    examples = build_examples(candidates, tokenizer, max_length)
-    model.eval()
-    out = []
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], tokenizer.pad_token_id)
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        targets = batch["labels"][:, 1:]                    # position t predicts token t + 1
-        rows, cols = (targets != -100).nonzero(as_tuple=True)
-        logp = torch.log_softmax(head(hidden[rows, cols]).float(), dim=-1)
-        picked = logp.gather(1, targets[rows, cols][:, None])[:, 0]
-        sums = torch.zeros(len(batch["input_ids"]), dtype=torch.float64).index_add_(0, rows, picked.double())
-        out.append(sums)
-    return torch.cat(out).view(len(records), len(labels)).numpy()
-
-
 def score_test_sets(model, tokenizer, split: Split, max_length: int, batch_size: int,
                     limit: int | None = None) -> dict[str, np.ndarray]:
     """{topic: [N, C] label scores} on every topic's test set (its first `limit` records)."""
-    return {t: label_scores_fast(model, tokenizer, recs[:limit] if limit is not None else recs, list(LABELS),
+    return {t: label_scores(model, tokenizer, recs[:limit] if limit is not None else recs, list(LABELS),
                                  max_length=max_length, batch_size=batch_size)
             for t, recs in split.test.items()}
 

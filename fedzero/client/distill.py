@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedzero.client.local import labelled_logits
+from fedzero.client.local import completion_logprob_sums
 from fedzero.data import build_examples, collate
 from fedzero.fields import from_known_fields
 from fedzero.strategies.distill import kl_to_teacher
@@ -88,10 +88,7 @@ def label_logprobs(model, batch: dict[str, torch.Tensor], label_ids: list[int]) 
 def completion_logprobs(model, batch: dict[str, torch.Tensor], num_labels: int) -> torch.Tensor:
     """[B/C, C] log-softmax over the summed log-likelihoods of C consecutive candidate rows
     (prompt + " label" + eos, as fedzero.evaluate.label_scores scores them)."""
-    logits, t = labelled_logits(model, batch)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, t.clamp(min=0)[..., None])[..., 0]
-    sums = (logp * (t != -100)).sum(dim=1).view(-1, num_labels)
-    return torch.log_softmax(sums, dim=-1)
+    return torch.log_softmax(completion_logprob_sums(model, batch).float().view(-1, num_labels), dim=-1)
 
 
 class AnchorDistiller:

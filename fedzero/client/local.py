@@ -64,6 +64,14 @@ def labelled_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, targets[:, keep]
 
 
+def completion_logprob_sums(model, batch) -> torch.Tensor:
+    """[B] float64: each row's summed log-probability of its labelled tokens (a candidate
+    completion's log-likelihood: label scoring, whole-completion distillation). Differentiable."""
+    logits, targets = labelled_logits(model, batch)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
+    return (logp * (targets != -100)).double().sum(dim=1)
+
+
 def token_loss_sums(model, batch) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled tokens, and their count."""
     logits, targets = labelled_logits(model, batch)
