@@ -2,6 +2,8 @@
 
     fedzero bench --suite quick --out runs/bench-quick      # minutes: checks the harness end to end
     fedzero bench --suite full  --out runs/bench-full       # hours on 2 CPU cores: the report's numbers
+    fedzero bench --suite tune  --out runs/bench-tune       # gate temperature x DeMA lr, scored on val
+    fedzero bench --suite long  --out runs/bench-long       # the key methods with twice the training
     fedzero bench --suite my_suite.yaml --out DIR           # your own (same fields as below)
 
 Every method of a suite gets the same clients, data, seeds, rounds, local steps, batch size and lr
@@ -17,8 +19,8 @@ Settings (issue 5):
     B  one backbone, heterogeneous LoRA budgets (ranks): where HetLoRA/FLoRA/FlexLoRA apply. FedIT
        (one rank for all) against LoRA local-only is the control that federation pays on this task.
 
-The lrs are not tuned (fedzero's defaults for DeMA, a common value for LoRA); tune them on the val
-split (data.val_per_topic), never on the test sets.
+DeMA's lr and gate temperature were chosen by the tune suite on the val split (data.score "val"),
+never on the test sets; LoRA's lr is a common value, not tuned.
 """
 
 from __future__ import annotations
@@ -199,8 +201,23 @@ def _tune() -> dict:
             "data": {**suite["data"], "score": "val", "round_eval_per_topic": 0}}
 
 
+def _long() -> dict:
+    """Twice the full suite's training (8 rounds x 6 local steps, the cosine schedule stretched over
+    them) for the methods the conclusions rest on: does a longer run change who beats training alone?"""
+    suite = copy.deepcopy(FULL)
+    keep = {"A": ("lora-local", "dema-local", "dema-shaped-fedavg", "dema-distill-local"),
+            "B": ("lora-local", "fedit", "dema-local", "dema-shaped-fedavg")}
+    settings = {name: {**suite["settings"][name],
+                       "methods": [m for m in suite["settings"][name]["methods"] if m["name"] in methods]}
+                for name, methods in keep.items()}
+    return {**suite, "name": "long", "rounds": 8, "settings": settings, "memory": None,
+            "description": "The full suite's testbed and data, 8 rounds x 6 local steps, 3 seeds, the methods "
+                           "the conclusions rest on"}
+
+
 TUNE = _tune()
-SUITES = {"quick": QUICK, "full": FULL, "tune": TUNE}
+LONG = _long()
+SUITES = {"quick": QUICK, "full": FULL, "tune": TUNE, "long": LONG}
 
 
 def load_suite(name_or_path: str | Path) -> dict:
