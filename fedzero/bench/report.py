@@ -198,7 +198,10 @@ def markdown(results: dict, summary: dict | None = None) -> str:
              f"Wall time of this invocation: {results.get('wall_seconds', 0):.0f} s. Seeds: {suite['seeds']}; "
              f"{suite['rounds']} rounds x {suite['train']['local_steps']} local steps, batch {suite['train']['batch_size']}, "
              f"lr DeMA {suite['lr']['dema']}, LoRA {suite['lr']['lora']} ({suite['train'].get('schedule', 'cosine')}).", "",
-             suite.get("description", ""), "", "## Testbed", "",
+             suite.get("description", ""), "",
+             *(["**Scored on the validation split** (`data.score: val`): every \"test\" below is a val set; "
+                "the test sets were not read.", ""] if suite["data"].get("score") == "val" else []),
+             "## Testbed", "",
              "| backbone | kind | layers | hidden | params | how it was made | held-out LM loss (public text) |",
              "|---|---|---:|---:|---:|---|---|"]
     for name, rep in results.get("backbones", {}).items():
