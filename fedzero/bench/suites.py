@@ -4,6 +4,7 @@
     fedzero bench --suite full  --out runs/bench-full       # hours on 2 CPU cores: the report's numbers
     fedzero bench --suite tune  --out runs/bench-tune       # gate temperature x DeMA lr, scored on val
     fedzero bench --suite long  --out runs/bench-long       # the key methods with twice the training
+    fedzero bench --suite depth30 --out runs/bench-depth30  # SmolLM2-135M itself as one of the clients
     fedzero bench --suite my_suite.yaml --out DIR           # your own (same fields as below)
 
 Every method of a suite gets the same clients, data, seeds, rounds, local steps, batch size and lr
@@ -215,9 +216,27 @@ def _long() -> dict:
                            "the conclusions rest on"}
 
 
+def _depth30() -> dict:
+    """What the full suite cut: SmolLM2-135M itself (30 layers) as a client, beside its healed 10- and
+    6-layer variants and the 256-wide LLaMA (four backbones, four topics), at the full suite's budget."""
+    suite = copy.deepcopy(FULL)
+    a = suite["settings"]["A"]
+    clients = [{"id": "C-airlines-smollm2", "backbone": "smollm2", "topics": ["airlines"]},
+               {"id": "C-apple-smol10", "backbone": "smol10", "topics": ["apple"]},
+               {"id": "C-coachella-smol6", "backbone": "smol6", "topics": ["coachella"]},
+               {"id": "C-deflategate-small256", "backbone": "small256", "topics": ["deflategate"]}]
+    keep = ("lora-local", "dema-local", "dema-shaped-fedavg", "dema-distill-local")
+    setting = {"description": "SmolLM2-135M (30 layers), its healed 10- and 6-layer variants (same width) and the "
+                              "256-wide small LLaMA, one topic each",
+               "clients": clients, "methods": [m for m in a["methods"] if m["name"] in keep]}
+    return {**suite, "name": "depth30", "settings": {"C": setting}, "memory": None,
+            "description": "The full suite's budget with SmolLM2-135M itself as one of four heterogeneous clients"}
+
+
 TUNE = _tune()
 LONG = _long()
-SUITES = {"quick": QUICK, "full": FULL, "tune": TUNE, "long": LONG}
+DEPTH30 = _depth30()
+SUITES = {"quick": QUICK, "full": FULL, "tune": TUNE, "long": LONG, "depth30": DEPTH30}
 
 
 def load_suite(name_or_path: str | Path) -> dict:
