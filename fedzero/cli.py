@@ -27,8 +27,10 @@ def _simulate(args) -> int:
         if with_acc:
             line += f"{row['accuracy_before']:>18.3f}{row['accuracy_after']:>10.3f}"
         print(line)
+    distill = summary.get("distill")
     print(f"\nstrategy {summary['strategy']}, {len(summary['rounds'])} rounds, "
           f"{summary['shared_params_per_client']:,} shared parameters per client-round, "
+          + (f"output distillation on {distill['anchors']} anchor prompts, " if distill else "") +
           f"{summary['wall_seconds']:.1f} s; summary: {args.out}/summary.json, metrics: {args.out}/metrics.csv")
     return 0
 
