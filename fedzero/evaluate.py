@@ -40,7 +40,6 @@ def classification_metrics(scores: np.ndarray, true: np.ndarray) -> dict:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def label_scores(model, tokenizer, records, labels, *, max_length: int, batch_size: int = 32) -> np.ndarray:
     """Sum of log-probabilities of each candidate completion f" {label}" (+ eos): [N, C]. The LM
     head runs only where a completion token is scored (a large share of a small model's compute)."""

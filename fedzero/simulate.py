@@ -139,8 +139,8 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
                                         manifest["fingerprint"], manifest.get("slot_use")))
         new_state, agg = strategy.aggregate(global_state, updates, round=rnd, block_of=shared_block)
         diagnostics = {"updates": update_diagnostics(updates, shared_block)}
-        store.write_result(rnd, {"strategy": fed.strategy, **agg, "diagnostics": diagnostics})
-        publish_teachers(store, rnd, {u.client_id: u.num_samples for u in updates})
+        distill = publish_teachers(store, rnd, {u.client_id: u.num_samples for u in updates})
+        store.write_result(rnd, {"strategy": fed.strategy, **agg, "diagnostics": diagnostics, "distill": distill})
         store.publish_global(rnd + 1, new_state, meta={"aggregated_from_round": rnd})
 
         for client, row in zip(clients, round_rows):

@@ -154,7 +154,7 @@ def check_teachers(store: FederationStore, preds: dict[str, torch.Tensor]) -> No
     """Round 1's teachers: per predicting client the sample-weighted mean of the others' predictions,
     and for d (no predictions) the mean of all of them."""
     n = {c: CLIENTS[c][1] for c in preds}
-    assert store.read_result(0)["teachers_from"] == sorted(preds)
+    assert store.read_result(0)["distill"] == {"used": sorted(preds), "dropped": {}}
     for c in [*preds, "d"]:
         others = [o for o in preds if o != c]
         expected = sum(n[o] * preds[o].double() for o in others) / sum(n[o] for o in others)

@@ -129,6 +129,9 @@ def test_round_teachers_add_the_all_clients_mean_for_a_client_without_prediction
     torch.testing.assert_close(t["b"], torch.tensor([[1.0, 0.0]]))
     torch.testing.assert_close(t["*"], torch.tensor([[0.25, 0.75]]))
     assert round_teachers({}, {}) == {}
+    # one client carrying weight: no teacher that is its own predictions, for it or (via "*") anyone
+    assert round_teachers({"a": p["a"]}, {"a": 1}) == {}
+    assert sorted(round_teachers(p, {"a": 1, "b": 0})) == ["b"]
 
 
 def test_anchor_order_is_a_function_of_the_step():
@@ -172,16 +175,39 @@ def test_store_carries_predictions_and_teachers_checked_and_optional(tmp_path):
     store.write_anchor_predictions(0, "b", pb)
     store.write_anchor_predictions(0, "z", pb)              # sent, but its update is not aggregated
     torch.testing.assert_close(store.read_anchor_predictions(0, "a"), pa)
-    assert publish_teachers(store, 0, {"a": 1, "b": 3}) == ["a", "b"]
+    assert publish_teachers(store, 0, {"a": 1, "b": 3}) == {"used": ["a", "b"], "dropped": {}}
     torch.testing.assert_close(store.read_teacher(1, "a"), pb)           # the other client's predictions
     torch.testing.assert_close(store.read_teacher(1, "b"), pa)
     torch.testing.assert_close(store.read_teacher(1, "newcomer"), 0.25 * pa + 0.75 * pb)
-    assert publish_teachers(store, 1, {"a": 1}) == [] and store.read_teacher(2, "a") is None
+    assert publish_teachers(store, 1, {"a": 1}) == {"used": [], "dropped": {}} and store.read_teacher(2, "a") is None
     with pytest.raises(ValueError, match="2-d"):
         store.write_anchor_predictions(0, "a", torch.zeros(3))
+    # a retried aggregation that now has no predictions removes an earlier attempt's teachers
+    store.write_teachers(3, {"a": pa})
+    assert publish_teachers(store, 2, {"a": 1, "b": 1}) == {"used": [], "dropped": {}}
+    assert store.read_teacher(3, "a") is None
     path = store.round_dir(1) / "global" / "teachers.safetensors"
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
     path.write_bytes(bytes(data))
     with pytest.raises(StoreIntegrityError, match="checksum"):
         store.read_teacher(1, "a")
+
+
+def test_malformed_or_foreign_predictions_are_left_out_not_fatal(tmp_path):
+    store = FederationStore(tmp_path / "store")
+    good = torch.tensor([[0.9, 0.1], [0.5, 0.5]])
+    store.write_anchor_predictions(0, "a", good)
+    store.write_anchor_predictions(0, "b", 1 - good)
+    store.write_anchor_predictions(0, "nan", torch.tensor([[float("nan"), 1.0], [0.5, 0.5]]))
+    store.write_anchor_predictions(0, "unnormalised", torch.tensor([[0.9, 0.9], [0.5, 0.5]]))
+    store.write_anchor_predictions(0, "other-labels", torch.full((2, 3), 1 / 3))
+    store.write_anchor_predictions(0, "corrupt", good)
+    path = store.round_dir(0) / "updates" / "corrupt" / "anchor_predictions.safetensors"
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+    out = publish_teachers(store, 0, {c: 1 for c in ("a", "b", "nan", "unnormalised", "other-labels", "corrupt")})
+    assert out["used"] == ["a", "b"]
+    assert sorted(out["dropped"]) == ["corrupt", "nan", "other-labels", "unnormalised"]
+    assert "checksum" in out["dropped"]["corrupt"] and "(2, 3)" in out["dropped"]["other-labels"]
+    torch.testing.assert_close(store.read_teacher(1, "a"), 1 - good)
+    torch.testing.assert_close(store.read_teacher(1, "nan"), 0.5 * good + 0.5 * (1 - good))   # the "*" mean

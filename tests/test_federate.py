@@ -55,7 +55,7 @@ def test_federate_runs_rounds_through_the_launchers_and_matches_the_strategy(tmp
     # them into the next round's teachers (two clients: each one's teacher is the other's predictions).
     assert store.read_teacher(0, "a") is None
     for rnd in (0, 1):
-        assert store.read_result(rnd)["teachers_from"] == ["a", "b"]
+        assert store.read_result(rnd)["distill"] == {"used": ["a", "b"], "dropped": {}}
         for me, other in (("a", "b"), ("b", "a")):
             assert store.read_anchor_predictions(rnd, me).shape == (6, 3)
             torch.testing.assert_close(store.read_teacher(rnd + 1, me), store.read_anchor_predictions(rnd, other))

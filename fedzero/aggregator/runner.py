@@ -221,7 +221,7 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
         }
         store.write_server_state(round, res.buffers)
         # output distillation: the anchor predictions sent with these updates become round+1's teachers
-        result["teachers_from"] = publish_teachers(store, round, result["num_samples"])
+        result["distill"] = publish_teachers(store, round, result["num_samples"])
         store.write_result(round, result)
         store.publish_global(round + 1, res.state, meta={"aggregated_from_round": round, "strategy": strategy.name,
                                                           "clients": arrivals.clients})

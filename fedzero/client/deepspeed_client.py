@@ -661,7 +661,9 @@ class DeepSpeedClient:
 
         trained = self.gather_fp32(self.shared)
         private = self.gather_fp32(self.private)
-        predictions = self.distiller.predict(self.engine) if self.distiller is not None else None
+        # ZeRO-3's forward is collective: every rank scores the anchors; otherwise rank 0 alone.
+        scores = self.distiller is not None and (self.stage == 3 or self.rank == 0)
+        predictions = self.distiller.predict(self.engine) if scores else None
         metrics = {"train_loss": sum(losses) / len(losses), "steps": settings.local_steps,
                    "resumed_at_step": start, "world_size": self.world, "zero_stage": self.stage,
                    "precision": self.precision, "seconds": round(seconds, 3),

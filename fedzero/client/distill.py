@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fedzero.client.local import completion_logprob_sums
-from fedzero.data import build_examples, collate
+from fedzero.data import build_examples, collate, prompt_text
 from fedzero.fields import from_known_fields
 from fedzero.strategies.distill import kl_to_teacher
 
@@ -51,11 +51,8 @@ class DistillSettings:
     def prompts(self) -> list[str]:
         from fedzero.adapters.dema.anchors import load_anchor_texts
 
-        texts = load_anchor_texts(self.anchor_file, int(self.anchors))
-        texts = [" ".join(t.split()) for t in texts]
-        if self.max_chars is not None:
-            texts = [t[: self.max_chars].rstrip() for t in texts]
-        return [self.template.replace("{text}", t) for t in texts]
+        return [self.template.replace("{text}", prompt_text(t, self.max_chars))
+                for t in load_anchor_texts(self.anchor_file, int(self.anchors), "distill.anchors")]
 
     def make_distiller(self, tokenizer, *, max_length: int, seed: int) -> "AnchorDistiller":
         return AnchorDistiller(tokenizer, self.prompts(), list(self.labels), weight=self.weight,

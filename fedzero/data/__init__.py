@@ -21,7 +21,7 @@ from .tokenize import (
     collate,
     load_tokenizer,
 )
-from .tweets import LABELS, PROMPT_TEMPLATE, TOPICS, load_tweets, to_prompt, topic_of
+from .tweets import LABELS, PROMPT_TEMPLATE, TOPICS, load_tweets, prompt_text, to_prompt, topic_of
 
 DEMO_TOPICS = ("airlines", "apple", "coachella")
 
@@ -48,6 +48,7 @@ __all__ = [
     "TOPICS",
     "LABELS",
     "PROMPT_TEMPLATE",
+    "prompt_text",
     "load_tweets",
     "to_prompt",
     "topic_of",

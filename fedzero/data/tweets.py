@@ -254,6 +254,13 @@ def load_tweets(csv_path: str | os.PathLike | None = None) -> list[dict]:
 PROMPT_TEMPLATE = "Tweet: {text}\nSentiment:"
 
 
+def prompt_text(text, max_chars: int | None = None) -> str:
+    """Whitespace collapsed to single spaces (a prompt's only newlines are its template's), and
+    optionally cut to `max_chars` characters."""
+    text = _WS.sub(" ", str(text)).strip()
+    return text[:max_chars].rstrip() if max_chars is not None and len(text) > max_chars else text
+
+
 def to_prompt(record: dict, max_chars: int | None = None) -> dict:
     """Frame a tweet record as a prompt/completion pair::
 
@@ -262,9 +269,7 @@ def to_prompt(record: dict, max_chars: int | None = None) -> dict:
     Whitespace in the text is collapsed to single spaces (the prompt's only newline is the
     separator); ``max_chars`` optionally cuts the text to that many characters.
     """
-    text = _WS.sub(" ", str(record["text"])).strip()
-    if max_chars is not None and len(text) > max_chars:
-        text = text[:max_chars].rstrip()
+    text = prompt_text(record["text"], max_chars)
     label = record["label"]
     return {
         "prompt": PROMPT_TEMPLATE.replace("{text}", text),

@@ -720,8 +720,10 @@ class FederationStore:
         """A client's verified anchor predictions of ``round``, or ``None`` if it sent none."""
         round = _validate_round(round)
         path = self._predictions_path(round, client_id)
-        found = self._read_side_file(path, self._side_manifest_path(path), round,
-                                     f"anchor predictions of client {client_id} in round {round}")
+        what = f"anchor predictions of client {client_id} in round {round}"
+        found = self._read_side_file(path, self._side_manifest_path(path), round, what)
+        if found is not None and list(found) != ["probs"]:
+            raise StoreIntegrityError(f"{what}: expected one tensor 'probs', found {sorted(found)}")
         return None if found is None else found["probs"]
 
     def write_teachers(self, round: int, teachers: Mapping[str, torch.Tensor]) -> Path:
@@ -735,9 +737,20 @@ class FederationStore:
         return self._write_side_file(path, self._side_manifest_path(path), round,
                                      _prepare_tensors(teachers, "teachers"))
 
+    def clear_teachers(self, round: int) -> None:
+        """Remove the teachers of ``round`` (manifest first): an aggregator that retries a round and
+        this time has no predictions must not leave an earlier attempt's teachers beside the global."""
+        path = self._teachers_path(_validate_round(round))
+        mpath = self._side_manifest_path(path)
+        if mpath.exists() or path.exists():
+            remove_quietly(mpath)
+            fsync_dir(mpath.parent)
+            remove_quietly(path)
+
     def read_teacher(self, round: int, client_id: str) -> torch.Tensor | None:
         """The teacher for ``client_id`` in ``round``: its own (the others' mean), else the mean of
-        every client that sent predictions, else ``None`` (no distillation this round)."""
+        every client that sent predictions (present only when two or more did, so it is never a
+        client's own predictions alone), else ``None`` (no distillation this round)."""
         round = _validate_round(round)
         path = self._teachers_path(round)
         found = self._read_side_file(path, self._side_manifest_path(path), round, f"teachers of round {round}")

@@ -16,13 +16,13 @@ from torch import nn
 DEFAULT_ANCHOR_FILE = Path(__file__).resolve().parents[2] / "resources" / "anchors" / "sotu.jsonl"
 
 
-def load_anchor_texts(path: str | Path | None, count: int) -> list[str]:
+def load_anchor_texts(path: str | Path | None, count: int, setting: str = "dema.num_anchors") -> list[str]:
     path = Path(path) if path else DEFAULT_ANCHOR_FILE
     if not path.is_file():
         raise FileNotFoundError(f"anchor file {path} not found")
     texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(texts) < count:
-        raise ValueError(f"anchor file {path} has {len(texts)} texts; {count} are needed (dema.num_anchors)")
+        raise ValueError(f"anchor file {path} has {len(texts)} texts; {count} are needed ({setting})")
     return texts[:count]
 
 
