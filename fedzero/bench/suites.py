@@ -225,7 +225,7 @@ def _depth30() -> dict:
                {"id": "C-apple-smol10", "backbone": "smol10", "topics": ["apple"]},
                {"id": "C-coachella-smol6", "backbone": "smol6", "topics": ["coachella"]},
                {"id": "C-deflategate-small256", "backbone": "small256", "topics": ["deflategate"]}]
-    keep = ("lora-local", "dema-local", "dema-shaped-fedavg", "dema-distill-local")
+    keep = ("dema-local", "dema-shaped-fedavg", "dema-distill-local")     # the control and the two that moved
     setting = {"description": "SmolLM2-135M (30 layers), its healed 10- and 6-layer variants (same width) and the "
                               "256-wide small LLaMA, one topic each",
                "clients": clients, "methods": [m for m in a["methods"] if m["name"] in keep]}
