@@ -139,6 +139,7 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
                                         manifest["fingerprint"], manifest.get("slot_use")))
         new_state, agg = strategy.aggregate(global_state, updates, round=rnd, block_of=shared_block)
         diagnostics = {"updates": update_diagnostics(updates, shared_block)}
+        store.write_server_state(rnd, strategy.server_opt.state_dict())   # as the MPI aggregator does: resumable
         distill = publish_teachers(store, rnd, {u.client_id: u.num_samples for u in updates})
         store.write_result(rnd, {"strategy": fed.strategy, **agg, "diagnostics": diagnostics, "distill": distill})
         store.publish_global(rnd + 1, new_state, meta={"aggregated_from_round": rnd})

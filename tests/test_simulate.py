@@ -72,6 +72,7 @@ def test_simulate_writes_summary_store_and_private_state(tmp_path, strategy):
         tensors, header = read_part(tmp_path / "out" / "clients" / client / "private.safetensors")
         assert header["part"] == "private" and all(k.startswith("layers.") for k in tensors)
     assert store.read_result(0)["strategy"] == strategy
+    assert store.read_server_state(1) == {}             # written every round, as the MPI aggregator does
 
 
 def test_published_global_is_the_strategy_applied_to_stored_updates(tmp_path):
@@ -249,3 +250,15 @@ def test_output_distillation_through_the_store(tmp_path):
     torch.testing.assert_close(store.read_teacher(2, "b"), store.read_anchor_predictions(1, "a").float())
     extra = [d["uploaded_bytes"] - p["uploaded_bytes"] for d, p in zip(summary["rounds"], plain["rounds"])]
     assert all(0 < e < 1000 for e in extra)             # two 6 x 2 predictions files, not weights
+
+
+def test_server_momentum_state_is_in_the_store_as_an_aggregator_writes_it(tmp_path):
+    cfg = yaml.safe_load(tiny_run(tmp_path, strategy="fedavg", rounds=1).read_text())
+    cfg["federation"].update(server_lr=0.5, server_momentum=0.9)
+    simulate(parse_run_config(cfg, tmp_path), tmp_path / "out", progress=False)
+    store = FederationStore(tmp_path / "out" / "store", create=False)
+    (g0, _), (g1, _) = store.read_global(0), store.read_global(1)
+    m0 = store.read_server_state(0)               # round 0: the buffer is the aggregated delta itself
+    assert sorted(m0) == sorted(g0)
+    for k in g0:
+        torch.testing.assert_close(g0[k] + 0.5 * m0[k], g1[k])
