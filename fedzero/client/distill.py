@@ -6,7 +6,7 @@ token that tells the labels apart (one forward per anchor) when the tokenizer ha
 the summed log-likelihoods of the whole completions (C forwards per anchor). Differentiable.
 
 A run config turns it on with a `distill:` section (DistillSettings); every client of a federation
-must use the same anchors, template and labels (the aggregator refuses predictions of other shapes).
+must use the same anchors, template and labels (the aggregator leaves out predictions of other shapes).
 """
 
 from __future__ import annotations
