@@ -200,7 +200,7 @@ def markdown(results: dict, summary: dict | None = None) -> str:
              f"lr DeMA {suite['lr']['dema']}, LoRA {suite['lr']['lora']} ({suite['train'].get('schedule', 'cosine')}).", "",
              suite.get("description", ""), "",
              *(["**Scored on the validation split** (`data.score: val`): every \"test\" below is a val set; "
-                "the test sets were not read.", ""] if suite["data"].get("score") == "val" else []),
+                "the test sets were not read.", ""] if (suite.get("data") or {}).get("score") == "val" else []),
              "## Testbed", "",
              "| backbone | kind | layers | hidden | params | how it was made | held-out LM loss (public text) |",
              "|---|---|---:|---:|---:|---|---|"]
