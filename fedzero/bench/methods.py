@@ -31,6 +31,7 @@ state, so it is the clean alignment signal, method.md).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -54,7 +55,8 @@ from .backbones import Backbone
 from .data import Split
 
 METHOD_FIELDS = {"name", "runner", "strategy", "strategy_options", "dema", "distill", "rank", "lr", "description"}
-DISTILL_FIELDS = {"weight": 1.0, "anchors": 64, "batch_size": 4}   # fedzero.strategies.distill, with defaults
+# A method's "distill" fields: DistillSettings' own, with its defaults (labels and template are the task's)
+DISTILL_FIELDS = {f.name: f.default for f in dataclasses.fields(DistillSettings) if f.name in ("weight", "anchors", "batch_size")}
 
 
 @dataclass
