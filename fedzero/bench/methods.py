@@ -56,7 +56,8 @@ from .data import Split
 
 METHOD_FIELDS = {"name", "runner", "strategy", "strategy_options", "dema", "distill", "rank", "lr", "description"}
 # A method's "distill" fields: DistillSettings' own, with its defaults (labels and template are the task's)
-DISTILL_FIELDS = {f.name: f.default for f in dataclasses.fields(DistillSettings) if f.name in ("weight", "anchors", "batch_size")}
+DISTILL_FIELDS = {f.name: f.default for f in dataclasses.fields(DistillSettings)
+                  if f.name in ("weight", "anchors", "batch_size")}
 
 
 @dataclass
