@@ -1,53 +1,70 @@
-"""Classification by scoring label words: accuracy, macro-F1 and label NLL.
+"""Classification by scoring label words: accuracy, macro-F1, balanced accuracy and label NLL.
 
 A prompt -> label-word task (e.g. "Tweet: ...\nSentiment:" -> " positive") is scored by the
 log-likelihood the model gives each candidate completion; the prediction is the best one. Label NLL
-is the cross-entropy of the softmax over candidates at the true label; at this scale accuracy alone
-swings with label bias, so all three are reported.
+is the cross-entropy of the softmax over candidates at the true label. At this scale accuracy alone
+swings with label bias (predicting a skewed test set's majority label scores well), so macro-F1 and
+balanced accuracy, which weigh every class alike, are reported beside it.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from fedzero.client.local import completion_logprob_sums
-from fedzero.data import build_examples, collate
+# torch and the training stack are imported where a model is scored: the metrics are plain numpy, so
+# the bench's report and statistics (fedzero.bench.stats) load without them
+
+
+def confusion_counts(pred: np.ndarray, true: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(true positives, predicted, true) counts per class, each [C]."""
+    tp = np.bincount(true[pred == true], minlength=n_classes)
+    return tp, np.bincount(pred, minlength=n_classes), np.bincount(true, minlength=n_classes)
+
+
+def metrics_from_counts(tp, predicted, true) -> dict[str, np.ndarray]:
+    """accuracy, macro_f1, balanced_accuracy from per-class counts [..., C] (any leading batch axes, so
+    the bootstrap in fedzero.bench.stats evaluates thousands of resamples at once with this one
+    definition). Macro-F1 averages over the classes in the truth or the predictions (a class absent
+    from both has no F1); balanced accuracy (mean recall) over the classes in the truth."""
+    tp, predicted, true = (np.asarray(x, dtype=np.float64) for x in (tp, predicted, true))
+    in_f1 = (predicted + true) > 0
+    in_truth = true > 0
+    f1 = np.divide(2 * tp, predicted + true, out=np.zeros_like(tp), where=in_f1)
+    recall = np.divide(tp, true, out=np.zeros_like(tp), where=in_truth)
+    return {"accuracy": tp.sum(-1) / true.sum(-1),
+            "macro_f1": f1.sum(-1) / in_f1.sum(-1),
+            "balanced_accuracy": recall.sum(-1) / in_truth.sum(-1)}
 
 
 def classification_metrics(scores: np.ndarray, true: np.ndarray) -> dict:
-    """scores [N, C] (higher = more likely), true [N] class indices -> accuracy, macro_f1, label_nll."""
+    """scores [N, C] (higher = more likely), true [N] class indices -> accuracy, macro_f1,
+    balanced_accuracy, label_nll. Ties go to the first class."""
     scores = np.asarray(scores, dtype=np.float64)
     true = np.asarray(true)
     if scores.ndim != 2 or scores.shape[0] != true.shape[0] or scores.shape[0] == 0:
         raise ValueError(f"scores must be [N, C] with N = len(true) > 0, got {scores.shape} and {true.shape}")
     pred = scores.argmax(axis=1)
-    f1s = []
-    for c in range(scores.shape[1]):
-        tp = np.sum((pred == c) & (true == c))
-        fp = np.sum((pred == c) & (true != c))
-        fn = np.sum((pred != c) & (true == c))
-        if tp + fp + fn == 0:
-            continue  # class absent from both truth and predictions: not part of the macro average
-        f1s.append(2 * tp / (2 * tp + fp + fn))
+    counts = metrics_from_counts(*confusion_counts(pred, true, scores.shape[1]))
     shifted = scores - scores.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return {
-        "accuracy": float(np.mean(pred == true)),
-        "macro_f1": float(np.mean(f1s)),
-        "label_nll": float(-np.mean(log_probs[np.arange(len(true)), true])),
-    }
+    return {**{k: float(v) for k, v in counts.items()},
+            "label_nll": float(-np.mean(log_probs[np.arange(len(true)), true]))}
 
 
-@torch.no_grad()
 def label_scores(model, tokenizer, records, labels, *, max_length: int, batch_size: int = 32) -> np.ndarray:
     """Sum of log-probabilities of each candidate completion f" {label}" (+ eos): [N, C]. The LM
     head runs only where a completion token is scored (a large share of a small model's compute)."""
+    import torch
+
+    from fedzero.client.local import completion_logprob_sums
+    from fedzero.data import build_examples, collate
+
     candidates = [{"prompt": r["prompt"], "completion": f" {label}"} for r in records for label in labels]
     examples = build_examples(candidates, tokenizer, max_length)
     model.eval()
-    out = [completion_logprob_sums(model, collate(examples[i:i + batch_size], tokenizer.pad_token_id))
-           for i in range(0, len(examples), batch_size)]
+    with torch.no_grad():
+        out = [completion_logprob_sums(model, collate(examples[i:i + batch_size], tokenizer.pad_token_id))
+               for i in range(0, len(examples), batch_size)]
     return torch.cat(out).view(len(records), len(labels)).numpy()
 
 

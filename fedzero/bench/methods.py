@@ -26,7 +26,10 @@ same data order and lr schedule for every method, and records per client and rou
 seconds per step and (every `eval_every` rounds and at the end) label-scoring metrics on the
 per-round eval subset; at the end, metrics on the full test sets per view; bytes sent and received;
 and the first-round cosine between clients' updates (all clients start that round from the same
-state, so it is the clean alignment signal, method.md).
+state, so it is the clean alignment signal, method.md). Per client also: its train label counts,
+optimizer steps and training seconds (the budget), and the label scores of every final test record
+(the run's "test_records" name them): the report's prior-only control and bootstrap intervals are
+computed from these after the fact (fedzero.bench.stats, which defines the format).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from fedzero.strategies.distill import leave_one_out_teachers
 
 from .backbones import Backbone
 from .data import Split
+from .stats import encode_records, encode_scores, label_counts
 
 METHOD_FIELDS = {"name", "runner", "strategy", "strategy_options", "dema", "distill", "rank", "lr", "description"}
 # A method's "distill" fields: DistillSettings' own, with its defaults (labels and template are the task's)
@@ -128,7 +132,8 @@ def run_method(method: dict, ctx: RunContext) -> dict:
     started = time.time()
     result = RUNNERS[method["runner"]](method, ctx)
     result.update({"setting": ctx.setting, "method": method["name"], "seed": ctx.seed, "spec": method,
-                   "rounds": ctx.rounds, "wall_seconds": round(time.time() - started, 1)})
+                   "rounds": ctx.rounds, "wall_seconds": round(time.time() - started, 1),
+                   "test_records": encode_records(ctx.split.test, list(LABELS))})
     return result
 
 
@@ -261,9 +266,19 @@ def _nbytes(state: dict[str, torch.Tensor]) -> int:
 
 # -- runners ----------------------------------------------------------------------------------------
 
-def _client_record(c: dict, fp: str, n_train: int, trainable: int) -> dict:
+def _client_record(c: dict, fp: str, n_train: int, trainable: int, ctx: RunContext) -> dict:
     return {"id": c["id"], "backbone": c["backbone"], "topics": list(c["topics"]), "fingerprint": fp,
-            "train_examples": n_train, "trainable_params": trainable, "rounds": [], "final": None}
+            "train_examples": n_train, "train_labels": label_counts(ctx.split.client(c["id"]).train, list(LABELS)),
+            "trainable_params": trainable, "train_steps": 0, "train_seconds": 0.0, "rounds": [], "final": None}
+
+
+def _record_training(rec: dict, rnd: int, loss: float, seconds: float, steps: int, total_steps: int) -> None:
+    """One round's training of one client: its loss and time per step, and the client's running budget
+    (steps taken so far by its optimizer; seconds in train_round, plus, with distillation, in
+    predicting the anchors: the client-side compute a method costs, evaluation aside)."""
+    rec["rounds"].append({"round": rnd, "train_loss": loss, "seconds_per_step": seconds / steps})
+    rec["train_steps"] = total_steps
+    rec["train_seconds"] = round(rec["train_seconds"] + seconds, 3)
 
 
 def run_dema(method: dict, ctx: RunContext) -> dict:
@@ -290,7 +305,7 @@ def run_dema(method: dict, ctx: RunContext) -> dict:
                              seed=ctx.client_seed(i), total_rounds=ctx.rounds, distiller=distiller)
         client._probe = train[:8]           # the gate-entropy probe at the end: the client's own examples
         clients.append(client)
-        rec = _client_record(c, fp, client.num_samples, sum(p.numel() for p in handle.trainable_parameters()))
+        rec = _client_record(c, fp, client.num_samples, sum(p.numel() for p in handle.trainable_parameters()), ctx)
         rec["shared_params"] = handle.num_shared_parameters()
         rec["rounds"].append({"round": 0, "eval": _round_zero(ctx, c["id"])})
         records.append(rec)
@@ -312,11 +327,14 @@ def run_dema(method: dict, ctx: RunContext) -> dict:
                                         client.handle.slot_use()))
             if not federated:
                 states[k] = client.handle.shared_state_dict()
-            records[k]["rounds"].append({"round": rnd + 1, "train_loss": metrics["train_loss"],
-                                         "seconds_per_step": seconds / settings.local_steps})
+            _record_training(records[k], rnd + 1, metrics["train_loss"], seconds, settings.local_steps, client.step)
         distill_bytes = [0] * len(clients)
         if distill:     # each sends its anchor predictions and receives the others' mean (N x C float32)
-            predictions = {c.client_id: c.distiller.predict(c.handle.model) for c in clients}
+            predictions = {}
+            for client, rec in zip(clients, records):
+                t0 = time.time()
+                predictions[client.client_id] = client.distiller.predict(client.handle.model)
+                rec["train_seconds"] = round(rec["train_seconds"] + time.time() - t0, 3)   # the method's own client work
             teachers = leave_one_out_teachers(predictions, {c.client_id: c.num_samples for c in clients})
             for client in clients:
                 client.distiller.set_teacher(teachers.get(client.client_id))
@@ -362,7 +380,7 @@ def run_lora(method: dict, ctx: RunContext) -> dict:
                             LoRASettings(rank=r, init_seed=ctx.seed), pad_id=tok.pad_token_id,
                             seed=ctx.client_seed(i), total_rounds=ctx.rounds)
         clients.append(client)
-        rec = _client_record(c, fp, client.num_samples, sum(p.numel() for p in client.trainable_parameters()))
+        rec = _client_record(c, fp, client.num_samples, sum(p.numel() for p in client.trainable_parameters()), ctx)
         rec["rank"] = r
         rec["rounds"].append({"round": 0, "eval": _round_zero(ctx, c["id"])})
         records.append(rec)
@@ -380,8 +398,7 @@ def run_lora(method: dict, ctx: RunContext) -> dict:
             if rnd == 0:
                 deltas[client.client_id] = {key: state[key] - before[key] for key in state}
                 changes[client.client_id] = lora_dw_factors(before, state, client.scaling)
-            records[k]["rounds"].append({"round": rnd + 1, "train_loss": metrics["train_loss"],
-                                         "seconds_per_step": seconds / settings.local_steps})
+            _record_training(records[k], rnd + 1, metrics["train_loss"], seconds, settings.local_steps, client.step)
         if rnd == 0:
             first = first_round_cosine(deltas)       # of the LoRA factors (same rank and backbone only)
             pairs = dw_cosines(changes)               # of the weight updates dW (any ranks, same backbone)
@@ -426,6 +443,7 @@ def _evaluate_round(rnd: int, ctx: RunContext, models: list, records: list[dict]
             rec["rounds"][-1]["eval"] = view_metrics({t: s[:n] for t, s in scores.items()}, ctx.split, rec["id"])
         if final:
             rec["final"] = view_metrics(scores, ctx.split, rec["id"])
+            rec["test_scores"] = encode_scores(scores)
 
 
 def _log_round(ctx: RunContext, method: dict, rnd: int, records: list[dict]) -> None:

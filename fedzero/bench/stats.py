@@ -1,0 +1,306 @@
+"""Per-record test outcomes of bench runs, and the statistics the report draws from them: the
+prior-only control and paired bootstrap intervals for gains.
+
+Stored format (written by fedzero.bench.methods into every run record, read by `decode_run`). Long
+lists are space-separated strings, since results.json is written one JSON value per line:
+
+    run["test_records"] = {"labels": ["negative", "neutral", "positive"],
+                           "topics": {topic: {"uids": "17 4 88 ...", "y": "0212..."}}}
+        the test records every client of the run scored, per topic in the split's order: their
+        source uids and true class indices (one digit each). Identical for every method of one
+        (setting, seed), since the split depends only on (seed, topic): that is what pairs two
+        methods record by record.
+    client["test_scores"] = {topic: "-1.2345 -2.5 -0.75 ..."}
+        the label scores (log-likelihood of each label word) of every test record, row-major [n, C],
+        rounded to SCORE_DECIMALS.
+    client["train_labels"] = {label: count}: the client's train label counts (the prior-only control).
+
+Views per client, as in fedzero.bench.data: own (its topics), unseen (the other topics), global (all).
+A run's metric in a view is the mean over the clients that have that view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedzero.evaluate import metrics_from_counts
+
+SCORE_DECIMALS = 4
+CLASS_METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
+VIEWS = ("own", "unseen", "global")
+
+
+# -- the stored format ------------------------------------------------------------------------------
+
+def encode_records(test: dict[str, list[dict]], labels: list[str]) -> dict:
+    """run["test_records"] from the split's test sets ({topic: records with "uid" and "label"})."""
+    if len(labels) > 10:
+        raise ValueError("one digit per true label: at most 10 labels")
+    return {"labels": list(labels),
+            "topics": {t: {"uids": " ".join(str(int(r["uid"])) for r in recs),
+                           "y": "".join(str(labels.index(r["label"])) for r in recs)}
+                       for t, recs in test.items()}}
+
+
+def encode_scores(scores: dict[str, np.ndarray], decimals: int = SCORE_DECIMALS) -> dict[str, str]:
+    """client["test_scores"] from {topic: [n, C] label scores}."""
+    def number(x: float) -> str:
+        text = f"{x:.{decimals}f}".rstrip("0").rstrip(".")
+        return "0" if text in ("-0", "") else text
+    return {t: " ".join(number(x) for x in np.asarray(s, dtype=np.float64).ravel()) for t, s in scores.items()}
+
+
+def label_counts(records: list[dict], labels: list[str]) -> dict[str, int]:
+    return {lab: sum(r["label"] == lab for r in records) for lab in labels}
+
+
+@dataclass
+class Outcomes:
+    """One run's final test outcomes: N records (topics concatenated in order), K clients' scores."""
+
+    topics: list[str]
+    labels: list[str]
+    uids: np.ndarray             # [N]
+    y: np.ndarray                # [N] true class
+    strata: np.ndarray           # [N] index into topics: records are resampled within their topic
+    clients: list[str]
+    client_topics: list[list[str]]
+    scores: np.ndarray           # [K, N, C] label scores
+    train_labels: np.ndarray | None = None   # [K, C] train label counts, None if not recorded
+
+    def predictions(self) -> np.ndarray:
+        return self.scores.argmax(axis=2)        # [K, N]; ties to the first class, as classification_metrics
+
+    def units(self) -> list[tuple[str, str]]:
+        """(client, view) for every view each client has (no "unseen" for a client holding every topic)."""
+        return [(c, v) for c, own in zip(self.clients, self.client_topics) for v in VIEWS
+                if not (v == "unseen" and set(self.topics) <= set(own))]
+
+    def unit_layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """(unit_client [U] client index, unit_strata [U, T] bool: the topics of each unit's view)."""
+        units = self.units()
+        index = {c: k for k, c in enumerate(self.clients)}
+        strata = np.zeros((len(units), len(self.topics)), dtype=bool)
+        for u, (c, v) in enumerate(units):
+            own = set(self.client_topics[index[c]])
+            strata[u] = [v == "global" or (t in own) == (v == "own") for t in self.topics]
+        return np.array([index[c] for c, _ in units]), strata
+
+
+def decode_run(run: dict) -> Outcomes | None:
+    """The run's Outcomes, or None for a run recorded before outcomes were stored."""
+    records = run.get("test_records")
+    if not records or not run.get("clients") or any("test_scores" not in c for c in run["clients"]):
+        return None
+    topics, labels = list(records["topics"]), list(records["labels"])
+    uids = np.concatenate([np.array(records["topics"][t]["uids"].split(), dtype=np.int64) for t in topics])
+    y = np.concatenate([np.frombuffer(records["topics"][t]["y"].encode(), dtype=np.uint8).astype(np.int64) - 48
+                        for t in topics])
+    strata = np.concatenate([np.full(len(records["topics"][t]["y"]), i) for i, t in enumerate(topics)])
+    scores = np.stack([np.concatenate([np.array(c["test_scores"][t].split(), dtype=np.float64).reshape(-1, len(labels))
+                                       for t in topics]) for c in run["clients"]])
+    if scores.shape[1] != len(y):
+        raise ValueError(f"run {run.get('method')!r} seed {run.get('seed')}: {scores.shape[1]} scored records, {len(y)} stored")
+    train = ([[c["train_labels"][lab] for lab in labels] for c in run["clients"]]
+             if all("train_labels" in c for c in run["clients"]) else None)
+    return Outcomes(topics, labels, uids, y, strata, [c["id"] for c in run["clients"]],
+                    [list(c["topics"]) for c in run["clients"]], scores,
+                    None if train is None else np.array(train, dtype=np.float64))
+
+
+# -- the prior-only control -------------------------------------------------------------------------
+
+def prior_shift(scores: np.ndarray, own_counts, pooled_counts) -> np.ndarray:
+    """Bayes' rule under label shift: a model fit to label prior π_own scores log p(x|c) + log π_own(c)
+    up to a constant in c; re-fitting only its prior to π_pool adds log π_pool(c) − log π_own(c).
+    Priors from counts with +1 smoothing, so a label a client never saw keeps a finite score."""
+    own = np.asarray(own_counts, dtype=np.float64) + 1
+    pooled = np.asarray(pooled_counts, dtype=np.float64) + 1
+    return np.asarray(scores, dtype=np.float64) + np.log(pooled / pooled.sum()) - np.log(own / own.sum())
+
+
+def prior_only(local: Outcomes) -> Outcomes:
+    """The prior-only control of a local-only run: every client's scores with its label prior re-fit
+    to the federation's pooled train label counts, nothing else changed (no training)."""
+    if local.train_labels is None:
+        raise ValueError("the prior-only control needs the clients' train label counts")
+    pooled = local.train_labels.sum(axis=0)
+    shifted = np.stack([prior_shift(s, own, pooled) for s, own in zip(local.scores, local.train_labels)])
+    return Outcomes(local.topics, local.labels, local.uids, local.y, local.strata, local.clients,
+                    local.client_topics, shifted, local.train_labels)
+
+
+# -- paired bootstrap ---------------------------------------------------------------------------------
+
+@dataclass
+class SeedPair:
+    """One seed: its test records, and two arms' (method a, control b) predictions per client on them."""
+
+    y: np.ndarray                # [N]
+    strata: np.ndarray           # [N] in 0..T-1
+    pred_a: np.ndarray           # [K, N]
+    pred_b: np.ndarray           # [K, N]
+    unit_client: np.ndarray      # [U]: a unit is one client's view,
+    unit_strata: np.ndarray      # [U, T] bool: made of whole strata (topics)
+    n_classes: int
+
+
+def pair_outcomes(a: Outcomes, b: Outcomes) -> SeedPair:
+    """Pair two runs of one seed record by record; refuses runs that scored different records."""
+    if a.topics != b.topics or not np.array_equal(a.uids, b.uids) or not np.array_equal(a.y, b.y):
+        raise ValueError("the two runs scored different test records")
+    if a.clients != b.clients or a.client_topics != b.client_topics:
+        raise ValueError("the two runs have different clients")
+    unit_client, unit_strata = a.unit_layout()
+    return SeedPair(a.y, a.strata, a.predictions(), b.predictions(), unit_client, unit_strata, a.scores.shape[2])
+
+
+@dataclass
+class Draws:
+    """The bootstrap's random draws. seeds [B, S]: the seed in each of the S slots of resample b.
+    records[s][t]: [M_s, n_t] indices into stratum t of seed s, one row per slot that drew seed s,
+    in row-major slot order (np.nonzero(seeds == s))."""
+
+    seeds: np.ndarray
+    records: list[list[np.ndarray]]
+
+
+def draw_resamples(rng: np.random.Generator, stratum_sizes: list[list[int]], n_boot: int) -> Draws:
+    """Seeds with replacement, then within every drawn seed its records with replacement within each
+    stratum (so every view keeps its size). One record draw per slot, shared by both arms: the pairing."""
+    n_seeds = len(stratum_sizes)
+    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    picks = np.bincount(seeds.ravel(), minlength=n_seeds)
+    records = [[rng.integers(0, n, size=(picks[s], n)) for n in sizes] for s, sizes in enumerate(stratum_sizes)]
+    return Draws(seeds, records)
+
+
+def resample_counts(index: np.ndarray, n: int) -> np.ndarray:
+    """[M, k] draws from range(n) -> [M, n] how often each record was drawn (float32 holds these
+    integer counts exactly, and keeps the matrix product fast)."""
+    m = index.shape[0]
+    flat = (np.arange(m)[:, None] * n + index).ravel()
+    return np.bincount(flat, minlength=m * n).reshape(m, n).astype(np.float32)
+
+
+def _stratum_features(y: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
+    """[n, A * K * C * 2 + C] indicators per record: for every arm, client and class, correct-and-
+    predicted-c and predicted-c; then true-c. Weighted sums of these are confusion counts."""
+    classes = np.arange(n_classes)
+    predicted = preds[..., None] == classes                       # [A, K, n, C]
+    correct = predicted & (y[:, None] == classes)
+    per_arm = np.stack([correct, predicted], axis=-1)             # [A, K, n, C, 2]
+    n = len(y)
+    return np.concatenate([np.moveaxis(per_arm, 2, 0).reshape(n, -1),
+                           (y[:, None] == classes)], axis=1).astype(np.float32)
+
+
+def _unit_metrics(y, strata, preds, unit_client, unit_strata, n_classes, weights) -> dict[str, np.ndarray]:
+    """Every class metric [M, A, U] per resample, arm and unit. preds [A, K, N] (arms: e.g. method and
+    control); weights[t]: [M, n_t] how often each record of stratum t is in each resample. Counts are
+    taken per stratum, then summed over each unit's strata."""
+    n_arms, n_clients = preds.shape[:2]
+    per_stratum = [w @ _stratum_features(y[strata == t], preds[:, :, strata == t], n_classes)
+                   for t, w in enumerate(weights)]
+    counts = np.stack(per_stratum, axis=1).astype(np.float64)     # [M, T, F]
+    m, n_strata = counts.shape[:2]
+    split = n_arms * n_clients * n_classes * 2
+    arm = counts[..., :split].reshape(m, n_strata, n_arms, n_clients, n_classes, 2)[:, :, :, unit_client]
+    sel = unit_strata.astype(np.float64)                          # [U, T]
+    arm_u = np.einsum("mtaucj,ut->maucj", arm, sel)               # [M, A, U, C, 2]
+    true_u = np.einsum("mtc,ut->muc", counts[..., split:], sel)[:, None]    # [M, 1, U, C]
+    return metrics_from_counts(arm_u[..., 0], arm_u[..., 1], np.broadcast_to(true_u, arm_u.shape[:-1]))
+
+
+def _pair_metrics(pair: SeedPair, weights: list[np.ndarray]) -> dict[str, np.ndarray]:
+    return _unit_metrics(pair.y, pair.strata, np.stack([pair.pred_a, pair.pred_b]), pair.unit_client,
+                         pair.unit_strata, pair.n_classes, weights)
+
+
+def _stratum_sizes(pair: SeedPair) -> list[int]:
+    return np.bincount(pair.strata, minlength=pair.unit_strata.shape[1]).tolist()
+
+
+def full_sample_gains(pairs: list[SeedPair]) -> dict[str, np.ndarray]:
+    """{metric: [S, U]}: arm a minus arm b on every seed's records as they are."""
+    out = {k: [] for k in CLASS_METRICS}
+    for pair in pairs:
+        metrics = _pair_metrics(pair, [np.ones((1, n), dtype=np.float32) for n in _stratum_sizes(pair)])
+        for k in CLASS_METRICS:
+            out[k].append(metrics[k][0, 0] - metrics[k][0, 1])
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def slot_gains(pairs: list[SeedPair], draws: Draws) -> dict[str, np.ndarray]:
+    """{metric: [B, S, U]}: arm a minus arm b in every slot of every resample, on that slot's records."""
+    n_boot, n_slots = draws.seeds.shape
+    n_units = len(pairs[0].unit_client)
+    out = {k: np.empty((n_boot, n_slots, n_units)) for k in CLASS_METRICS}
+    for s, pair in enumerate(pairs):
+        rows, cols = np.nonzero(draws.seeds == s)
+        if not len(rows):
+            continue
+        weights = [resample_counts(idx, n) for idx, n in zip(draws.records[s], _stratum_sizes(pair))]
+        metrics = _pair_metrics(pair, weights)
+        for k in CLASS_METRICS:
+            out[k][rows, cols] = metrics[k][:, 0] - metrics[k][:, 1]
+    return out
+
+
+@dataclass
+class Interval:
+    point: float      # mean over seeds of the gain on all records
+    low: float        # 2.5th percentile of the bootstrap distribution
+    high: float       # 97.5th
+
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+@dataclass
+class Bootstrap:
+    """A gain's full-sample values [S, U] and bootstrap slot values [B, S, U] per metric."""
+
+    units: list[tuple[str, str]]
+    seeds: list[int]
+    full: dict[str, np.ndarray]
+    slots: dict[str, np.ndarray]
+
+    def interval(self, metric: str, view: str, client: str | None = None) -> Interval | None:
+        """The gain in `view`, mean over the clients that have it (or of one client); None if none has."""
+        cols = [u for u, (c, v) in enumerate(self.units) if v == view and client in (None, c)]
+        if not cols:
+            return None
+        per_resample = self.slots[metric][:, :, cols].mean(axis=2).mean(axis=1)
+        low, high = np.percentile(per_resample, [2.5, 97.5])
+        return Interval(float(self.full[metric][:, cols].mean()), float(low), float(high))
+
+
+def paired_bootstrap(method: dict[int, Outcomes], control: dict[int, Outcomes], *, n_boot: int = 2000,
+                     seed: int = 0) -> Bootstrap | None:
+    """Gain of `method` over `control` ({seed: Outcomes} each), paired by seed and record, over the
+    seeds both have (None if none). Deterministic given `seed`."""
+    seeds = sorted(set(method) & set(control))
+    if not seeds:
+        return None
+    pairs = [pair_outcomes(method[s], control[s]) for s in seeds]
+    draws = draw_resamples(np.random.default_rng(seed), [_stratum_sizes(p) for p in pairs], n_boot)
+    return Bootstrap(method[seeds[0]].units(), seeds, full_sample_gains(pairs), slot_gains(pairs, draws))
+
+
+def outcome_metrics(out: Outcomes) -> dict[str, float | None]:
+    """{"view.metric": mean over the clients with that view} on all records (the headline of an arm
+    that has no final metrics of its own, such as the prior-only control)."""
+    unit_client, unit_strata = out.unit_layout()
+    sizes = np.bincount(out.strata, minlength=len(out.topics))
+    metrics = _unit_metrics(out.y, out.strata, out.predictions()[None], unit_client, unit_strata,
+                            out.scores.shape[2], [np.ones((1, n), dtype=np.float32) for n in sizes])
+    units = out.units()
+    result = {}
+    for view in VIEWS:
+        cols = [u for u, (_, v) in enumerate(units) if v == view]
+        for k in CLASS_METRICS:
+            result[f"{view}.{k}"] = float(metrics[k][0, 0, cols].mean()) if cols else None
+    return result

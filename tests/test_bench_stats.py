@@ -1,0 +1,283 @@
+"""fedzero.bench.stats and the class metrics it builds on: exact answers on hand-made numbers."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from fedzero.bench import stats
+from fedzero.bench.stats import (CLASS_METRICS, Outcomes, decode_run, draw_resamples, encode_records, encode_scores,
+                                 full_sample_gains, outcome_metrics, pair_outcomes, paired_bootstrap, prior_only,
+                                 prior_shift, slot_gains)
+from fedzero.evaluate import classification_metrics, metrics_from_counts
+
+# -- class metrics ------------------------------------------------------------------------------------------
+
+
+def test_balanced_accuracy_and_macro_f1_on_a_hand_made_confusion_matrix():
+    # true 0 -> predicted 0,0,0,1,3; true 1 -> 1,1,2,2; true 2 -> 2,0; class 3 is predicted once, never true
+    true = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    pred = np.array([0, 0, 0, 1, 3, 1, 1, 2, 2, 2, 0])
+    m = classification_metrics(np.eye(4)[pred], true)
+    assert m["accuracy"] == pytest.approx(6 / 11)
+    # recall 3/5, 2/4, 1/2 over the three classes in the truth (class 3 has no recall)
+    assert m["balanced_accuracy"] == pytest.approx((3 / 5 + 2 / 4 + 1 / 2) / 3)
+    # F1 = 2 tp / (predicted + true): 6/9, 4/7, 2/5, and 0/1 for class 3 (predicted, never true)
+    assert m["macro_f1"] == pytest.approx((6 / 9 + 4 / 7 + 2 / 5 + 0) / 4)
+
+
+def test_a_class_neither_true_nor_predicted_is_left_out_of_both_averages():
+    true, pred = np.array([0, 0, 1]), np.array([0, 1, 1])
+    m = classification_metrics(np.eye(3)[pred], true)            # class 2: absent everywhere
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 1) / 2)
+
+
+def test_metrics_from_counts_batches_over_leading_axes():
+    counts = np.array([[[2, 1, 0], [3, 1, 1], [2, 2, 1]],          # tp, predicted, true per class
+                       [[0, 0, 1], [1, 1, 1], [1, 1, 1]]])
+    out = metrics_from_counts(counts[:, 0], counts[:, 1], counts[:, 2])
+    assert out["accuracy"] == pytest.approx([3 / 5, 1 / 3])
+    assert out["balanced_accuracy"] == pytest.approx([(1 + 1 / 2 + 0) / 3, (0 + 0 + 1) / 3])
+    assert out["macro_f1"] == pytest.approx([(4 / 5 + 2 / 3 + 0) / 3, (0 + 0 + 1) / 3])
+
+
+# -- stored outcomes -----------------------------------------------------------------------------------------
+
+LABELS3 = ["negative", "neutral", "positive"]
+
+
+def _run(scores_by_client, *, train_labels=None, topics=("t0", "t1"), y=None, uids=None):
+    """A run record as methods.py writes it: clients c0.. with topics[k] as their own topic."""
+    y = y if y is not None else {"t0": [0, 1, 2], "t1": [2, 2]}
+    uids = uids if uids is not None else {t: [10 * i + j for j in range(len(y[t]))] for i, t in enumerate(topics)}
+    test = {t: [{"uid": u, "label": LABELS3[c]} for u, c in zip(uids[t], y[t])] for t in topics}
+    clients = []
+    for k, scores in enumerate(scores_by_client):
+        c = {"id": f"c{k}", "topics": [topics[k]], "test_scores": encode_scores(scores)}
+        if train_labels is not None:
+            c["train_labels"] = dict(zip(LABELS3, train_labels[k]))
+        clients.append(c)
+    return {"method": "m", "seed": 0, "test_records": encode_records(test, LABELS3), "clients": clients}
+
+
+def test_outcomes_round_trip_through_the_stored_strings():
+    rng = np.random.default_rng(0)
+    scores = [{"t0": rng.normal(size=(3, 3)) * 5, "t1": rng.normal(size=(2, 3))} for _ in range(2)]
+    run = _run(scores, train_labels=[[4, 1, 0], [0, 2, 7]])
+    assert run["test_records"]["topics"]["t1"] == {"uids": "10 11", "y": "22"}
+    out = decode_run(run)
+    assert out.topics == ["t0", "t1"] and out.clients == ["c0", "c1"] and out.client_topics == [["t0"], ["t1"]]
+    assert out.uids.tolist() == [0, 1, 2, 10, 11] and out.y.tolist() == [0, 1, 2, 2, 2]
+    assert out.strata.tolist() == [0, 0, 0, 1, 1]
+    expected = np.stack([np.concatenate([s["t0"], s["t1"]]) for s in scores])
+    np.testing.assert_allclose(out.scores, expected, atol=0.5e-4 + 1e-12)       # 4 decimals
+    assert out.train_labels.tolist() == [[4, 1, 0], [0, 2, 7]]
+    assert out.units() == [("c0", "own"), ("c0", "unseen"), ("c0", "global"),
+                           ("c1", "own"), ("c1", "unseen"), ("c1", "global")]
+    unit_client, unit_strata = out.unit_layout()
+    assert unit_client.tolist() == [0, 0, 0, 1, 1, 1]
+    assert unit_strata.tolist() == [[True, False], [False, True], [True, True],
+                                    [False, True], [True, False], [True, True]]
+    assert encode_scores({"t": np.array([[-0.00001, 1.5, -2.25]])}) == {"t": "0 1.5 -2.25"}
+    old = {k: v for k, v in run.items() if k != "test_records"}           # a run from before outcomes were stored
+    assert decode_run(old) is None
+    assert decode_run(_run(scores)).train_labels is None
+
+
+def test_outcome_metrics_equal_classification_metrics_per_client_and_view():
+    rng = np.random.default_rng(1)
+    scores = [{"t0": rng.normal(size=(3, 3)), "t1": rng.normal(size=(2, 3))} for _ in range(2)]
+    out = decode_run(_run(scores))
+    y = {"t0": np.array([0, 1, 2]), "t1": np.array([2, 2])}
+
+    def ref(view):
+        per = []
+        for k, own in enumerate(("t0", "t1")):
+            topics = {"own": [own], "unseen": [t for t in ("t0", "t1") if t != own], "global": ["t0", "t1"]}[view]
+            s = np.concatenate([out.scores[k][out.strata == ("t0", "t1").index(t)] for t in topics])
+            per.append(classification_metrics(s, np.concatenate([y[t] for t in topics])))
+        return per
+
+    m = outcome_metrics(out)
+    for view in ("own", "unseen", "global"):
+        for metric in CLASS_METRICS:
+            assert m[f"{view}.{metric}"] == pytest.approx(np.mean([r[metric] for r in ref(view)]))
+
+
+# -- the prior-only control ------------------------------------------------------------------------------------
+
+
+def test_prior_only_control_on_a_hand_made_example():
+    # client 0 trained on labels 6 / 2 / 0, client 1 on 0 / 2 / 6: pooled 6 / 4 / 6. With +1 smoothing
+    # client 0's prior is 7/11, 3/11, 1/11 and the pooled one 7/19, 5/19, 7/19, so its scores move by
+    # log(11/19), log(55/57), log(77/19) = -0.547, -0.036, +1.399
+    shift0 = np.log([11 / 19, 55 / 57, 77 / 19])
+    shift1 = np.log([77 / 19, 55 / 57, 11 / 19])                 # the mirror image
+    assert prior_shift(np.zeros(3), [6, 2, 0], [6, 4, 6]) == pytest.approx(shift0)
+    s0 = {"t0": np.array([[0.0, -0.5, -1.5], [0.0, -2.0, -3.0], [-1.0, 0.0, -2.0]]), "t1": np.zeros((2, 3))}
+    s1 = {"t0": np.array([[-1.5, -0.5, 0.0], [-3.0, -2.0, 0.0], [-2.0, 0.0, -1.0]]), "t1": np.zeros((2, 3))}
+    local = decode_run(_run([s0, s1], train_labels=[[6, 2, 0], [0, 2, 6]]))
+    control = prior_only(local)
+    np.testing.assert_allclose(control.scores[0], local.scores[0] + shift0)
+    np.testing.assert_allclose(control.scores[1], local.scores[1] + shift1)
+    # client 0: [0, -0.5, -1.5] -> [-0.547, -0.536, -0.101]: its skewed prior alone had kept "negative";
+    # [0, -2, -3] stays "negative", [-1, 0, -2] -> [-1.547, -0.036, -0.601] stays "neutral"
+    assert local.predictions()[0].tolist() == [0, 0, 1, 0, 0]
+    assert control.predictions()[0].tolist() == [2, 0, 1, 2, 2]
+    assert control.predictions()[1].tolist() == [0, 2, 1, 0, 0]
+    # nothing else changes: the records, the clients, the counts
+    assert control.uids.tolist() == local.uids.tolist() and control.train_labels.tolist() == [[6, 2, 0], [0, 2, 6]]
+    # a federation whose clients all hold the pooled prior: the control is the local model itself
+    same = decode_run(_run([s0, s1], train_labels=[[3, 3, 3], [3, 3, 3]]))
+    np.testing.assert_allclose(prior_only(same).scores, same.scores, atol=1e-12)
+    with pytest.raises(ValueError, match="train label counts"):
+        prior_only(decode_run(_run([s0, s1])))
+
+
+# -- paired bootstrap ---------------------------------------------------------------------------------------------
+
+
+def _outcomes(y, pred, topics_sizes, *, uids=None):
+    """Outcomes of K clients with predictions pred [K, N] (one-hot scores), client k owning topic k."""
+    pred = np.asarray(pred)
+    topics = [f"t{i}" for i in range(len(topics_sizes))]
+    strata = np.repeat(np.arange(len(topics)), topics_sizes)
+    n_clients = pred.shape[0]
+    return Outcomes(topics, LABELS3, np.arange(len(y)) if uids is None else uids, np.asarray(y), strata,
+                    [f"c{k}" for k in range(n_clients)], [[topics[k % len(topics)]] for k in range(n_clients)],
+                    np.eye(3)[pred] * 2.0)
+
+
+def _interval(b, metric="accuracy", view="global", client=None):
+    i = b.interval(metric, view, client)
+    return i.point, i.low, i.high
+
+
+def test_identical_method_and_control_give_exactly_zero():
+    rng = np.random.default_rng(0)
+    runs = {}
+    for s in range(3):
+        y = rng.integers(0, 3, 30)
+        runs[s] = _outcomes(y, rng.integers(0, 3, (2, 30)), [10, 20])
+    b = paired_bootstrap(runs, runs, n_boot=200, seed=1)
+    for metric in CLASS_METRICS:
+        for view in ("own", "unseen", "global"):
+            assert _interval(b, metric, view) == (0.0, 0.0, 0.0)
+
+
+def test_a_fixed_set_of_extra_correct_records_gives_the_exact_point_and_a_binomial_interval():
+    def gain(n, n_boot=4000):
+        y = np.zeros(n, dtype=int)
+        control = np.where(np.arange(n) % 2 == 0, 0, 1)           # right on the even records
+        method = np.where(np.arange(n) % 4 == 1, 0, control)      # ... and on every 4th odd one too
+        b = paired_bootstrap({0: _outcomes(y, method[None], [n])}, {0: _outcomes(y, control[None], [n])},
+                             n_boot=n_boot, seed=0)
+        return _interval(b)
+
+    point, low, high = gain(400)
+    assert point == 0.25                                          # exactly the share of extra records
+    # one seed: the gain is Binomial(400, 0.25) / 400 under resampling: 0.25 ± 1.96 · sqrt(0.25 · 0.75 / 400)
+    half = 1.96 * math.sqrt(0.25 * 0.75 / 400)
+    assert low == pytest.approx(0.25 - half, abs=0.006) and high == pytest.approx(0.25 + half, abs=0.006)
+    wide, narrow = gain(100), gain(1600)
+    assert wide[0] == narrow[0] == 0.25
+    assert (narrow[2] - narrow[1]) == pytest.approx((wide[2] - wide[1]) / 4, rel=0.2)   # width ~ 1 / sqrt(n)
+
+
+def test_seed_resampling_alone_on_a_known_distribution():
+    # seed 0: the method is right everywhere and the control nowhere (gain 1 in every record resample);
+    # seeds 1 and 2: identical (gain 0). The mean over 3 seed draws is k/3 with k ~ Binomial(3, 1/3):
+    # P(0) = 8/27 > 2.5 % and P(1) = 1/27 > 2.5 %, so the interval is exactly [0, 1]
+    y = np.array([0, 1, 2, 0])
+    right, wrong = _outcomes(y, y[None], [4]), _outcomes(y, ((y + 1) % 3)[None], [4])
+    b = paired_bootstrap({0: right, 1: right, 2: wrong}, {0: wrong, 1: right, 2: wrong}, n_boot=2000, seed=3)
+    for metric in CLASS_METRICS:
+        point, low, high = _interval(b, metric)
+        assert point == pytest.approx(1 / 3) and (low, high) == (0.0, 1.0)
+    assert b.seeds == [0, 1, 2]
+
+
+def test_one_seed_resamples_records_only_and_pairs_only_common_seeds():
+    y = np.array([0, 1, 2, 1, 0, 2])
+    method = _outcomes(y, y[None], [6])
+    control = _outcomes(y, np.array([[0, 1, 2, 0, 0, 0]]), [6])
+    b = paired_bootstrap({0: method, 5: method}, {0: control}, n_boot=500, seed=0)
+    assert b.seeds == [0] and b.slots["accuracy"].shape == (500, 1, 2)     # one topic: own and global only
+    assert b.interval("accuracy", "unseen") is None
+    point, low, high = _interval(b)
+    assert point == pytest.approx(1 / 3) and 0 <= low < point < high <= 1      # control right on 4 of 6
+    assert paired_bootstrap({0: method}, {1: control}) is None
+    with pytest.raises(ValueError, match="different test records"):
+        pair_outcomes(method, _outcomes(y, y[None], [6], uids=np.arange(6) + 1))
+
+
+def test_the_same_seed_gives_the_same_interval():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 40)
+    a, c = _outcomes(y, rng.integers(0, 3, (2, 40)), [20, 20]), _outcomes(y, rng.integers(0, 3, (2, 40)), [20, 20])
+    first, again = paired_bootstrap({0: a}, {0: c}, n_boot=300, seed=7), paired_bootstrap({0: a}, {0: c}, n_boot=300, seed=7)
+    other = paired_bootstrap({0: a}, {0: c}, n_boot=300, seed=8)
+    assert _interval(first, "macro_f1") == _interval(again, "macro_f1") != _interval(other, "macro_f1")
+
+
+def _reference_slot_gains(pairs, n_boot, seed):
+    """The bootstrap as a plain loop over resamples and slots, drawing in the documented order
+    (seeds [B, S]; then per seed, per stratum, [slots that drew it, n_t]), metrics from
+    classification_metrics on explicitly resampled records."""
+    rng = np.random.default_rng(seed)
+    n_seeds = len(pairs)
+    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    draws = {}
+    for s, p in enumerate(pairs):
+        slots = list(zip(*np.nonzero(seeds == s)))
+        members = [np.flatnonzero(p.strata == t) for t in range(p.unit_strata.shape[1])]
+        per_stratum = [rng.integers(0, len(m), size=(len(slots), len(m))) for m in members]
+        for j, slot in enumerate(slots):
+            draws[slot] = np.concatenate([m[idx[j]] for m, idx in zip(members, per_stratum)])
+    out = {k: np.zeros((n_boot, n_seeds, len(pairs[0].unit_client))) for k in CLASS_METRICS}
+    for b in range(n_boot):
+        for i in range(n_seeds):
+            p = pairs[seeds[b, i]]
+            rec = draws[(b, i)]
+            for u, (k, strata) in enumerate(zip(p.unit_client, p.unit_strata)):
+                sel = rec[strata[p.strata[rec]]]
+                ma = classification_metrics(np.eye(3)[p.pred_a[k][sel]], p.y[sel])
+                mb = classification_metrics(np.eye(3)[p.pred_b[k][sel]], p.y[sel])
+                for metric in CLASS_METRICS:
+                    out[metric][b, i, u] = ma[metric] - mb[metric]
+    return out
+
+
+def test_vectorised_bootstrap_equals_a_slow_loop_with_the_same_draws():
+    rng = np.random.default_rng(4)
+    pairs = []
+    for _ in range(3):
+        y = rng.integers(0, 3, 9)
+        pairs.append(pair_outcomes(_outcomes(y, rng.integers(0, 3, (2, 9)), [5, 4]),
+                                   _outcomes(y, rng.integers(0, 3, (2, 9)), [5, 4])))
+    fast = slot_gains(pairs, draw_resamples(np.random.default_rng(11), [[5, 4]] * 3, 40))
+    slow = _reference_slot_gains(pairs, 40, 11)
+    for metric in CLASS_METRICS:
+        np.testing.assert_allclose(fast[metric], slow[metric], atol=1e-12)
+    # and the full-sample gains are the plain metrics' differences
+    full = full_sample_gains(pairs)
+    p = pairs[0]
+    a = classification_metrics(np.eye(3)[p.pred_a[1]], p.y)
+    c = classification_metrics(np.eye(3)[p.pred_b[1]], p.y)
+    assert full["macro_f1"][0, 5] == pytest.approx(a["macro_f1"] - c["macro_f1"])    # unit 5: c1, global
+
+
+def test_bootstrap_of_a_realistic_size_is_fast():
+    rng = np.random.default_rng(5)
+    runs = {}
+    for s in range(5):
+        y = rng.integers(0, 3, 1000)
+        runs[s] = (_outcomes(y, rng.integers(0, 3, (4, 1000)), [250] * 4),
+                   _outcomes(y, rng.integers(0, 3, (4, 1000)), [250] * 4))
+    t0 = time.perf_counter()
+    b = paired_bootstrap({s: r[0] for s, r in runs.items()}, {s: r[1] for s, r in runs.items()}, n_boot=2000)
+    seconds = time.perf_counter() - t0
+    assert b.slots["macro_f1"].shape == (2000, 5, 12)
+    assert seconds < 3.0        # about 0.4 s on 2 cores: every view, client and metric at once
