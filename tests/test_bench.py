@@ -186,8 +186,11 @@ def test_report_markdown_and_plots(tmp_path):
         "accuracy_per_round.png", "accuracy_vs_bytes.png", "first_round_cosine.png", "per_client_accuracy.png"]
     assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in results["plots"])
     md = report.markdown(results)
-    assert "| fed | 0.800 ± 0.000 |" in md and "| local | 0.650 ± 0.071 |" in md
-    assert "| backbone zero-shot | 0.400 (n=1) |" in md
+    # headline: macro-F1 (a / 2 here), balanced accuracy (these runs predate it: "–"), accuracy, per view
+    assert "| fed | 0.400 ± 0.000 | 0.400 ± 0.000 | 0.400 ± 0.000 | – | – | – | 0.800 ± 0.000 |" in md
+    assert "| local | 0.325 ± 0.035 |" in md
+    assert "| backbone zero-shot | 0.200 (n=1) | 0.200 (n=1) | 0.200 (n=1) | – | – | – | 0.400 (n=1) |" in md
+    assert "Per-client steps and training time: not recorded in these runs." in md
     assert "llama-2-70b" in md
 
 
@@ -422,7 +425,7 @@ def test_lora_dw_cosine_equals_explicit_weight_updates_across_ranks():
 
 
 def test_gain_over_local_pairs_each_method_with_the_control_that_trains_alike():
-    from fedzero.bench.report import gains_vs_local, local_control
+    from fedzero.bench.report import local_control, point_gain
 
     methods = [{"name": "lora-local", "runner": "lora", "strategy": "local", "rank": 16},
                {"name": "lora-local-het", "runner": "lora", "strategy": "local", "rank": "client"},
@@ -447,12 +450,13 @@ def test_gain_over_local_pairs_each_method_with_the_control_that_trains_alike():
     runs = {"fed": [run(0, {"x": (0.5, 0.6, 0.55), "y": (0.7, 0.4, 0.5)}), run(1, {"x": (0.6, 0.6, 0.6), "y": (0.7, 0.5, 0.6)}),
                     run(2, {"x": (0.1, 0.1, 0.1), "y": (0.1, 0.1, 0.1)})],          # seed 2 has no control: left out
             "alone": [run(0, {"x": (0.5, 0.4, 0.45), "y": (0.8, 0.2, 0.4)}), run(1, {"x": (0.4, 0.5, 0.45), "y": (0.7, 0.3, 0.5)})]}
-    g = gains_vs_local(runs, "fed", "alone", ["x", "y"])
-    assert g["seeds"] == [0, 1]
-    m, sd, n = g["per_client"]["x"]["unseen"]
-    assert (m, n) == (pytest.approx(0.15), 2) and sd == pytest.approx(np.std([0.2, 0.1], ddof=1))
-    m, sd, n = g["mean"]["own"]                      # seed 0: (0 - 0.1)/2, seed 1: (0.2 + 0)/2
-    assert (m, n) == (pytest.approx(0.025), 2) and sd == pytest.approx(np.std([-0.05, 0.1], ddof=1))
+    # runs without per-record scores: the gain from their final metrics, paired by seed, no interval
+    g = point_gain(runs["fed"], runs["alone"], ["x", "y"], "alone")
+    assert g["seeds"] == [0, 1] and g["control"] == "alone" and not g["bootstrap"]
+    unseen_x = g["per_client"]["x"]["unseen"]["accuracy"]
+    assert unseen_x.point == pytest.approx(0.15) and unseen_x.low is None     # seeds: +0.2, +0.1
+    assert g["mean"]["own"]["accuracy"].point == pytest.approx(0.025)          # seed 0: (0 - 0.1)/2, seed 1: (0.2 + 0)/2
+    assert g["mean"]["own"]["macro_f1"] is None                                # not recorded
 
 
 def test_run_claims_are_exclusive_and_a_dead_workers_claim_is_taken_over(tmp_path):

@@ -281,3 +281,111 @@ def test_bootstrap_of_a_realistic_size_is_fast():
     seconds = time.perf_counter() - t0
     assert b.slots["macro_f1"].shape == (2000, 5, 12)
     assert seconds < 3.0        # about 0.4 s on 2 cores: every view, client and metric at once
+
+
+# -- the report from stored outcomes ---------------------------------------------------------------------------
+
+def _final(scores_by_topic, y_by_topic, own):
+    """A client's final view metrics, as fedzero.bench.methods.view_metrics computes them."""
+    views = {"own": [own], "unseen": [t for t in y_by_topic if t != own], "global": list(y_by_topic)}
+    return {v: classification_metrics(np.concatenate([scores_by_topic[t] for t in ts]),
+                                      np.concatenate([y_by_topic[t] for t in ts])) for v, ts in views.items()}
+
+
+def _results_with_outcomes():
+    """Two seeds of a local-only method and a federated one (near-perfect), two clients with opposite
+    label skew, scores stored as methods.py stores them."""
+    y = {"t0": np.array([0, 0, 1, 2, 0, 0, 1, 0]), "t1": np.array([2, 2, 1, 0, 2, 2, 1, 2])}
+    clients = [("c0", "t0", [8, 1, 1]), ("c1", "t1", [1, 1, 8])]
+    rng = np.random.default_rng(0)
+    runs = []
+    for seed in (0, 1):
+        test = {t: [{"uid": 100 * seed + 10 * i + j, "label": LABELS3[c]} for j, c in enumerate(y[t])]
+                for i, t in enumerate(y)}
+        for name, strategy, skill in (("local", "local", 0.0), ("fed", "fedit", 6.0)):
+            recs = []
+            for cid, topic, counts in clients:
+                scores = {t: np.round(rng.normal(size=(len(y[t]), 3)) + skill * np.eye(3)[y[t]]
+                                      + np.log(np.array(counts) + 1.0), 4) for t in y}
+                recs.append({"id": cid, "backbone": "a", "topics": [topic], "rounds": [{"round": 0}],
+                             "final": _final(scores, y, topic), "test_scores": encode_scores(scores),
+                             "train_labels": dict(zip(LABELS3, counts)), "train_steps": 4, "train_seconds": 1.5 + seed})
+            runs.append({"setting": "A", "method": name, "seed": seed, "runner": "lora", "clients": recs,
+                         "comm": [{"round": 1, "upload_bytes": [0, 0], "download_bytes": [0, 0]}],
+                         "first_round_cosine": None, "test_records": encode_records(test, LABELS3)})
+    suite = {"name": "fake", "seeds": [0, 1], "rounds": 1, "train": {"local_steps": 4, "batch_size": 4},
+             "lr": {"dema": 1e-3, "lora": 1e-3},
+             "settings": {"A": {"clients": [{"id": c, "backbone": "a", "topics": [t]} for c, t, _ in clients],
+                                "methods": [{"name": "local", "runner": "lora", "strategy": "local"},
+                                            {"name": "fed", "runner": "lora", "strategy": "fedit"}]}}}
+    return {"suite": suite, "runs": runs, "zero_shot": {}, "machine": {}}
+
+
+def test_report_gains_prior_only_control_and_shares_from_stored_outcomes(tmp_path):
+    from fedzero.bench import report
+
+    results = _results_with_outcomes()
+    entry = report.summarize(results)["A"]
+    local = {r["seed"]: decode_run(r) for r in results["runs"] if r["method"] == "local"}
+    prior = "prior-only control (local)"
+    # the prior-only control's levels: its outcomes' metrics, mean over seeds
+    expected = np.mean([outcome_metrics(prior_only(o))["global.macro_f1"] for o in local.values()])
+    assert entry["priors"][prior]["global.macro_f1"][0] == pytest.approx(expected)
+    assert entry["priors"][prior]["seeds"] == [0, 1]
+    gains, transfer = entry["gains"], entry["transfer"]
+    for view in ("own", "unseen", "global"):
+        for k in CLASS_METRICS:
+            g = gains["fed"]["mean"][view][k]
+            finals = np.mean([report.run_metric(r, view, k) * (1 if r["method"] == "fed" else -1)
+                              for r in results["runs"]]) * 2       # mean over seeds of fed - local
+            assert g.point == pytest.approx(finals) and g.low <= g.point <= g.high
+            # transfer = gain over local minus the prior-only control's gain over local (same records)
+            assert transfer["fed"]["mean"][view][k].point == pytest.approx(g.point - gains[prior]["mean"][view][k].point)
+            assert transfer[prior]["mean"][view][k] == stats.Interval(0.0, 0.0, 0.0)
+            share = entry["shares"]["fed"][view][k]
+            if g.excludes_zero():
+                assert share == pytest.approx(gains[prior]["mean"][view][k].point / g.point)
+            else:
+                assert share is None
+    assert gains["fed"]["mean"]["global"]["macro_f1"].excludes_zero()        # near-perfect against skewed guesses
+    assert entry["budget"]["fed"]["c0"]["steps"][0] == 4 and entry["budget"]["fed"]["c1"]["seconds"][0] == 2.0
+
+    results["plots"] = report.plots(results, tmp_path)
+    assert {"gain_over_local.png", "gain_over_prior.png"} <= {p.split("/")[-1] for p in results["plots"]}
+    md = report.markdown(results)
+    assert f"| {prior} | local | " in md and f"| {prior} | {prior} | +0.0 [+0.0, +0.0] |" in md
+    g = gains["fed"]["mean"]["own"]["macro_f1"]
+    assert f"| fed | local | {g.point * 100:+.1f} [{g.low * 100:+.1f}, {g.high * 100:+.1f}] |" in md
+    assert "| fed | 4 / 2.0 s | 4 / 2.0 s |" in md
+
+
+def test_report_falls_back_to_points_when_a_seed_lacks_outcomes():
+    from fedzero.bench import report
+
+    results = _results_with_outcomes()
+    for r in results["runs"]:
+        if r["method"] == "fed" and r["seed"] == 1:
+            del r["test_records"]                     # as if recorded before outcomes were stored
+    entry = report.summarize(results)["A"]
+    g = entry["gains"]["fed"]
+    assert not g["bootstrap"] and g["seeds"] == [0, 1] and g["mean"]["global"]["accuracy"].low is None
+    assert entry["transfer"]["fed"]["seeds"] == [0]   # the prior-only comparison needs outcomes: seed 0 only
+    assert all(v is None for shares in entry["shares"]["fed"].values() for v in shares.values())
+    assert "| fed | local | " in report.markdown(results)
+
+
+@pytest.mark.parametrize("suite", ["full", "long", "depth30", "tune"])
+def test_the_shipped_reports_results_still_render(suite):
+    """docs/benchmarks/*/results.json predate per-record outcomes and balanced accuracy: "–" there."""
+    import json
+    from pathlib import Path
+
+    from fedzero.bench import report
+
+    path = Path(__file__).parent.parent / "docs" / "benchmarks" / suite / "results.json"
+    if not path.exists():
+        pytest.skip(f"{path} not shipped")
+    results = json.loads(path.read_text())
+    md = report.markdown(results)
+    assert "## Setting" in md and "| own bal acc |" in md
+    assert "not recorded in these runs" in md

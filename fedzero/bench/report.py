@@ -1,8 +1,16 @@
 """From results.json to the report: tables (markdown) and plots (PNG).
 
 Every number is computed from the run records: per run, a metric is the mean over its clients;
-the table gives mean ± sample std (ddof 1) of that over seeds ("n=1" where one seed ran, so no std).
+level tables give mean ± sample std (ddof 1) of that over seeds ("n=1" where one seed ran, so no std).
 Views: own (the client's topic), unseen (the federation's other topics), global (all of them).
+
+Gains (a method minus its control) are paired by seed and by test record, from the per-record label
+scores every run stores (fedzero.bench.stats): the point estimate is the mean over seeds of the gain
+on all records, the interval a 95% paired bootstrap (seeds, then records within each seed). The
+prior-only control of a local-only method is that method with each client's label prior re-fit to
+the federation's pooled train label counts; what a method gains above it is transfer beyond label
+priors. Runs recorded before per-record scores were stored still render: their gains come from the
+final metrics, without intervals, and whatever they lack reads "–".
 """
 
 from __future__ import annotations
@@ -13,8 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .stats import CLASS_METRICS, Interval, decode_run, outcome_metrics, paired_bootstrap, prior_only
+
 VIEWS = ("own", "unseen", "global")
-METRICS = ("accuracy", "macro_f1", "label_nll")
+METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "label_nll")
+BOOTSTRAP = {"n_boot": 2000, "seed": 0}     # one fixed seed: every gain of a report is drawn alike
 
 
 def mean_std(values) -> tuple[float | None, float | None, int]:
@@ -35,9 +46,10 @@ def fmt(stat: tuple, digits: int = 3, scale: float = 1.0) -> str:
 
 
 def run_metric(run: dict, view: str, metric: str) -> float | None:
-    """Mean over the run's clients of a final metric (None if no client has that view)."""
-    xs = [c["final"][view][metric] for c in run["clients"] if c.get("final") and view in c["final"]]
-    return float(np.mean(xs)) if xs else None
+    """Mean over the run's clients of a final metric (None if no client has that view, or the run
+    predates the metric)."""
+    xs = [c["final"][view].get(metric) for c in run["clients"] if c.get("final") and view in c["final"]]
+    return float(np.mean(xs)) if xs and None not in xs else None
 
 
 def run_bytes(run: dict) -> dict:
@@ -72,8 +84,8 @@ def summarize(results: dict) -> dict:
             for metric in METRICS:
                 vals = []
                 for per_client in zs.values():
-                    xs = [m[view][metric] for m in per_client.values() if view in m]
-                    vals.append(float(np.mean(xs)) if xs else None)
+                    xs = [m[view].get(metric) for m in per_client.values() if view in m]
+                    vals.append(float(np.mean(xs)) if xs and None not in xs else None)   # older runs lack a metric
                 entry["zero_shot"][f"{view}.{metric}"] = mean_std(vals)
         for spec in setting_spec["methods"]:
             runs = sorted(runs_by[setting].get(spec["name"], []), key=lambda r: r["seed"])
@@ -97,11 +109,8 @@ def summarize(results: dict) -> dict:
                 m["per_client"][cid] = {v: mean_std([f[v]["accuracy"] if f and v in f else None for f in finals])
                                         for v in VIEWS}
             entry["methods"][spec["name"]] = m
-        entry["gains"] = {}
-        for spec in setting_spec["methods"]:
-            control = local_control(spec, setting_spec["methods"])
-            if control and spec["name"] in entry["methods"] and control in entry["methods"]:
-                entry["gains"][spec["name"]] = gains_vs_local(runs_by[setting], spec["name"], control, entry["clients"])
+        _add_gains(entry, runs_by[setting], setting_spec["methods"])
+        entry["budget"] = {name: client_budget(runs_by[setting].get(name, []), entry["clients"]) for name in entry["methods"]}
         out[setting] = entry
     return out
 
@@ -120,26 +129,116 @@ def local_control(spec: dict, methods: list[dict]) -> str | None:
                  and trains_like(m) == trains_like(spec)), None)
 
 
-def gains_vs_local(runs_by_method: dict[str, list[dict]], name: str, control: str, clients: list[str]) -> dict:
-    """Paired by seed: accuracy of `name` minus its local-only control, per client and view, and the
-    mean over clients; mean ± std over the seeds both have."""
-    ours = {r["seed"]: r for r in runs_by_method.get(name, [])}
-    base = {r["seed"]: r for r in runs_by_method.get(control, [])}
-    seeds = sorted(set(ours) & set(base))
+def prior_name(control: str) -> str:
+    return f"prior-only control ({control})"
 
-    def acc(run, cid, view):
-        c = next(c for c in run["clients"] if c["id"] == cid)
-        return c["final"][view]["accuracy"] if c.get("final") and view in c["final"] else None
 
-    out = {"control": control, "seeds": seeds, "per_client": {}, "mean": {}}
-    for view in ("own", "unseen", "global"):
-        diffs = {cid: [acc(ours[s], cid, view) - acc(base[s], cid, view) for s in seeds
-                       if acc(ours[s], cid, view) is not None and acc(base[s], cid, view) is not None] for cid in clients}
-        for cid in clients:
-            out["per_client"].setdefault(cid, {})[view] = mean_std(diffs[cid])
-        out["mean"][view] = mean_std([float(np.mean([d[i] for d in diffs.values() if len(d) > i]))
-                                      for i in range(len(seeds))])
+def run_outcomes(runs: list[dict]) -> dict:
+    """{seed: Outcomes} of the runs that stored per-record scores."""
+    decoded = {r["seed"]: decode_run(r) for r in runs}
+    return {seed: o for seed, o in decoded.items() if o is not None}
+
+
+def _add_gains(entry: dict, runs_by_method: dict[str, list[dict]], specs: list[dict]) -> None:
+    """entry["gains"] (over the local-only control), entry["transfer"] (over the prior-only control),
+    entry["priors"] (the prior-only controls' levels) and entry["shares"]; rows keyed by method name,
+    the prior-only controls by prior_name(control)."""
+    controls = {s["name"]: local_control(s, specs) for s in specs if s["name"] in entry["methods"]}
+    controls = {n: c for n, c in controls.items() if c and c in entry["methods"]}
+    outcomes = {name: run_outcomes(runs_by_method.get(name, [])) for name in entry["methods"]}
+    priors = {}
+    for control in dict.fromkeys(controls.values()):
+        local = {seed: o for seed, o in outcomes[control].items() if o.train_labels is not None}
+        priors[control] = {seed: prior_only(o) for seed, o in local.items()}
+    entry["priors"] = {prior_name(c): prior_levels(p) | {"control": c} for c, p in priors.items()}
+    entry["gains"], entry["transfer"], entry["shares"] = {}, {}, {}
+    for control, prior in priors.items():             # the reference rows: what the prior alone does
+        entry["gains"][prior_name(control)] = interval_gain(prior, outcomes[control], entry["clients"], control)
+        entry["transfer"][prior_name(control)] = interval_gain(prior, prior, entry["clients"], prior_name(control))
+    for name, control in controls.items():
+        runs, base = runs_by_method.get(name, []), runs_by_method.get(control, [])
+        common = {r["seed"] for r in runs} & {r["seed"] for r in base}
+        if common and common <= set(outcomes[name]) & set(outcomes[control]):
+            gain = interval_gain(outcomes[name], outcomes[control], entry["clients"], control)
+        else:                                         # runs without per-record scores: points only
+            gain = point_gain(runs, base, entry["clients"], control)
+        entry["gains"][name] = gain
+        entry["transfer"][name] = interval_gain(outcomes[name], priors[control], entry["clients"], prior_name(control))
+        entry["shares"][name] = prior_shares(gain, entry["gains"][prior_name(control)])
+
+
+def _empty_gain(control: str, clients: list[str]) -> dict:
+    return {"control": control, "seeds": [], "bootstrap": False,
+            "mean": {v: {k: None for k in CLASS_METRICS} for v in VIEWS},
+            "per_client": {c: {v: {k: None for k in CLASS_METRICS} for v in VIEWS} for c in clients}}
+
+
+def interval_gain(method: dict, control: dict, clients: list[str], control_name: str) -> dict:
+    """Gain of one arm over another ({seed: Outcomes} each) with 95% paired bootstrap intervals, mean
+    over clients and per client, per view and class metric; all None where they share no seed."""
+    out = _empty_gain(control_name, clients)
+    boot = paired_bootstrap(method, control, **BOOTSTRAP)
+    if boot is None:
+        return out
+    out.update(seeds=boot.seeds, bootstrap=True)
+    for view in VIEWS:
+        for k in CLASS_METRICS:
+            out["mean"][view][k] = boot.interval(k, view)
+            for c in clients:
+                out["per_client"][c][view][k] = boot.interval(k, view, c)
     return out
+
+
+def point_gain(runs: list[dict], base: list[dict], clients: list[str], control_name: str) -> dict:
+    """Gain from the runs' final metrics, paired by seed (mean over the seeds both have), no interval:
+    for runs recorded before per-record scores were stored."""
+    ours, theirs = {r["seed"]: r for r in runs}, {r["seed"]: r for r in base}
+    out = _empty_gain(control_name, clients)
+    out["seeds"] = sorted(set(ours) & set(theirs))
+
+    def final(run, cid, view, k):
+        c = next((c for c in run["clients"] if c["id"] == cid), None)
+        return ((c or {}).get("final") or {}).get(view, {}).get(k)
+
+    for view in VIEWS:
+        for k in CLASS_METRICS:
+            per_seed_client = [[None if final(ours[s], c, view, k) is None or final(theirs[s], c, view, k) is None
+                                else final(ours[s], c, view, k) - final(theirs[s], c, view, k) for c in clients]
+                               for s in out["seeds"]]
+            for j, c in enumerate(clients):
+                diffs = [row[j] for row in per_seed_client if row[j] is not None]
+                out["per_client"][c][view][k] = Interval(float(np.mean(diffs))) if diffs else None
+            seed_means = [np.mean([d for d in row if d is not None]) for row in per_seed_client
+                          if any(d is not None for d in row)]
+            out["mean"][view][k] = Interval(float(np.mean(seed_means))) if seed_means else None
+    return out
+
+
+def prior_shares(gain: dict, prior_gain: dict) -> dict:
+    """{view: {metric: share}}: the prior-only control's gain over local-only as a fraction of the
+    method's, where the method's gain interval excludes 0 (else None: no gain to explain)."""
+    shares = {}
+    for view in VIEWS:
+        shares[view] = {}
+        for k in CLASS_METRICS:
+            g, p = gain["mean"][view][k], prior_gain["mean"][view][k]
+            shares[view][k] = p.point / g.point if g is not None and p is not None and g.excludes_zero() else None
+    return shares
+
+
+def prior_levels(prior: dict) -> dict:
+    """{"seeds", "view.metric": mean_std over seeds} of a prior-only control ({seed: Outcomes})."""
+    per_seed = [outcome_metrics(o) for _, o in sorted(prior.items())]
+    return {"seeds": sorted(prior), **{f"{v}.{k}": mean_std([m[f"{v}.{k}"] for m in per_seed])
+                                        for v in VIEWS for k in CLASS_METRICS}}
+
+
+def client_budget(runs: list[dict], clients: list[str]) -> dict:
+    """{client: {"steps", "seconds"}}: optimizer steps and training seconds, mean ± std over seeds."""
+    def field(cid, key):
+        return [next((c.get(key) for c in r["clients"] if c["id"] == cid), None) for r in runs]
+    return {cid: {"steps": mean_std(field(cid, "train_steps")), "seconds": mean_std(field(cid, "train_seconds"))}
+            for cid in clients}
 
 
 def step_times(results: dict) -> dict:
@@ -167,22 +266,140 @@ def _data_lines(results: dict, setting: str) -> list[str]:
     return out
 
 
-def _scaled(stat: tuple, factor: float) -> tuple:
-    m, sd, n = stat
-    return (None if m is None else m * factor, None if sd is None else sd * factor, n)
-
-
-def _pts(stat: tuple) -> str:
-    """Accuracy difference in percentage points, signed."""
-    m, sd, n = stat
-    if m is None:
-        return "–"
-    return f"{m * 100:+.1f}" + (f" ± {sd * 100:.1f}" if sd is not None else f" (n={n})")
-
-
 def _mb(stat: tuple) -> str:
     m, _, _ = stat
     return "–" if m is None else ("0" if m == 0 else f"{m / 1e6:.3f}")
+
+
+def _interval(g: Interval | None) -> str:
+    """A gain in percentage points: "+3.2 [-1.0, +7.5]" (95% interval), "+3.2 [–]" without one."""
+    if g is None:
+        return "–"
+    if g.low is None:
+        return f"{g.point * 100:+.1f} [–]"
+    return f"{g.point * 100:+.1f} [{g.low * 100:+.1f}, {g.high * 100:+.1f}]"
+
+
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{x * 100:.0f}%"
+
+
+def _level_row(name: str, stats: dict, metrics=("macro_f1", "balanced_accuracy", "accuracy"), seeds="") -> str:
+    return f"| {name} | " + " | ".join(fmt(stats.get(f"{v}.{k}", (None, None, 0))) for k in metrics for v in VIEWS) \
+        + f" | {seeds} |"
+
+
+def _headline_table(entry: dict) -> list[str]:
+    """Macro-F1, balanced accuracy and accuracy per view; each prior-only control under its local-only method."""
+    lines = ["Final test sets, mean over clients, mean ± std over seeds. Macro-F1 and balanced accuracy weigh "
+             "the three labels alike, so a model that only learned a client's label skew does not score well on "
+             "them; accuracy does. The prior-only control is the local-only model with each client's label "
+             "prior re-fit to the federation's pooled train label counts (nothing else changed).", "",
+             "| method | own F1 | unseen F1 | global F1 | own bal acc | unseen bal acc | global bal acc "
+             "| own acc | unseen acc | global acc | seeds |",
+             "|---|" + "---:|" * 9 + "---|",
+             _level_row("backbone zero-shot", entry["zero_shot"])]
+    priors = {p["control"]: (name, p) for name, p in entry.get("priors", {}).items()}
+    for name, m in entry["methods"].items():
+        lines.append(_level_row(name, m, seeds=m["seeds"]))
+        if name in priors:
+            label, p = priors[name]
+            lines.append(_level_row(label, p, seeds=p["seeds"]))
+    return lines
+
+
+def _nll_comm_table(entry: dict) -> list[str]:
+    lines = ["", "Label NLL (the softmax over the three label words at the true label; lower is better); "
+             "first-round cosine between clients' updates, mean over comparable pairs: of the trained parameters "
+             "(DeMA: shared state; LoRA: factors, same rank and backbone only) and, for LoRA, of the weight updates "
+             "dW = s·B·A (any ranks, same backbone); communication (MB uploaded per client and round, mean over "
+             "clients; total up + down over the run).", "",
+             "| method | own NLL | unseen NLL | global NLL | 1st-round cos | 1st-round cos dW | MB up / client-round | total MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    z = entry["zero_shot"]
+    lines.append("| backbone zero-shot | " + " | ".join(fmt(z[f"{v}.label_nll"]) for v in VIEWS) + " | – | – | – | – |")
+    for name, m in entry["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(fmt(m[f"{v}.label_nll"]) for v in VIEWS)
+                     + f" | {fmt(m['first_round_cos'])} | {fmt(m['first_round_cos_dw'])} "
+                     f"| {_mb(m['bytes_upload_per_client_round'])} | {_mb(m['bytes_total'])} |")
+    return lines
+
+
+def _gain_rows(entry: dict) -> list[str]:
+    """Row order of the gain tables: the prior-only controls first (the reference), then the methods."""
+    return [*entry.get("priors", {}), *(n for n in entry.get("gains", {}) if n not in entry.get("priors", {}))]
+
+
+def _gain_tables(entry: dict) -> list[str]:
+    if not entry.get("gains"):
+        return []
+    rows = _gain_rows(entry)
+    lines = []
+    for metric, label in (("macro_f1", "macro-F1"), ("accuracy", "accuracy")):
+        lines += ["", f"Gain in {label} over training alone, in points: each method minus its local-only control "
+                  "(the same adapters and lr, nothing federated), paired by seed and test record; mean over seeds "
+                  "[95% bootstrap interval: seeds resampled, then test records within each seed]. "
+                  "\"prior explains\": the prior-only control's gain as a share of the method's (own / unseen / "
+                  "global), where the method's interval excludes 0.", "",
+                  f"| method | control | own Δ | unseen Δ | global Δ | prior explains | seeds |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for name in rows:
+            g = entry["gains"][name]
+            shares = entry["shares"].get(name)
+            share = " / ".join(_share(shares[v][metric]) for v in VIEWS) if shares else "–"
+            lines.append(f"| {name} | {g['control']} | " + " | ".join(_interval(g["mean"][v][metric]) for v in VIEWS)
+                         + f" | {share} | {g['seeds']} |")
+    if not any(entry["transfer"][name]["seeds"] for name in rows):
+        return lines + ["", "Transfer over the prior-only control: not computable, these runs predate the per-record "
+                        "label scores it is computed from."]
+    lines += ["", "Transfer: gain over the prior-only control (what a method adds beyond re-fitting label priors), "
+              "in points, paired by seed and record, mean over seeds [95% bootstrap interval]:", "",
+              "| method | control | own F1 Δ | unseen F1 Δ | global F1 Δ | own acc Δ | unseen acc Δ | global acc Δ | seeds |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name in rows:
+        g = entry["transfer"][name]
+        lines.append(f"| {name} | {g['control']} | "
+                     + " | ".join(_interval(g["mean"][v][k]) for k in ("macro_f1", "accuracy") for v in VIEWS)
+                     + f" | {g['seeds']} |")
+    return lines
+
+
+def _per_client_tables(entry: dict) -> list[str]:
+    clients = entry["clients"]
+    lines = []
+    if entry.get("gains"):
+        lines += ["", "Per client, macro-F1 gain over the local-only control in points (own | unseen) "
+                  "[95% bootstrap intervals]:", "",
+                  "| method | " + " | ".join(f"`{c}`" for c in clients) + " |", "|---|" + "---|" * len(clients)]
+        for name in _gain_rows(entry):
+            g = entry["gains"][name]["per_client"]
+            lines.append(f"| {name} | " + " | ".join(
+                f"{_interval(g[c]['own']['macro_f1'])} \\| {_interval(g[c]['unseen']['macro_f1'])}" for c in clients) + " |")
+    lines += ["", "Per client, global accuracy:", "",
+              "| method | " + " | ".join(f"`{c}`" for c in clients) + " |",
+              "|---|" + "---:|" * len(clients)]
+    for name, m in entry["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(fmt(m["per_client"][c]["global"]) for c in clients) + " |")
+    return lines
+
+
+def _budget_table(entry: dict) -> list[str]:
+    """Optimizer steps and training seconds per client (mean over seeds): what each method spent."""
+    budget = entry.get("budget", {})
+    if not any(b[c]["steps"][0] is not None for b in budget.values() for c in b):
+        return ["", "Per-client steps and training time: not recorded in these runs."]
+    clients = entry["clients"]
+
+    def cell(b):
+        steps, secs = b["steps"][0], b["seconds"][0]
+        return "–" if steps is None else f"{steps:.0f} / {secs:.1f} s"
+
+    lines = ["", "Budget per client: optimizer steps / seconds in training (train rounds, plus anchor predictions "
+             "with distillation; evaluation not included), mean over seeds:", "",
+             "| method | " + " | ".join(f"`{c}`" for c in clients) + " |", "|---|" + "---:|" * len(clients)]
+    for name, b in budget.items():
+        lines.append(f"| {name} | " + " | ".join(cell(b[c]) for c in clients) + " |")
+    return lines
 
 
 def markdown(results: dict, summary: dict | None = None) -> str:
@@ -225,41 +442,8 @@ def markdown(results: dict, summary: dict | None = None) -> str:
         lines += ["", f"## Setting {setting}: {spec.get('description', '')}", ""] + _data_lines(results, setting) + ["Clients: " + "; ".join(
             f"`{c['id']}` = {c['backbone']} on {', '.join(c['topics'])}" + (f" (LoRA rank {c['rank']})" if 'rank' in c else "")
             for c in spec["clients"]) + ".", "",
-            "Accuracy on the final test sets (mean over clients; mean ± std over seeds); first-round cosine "
-            "between clients' updates, mean over comparable pairs: of the trained parameters (DeMA: shared state; "
-            "LoRA: factors, same rank and backbone only) and, for LoRA, of the weight updates dW = s·B·A (any ranks, "
-            "same backbone); communication (MB uploaded per client and round, mean over clients; total up + down "
-            "over the run).", "",
-            "| method | own acc | unseen acc | global acc | 1st-round cos | 1st-round cos dW | MB up / client-round | total MB | seeds |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        z = entry["zero_shot"]
-        lines.append(f"| backbone zero-shot | {fmt(z['own.accuracy'])} | {fmt(z['unseen.accuracy'])} | "
-                     f"{fmt(z['global.accuracy'])} | – | – | – | – | |")
-        for name, m in entry["methods"].items():
-            lines.append(f"| {name} | {fmt(m['own.accuracy'])} | {fmt(m['unseen.accuracy'])} | {fmt(m['global.accuracy'])} "
-                         f"| {fmt(m['first_round_cos'])} | {fmt(m['first_round_cos_dw'])} | {_mb(m['bytes_upload_per_client_round'])} "
-                         f"| {_mb(m['bytes_total'])} | {m['seeds']} |")
-        lines += ["", "Macro-F1 and label NLL (the softmax over the three label words at the true label; lower is better):", "",
-                  "| method | own F1 | unseen F1 | global F1 | own NLL | unseen NLL | global NLL |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        lines.append("| backbone zero-shot | " + " | ".join(fmt(z[f"{v}.{k}"]) for k in ("macro_f1", "label_nll") for v in VIEWS) + " |")
-        for name, m in entry["methods"].items():
-            lines.append(f"| {name} | " + " | ".join(fmt(m[f"{v}.{k}"]) for k in ("macro_f1", "label_nll") for v in VIEWS) + " |")
-        if entry.get("gains"):
-            lines += ["", "Gain over training alone: accuracy of each federated method minus that of its local-only "
-                      "control (the same adapters and lr, nothing federated), paired by seed, mean ± std over seeds; "
-                      "own / unseen topics, mean over clients, then per client (own | unseen):", "",
-                      "| method | control | own Δ | unseen Δ | " + " | ".join(f"`{c}`" for c in entry["clients"]) + " |",
-                      "|---|---|---:|---:|" + "---|" * len(entry["clients"])]
-            for name, g in entry["gains"].items():
-                per = [f"{_pts(g['per_client'][c]['own'])} \\| {_pts(g['per_client'][c]['unseen'])}" for c in entry["clients"]]
-                lines.append(f"| {name} | {g['control']} | {_pts(g['mean']['own'])} | {_pts(g['mean']['unseen'])} | "
-                             + " | ".join(per) + " |")
-        lines += ["", "Per client, global accuracy:", "",
-                  "| method | " + " | ".join(f"`{c}`" for c in entry["clients"]) + " |",
-                  "|---|" + "---:|" * len(entry["clients"])]
-        for name, m in entry["methods"].items():
-            lines.append(f"| {name} | " + " | ".join(fmt(m["per_client"][c]["global"]) for c in entry["clients"]) + " |")
+            ] + _headline_table(entry) + _nll_comm_table(entry) + _gain_tables(entry) + _per_client_tables(entry) \
+            + _budget_table(entry)
     lines += ["", "## Timings", "", f"Torch threads: {mach.get('threads')}. Seconds per optimizer step "
               f"(batch {suite['train']['batch_size']}, mean ± std over every client-round of every run):", "",
               "| backbone | adapter | s/step |", "|---|---|---:|"]
@@ -294,7 +478,8 @@ def markdown(results: dict, summary: dict | None = None) -> str:
 
 def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str]:
     """accuracy_per_round.png, accuracy_vs_bytes.png, per_client_accuracy.png, first_round_cosine.png,
-    gain_over_local.png. Colours from tab20 (suites have more than 10 methods); DeMA dashed."""
+    gain_over_local.png and gain_over_prior.png (macro-F1 and accuracy gains with their bootstrap
+    intervals). Colours from tab20 (suites have more than 10 methods); DeMA dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -393,14 +578,33 @@ def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str
                     "mean pairwise cosine (comparable pairs)", rotation=20, fontsize=8)
     save(fig, "first_round_cosine.png")
 
-    if any(summary[s].get("gains") for s in settings):
-        fig, axes = grid()
-        for ax, setting in zip(axes, settings):
-            gains = summary[setting].get("gains", {})
-            series = [(f"{view} topics", [_scaled(g["mean"][view], 100) for g in gains.values()])
-                      for view in ("own", "unseen")]
-            paired_bars(ax, [f"{n}\n(vs {g['control']})" for n, g in gains.items()], series,
-                        f"setting {setting}: accuracy gain over training alone", "points, paired by seed (mean ± std)",
-                        rotation=25, fontsize=7, ha="right")
-        save(fig, "gain_over_local.png")
+    def interval_bars(ax, names, gains, metric, title):
+        """Three bars per row (own / unseen / global), each with its 95% bootstrap interval as an
+        asymmetric error bar (none where the runs stored no per-record scores)."""
+        x = np.arange(len(names))
+        for offset, view in zip((-0.27, 0.0, 0.27), VIEWS):
+            cells = [gains[n]["mean"][view][metric] for n in names]
+            ys = np.array([c.point * 100 if c is not None else np.nan for c in cells])
+            err = np.array([[(c.point - c.low) * 100, (c.high - c.point) * 100] if c is not None and c.low is not None
+                            else [np.nan, np.nan] for c in cells]).T.reshape(2, len(cells))   # NaN: no bar
+            ax.bar(x + offset, ys, 0.27, yerr=err, capsize=2, label=f"{view} topics")
+        ax.set_xticks(x)
+        ax.set_xticklabels([f"{n}\n(vs {gains[n]['control']})" for n in names], rotation=25, fontsize=7, ha="right")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("points, paired by seed and record\n(error bars: 95% bootstrap interval)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+
+    for key, name, what in (("gains", "gain_over_local.png", "over training alone"),
+                            ("transfer", "gain_over_prior.png", "over the prior-only control")):
+        if not any(g["seeds"] for st in settings for g in summary[st].get(key, {}).values()):
+            continue            # nothing to plot (runs that predate per-record scores have no transfer)
+        fig, axes = plt.subplots(2, len(settings), figsize=(7 * len(settings), 9), squeeze=False)
+        for col, setting in enumerate(settings):
+            entry = summary[setting]
+            for row, (metric, label) in enumerate((("macro_f1", "macro-F1"), ("accuracy", "accuracy"))):
+                interval_bars(axes[row][col], [n for n in _gain_rows(entry) if entry[key][n]["seeds"]], entry[key], metric,
+                              f"setting {setting}: {label} gain {what}")
+        save(fig, name)
     return files

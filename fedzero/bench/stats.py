@@ -251,12 +251,12 @@ def slot_gains(pairs: list[SeedPair], draws: Draws) -> dict[str, np.ndarray]:
 
 @dataclass
 class Interval:
-    point: float      # mean over seeds of the gain on all records
-    low: float        # 2.5th percentile of the bootstrap distribution
-    high: float       # 97.5th
+    point: float                  # mean over seeds of the gain on all records
+    low: float | None = None      # 2.5th percentile of the bootstrap distribution (None: no records stored)
+    high: float | None = None     # 97.5th
 
     def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
+        return self.low is not None and (self.low > 0 or self.high < 0)
 
 
 @dataclass
