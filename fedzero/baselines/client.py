@@ -6,12 +6,14 @@ The round logic (loss, learning-rate schedule, fresh optimizer each round) is th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
 
+from fedzero.backbones import attention_projections
 from fedzero.client.local import TrainSettings, lr_factor, token_loss_sums
 from fedzero.data import batches, collate
 
@@ -19,12 +21,15 @@ from .base import LoRAAggregate, lora_modules
 from .math import Pair
 
 
+LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 @dataclass
 class LoRASettings:
     rank: int = 16
     alpha: float | None = None     # None: 2 × rank, so the scaling alpha / r is 2 at every rank and
                                    # factors of different ranks mean the same (HetLoRA, FlexLoRA)
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    targets: tuple[str, ...] | None = None   # PEFT target names; None: the model's attention projections
     dropout: float = 0.0
     init_seed: int = 0             # seeds A's init; equal on all clients, so FedIT starts from one point
 
@@ -35,14 +40,18 @@ class LoRASettings:
             self.alpha = 2.0 * self.rank
         if not self.alpha > 0:
             raise ValueError(f"lora.alpha must be > 0, got {self.alpha!r}")
-        self.targets = tuple(self.targets)
+        if self.targets is not None:
+            self.targets = tuple(self.targets)
 
     @property
     def scaling(self) -> float:
         return float(self.alpha) / self.rank
 
-    def peft_config(self) -> LoraConfig:
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.targets),
+    def peft_config(self, model: nn.Module | None = None) -> LoraConfig:
+        """Without explicit targets: every nn.Linear of `model`'s attention blocks
+        (fedzero.backbones.attention_projections), or LLaMA's q,k,v,o when no model is given."""
+        targets = self.targets or (attention_projections(model) if model is not None else LLAMA_ATTENTION)
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(targets),
                           lora_dropout=self.dropout, bias="none", task_type="CAUSAL_LM")
 
 
@@ -53,6 +62,8 @@ class LoRAClient:
                  settings: TrainSettings, lora: LoRASettings, *, pad_id: int, seed: int, total_rounds: int):
         if not train_examples:
             raise ValueError(f"client {client_id!r} has no training examples")
+        # Resolved here, so the settings say which modules this client adapts.
+        lora = dataclasses.replace(lora, targets=lora.targets or attention_projections(model))
         self.client_id, self.fingerprint, self.lora = client_id, fingerprint, lora
         self.settings, self.pad_id = settings, pad_id
         self.eval_examples = eval_examples[: settings.max_eval_examples] if settings.max_eval_examples else eval_examples

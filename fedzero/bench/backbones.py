@@ -12,9 +12,11 @@ Kinds (a suite names each backbone and gives one of these dicts):
         Dropping layers alone leaves a badly damaged model (method.md: ~32% zero-shot on the tweet
         task, first-round loss 4x the full model's); healing is what makes it a fair client.
     {"kind": "small", "config": {hidden_size, num_hidden_layers, ...}, "train": {...}}
-        A LLaMA of another width with SmolLM2's tokenizer, pretrained briefly on the same public
-        text. "embed_init": "smollm2-pca" (default) starts its token embeddings from the top
-        principal directions of SmolLM2's embeddings; "random" starts from scratch.
+        A small model of another width with SmolLM2's tokenizer, pretrained briefly on the same
+        public text: a LLaMA, or any family with "model_type" in "config" ({"model_type": "qwen3",
+        ...}: the other fields are that family's config fields). "embed_init": "smollm2-pca"
+        (default) starts its token embeddings from the top principal directions of SmolLM2's
+        embeddings; "random" starts from scratch.
     {"kind": "llama", "config": {...}, "init_seed": 0, "tokenizer": "byte"}
         A tiny random LLaMA built inline (tests only): nothing is trained or cached.
 
@@ -47,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedzero.backbones import BackboneSpec
+from fedzero.backbones import BackboneSpec, decoder_layout, inline_config, keep_decoder_layers
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 PUBLIC_TEXT = RESOURCES / "public_text" / "sotu-1981-2021.jsonl"
@@ -87,7 +89,8 @@ def check_backbone_spec(name: str, spec: dict) -> None:
     if kind == "depth" and not (isinstance(spec.get("layers"), int) and spec["layers"] >= 2):
         raise ValueError(f"backbone {name!r}: 'layers' must be an integer >= 2")
     if kind in ("small", "llama") and not isinstance(spec.get("config"), dict):
-        raise ValueError(f"backbone {name!r}: needs 'config' (LlamaConfig fields)")
+        raise ValueError(f"backbone {name!r}: needs 'config' (config fields; 'small' also takes a model_type, "
+                         "default llama)")
     unknown = sorted(set(spec.get("train") or {}) - set(TRAIN_DEFAULTS))
     if unknown:
         raise ValueError(f"backbone {name!r}: unknown train field(s) {unknown}; known {sorted(TRAIN_DEFAULTS)}")
@@ -259,25 +262,20 @@ def _build_smollm2(base: Path, spec: dict, out: Path, log) -> dict:
 
 
 def _build_depth(base: Path, spec: dict, out: Path, log) -> dict:
-    from torch import nn
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
     model = LlamaForCausalLM.from_pretrained(base, local_files_only=True, dtype=torch.float32)
     total = model.config.num_hidden_layers
     kept = keep_layers(total, int(spec["layers"]))
-    model.model.layers = nn.ModuleList([model.model.layers[i] for i in kept])
-    for new, layer in enumerate(model.model.layers):
-        layer.self_attn.layer_idx = new            # KV-cache slot of the layer
-    model.config.num_hidden_layers = len(kept)
-    if isinstance(getattr(model.config, "layer_types", None), list):
-        model.config.layer_types = [model.config.layer_types[i] for i in kept]
+    keep_decoder_layers(model, kept)
 
     train = _train_settings(spec)
     heldout = _heldout_blocks(tokenizer, spec, train["seq_len"])
     before = lm_loss(model, heldout)
     model.requires_grad_(False)
-    params = list(model.model.layers.parameters()) + list(model.model.norm.parameters())
+    layout = decoder_layout(model)
+    params = list(layout.layers.parameters()) + list(layout.final_norm.parameters())
     for p in params:
         p.requires_grad_(True)
     log(f"[bench]   kept layers {kept} of {total}; held-out loss before healing {before:.3f}")
@@ -293,16 +291,17 @@ def _build_depth(base: Path, spec: dict, out: Path, log) -> dict:
 
 
 def _build_small(base: Path, spec: dict, out: Path, log) -> dict:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    cfg = {"vocab_size": len(tokenizer), "max_position_embeddings": 2048, "tie_word_embeddings": True,
-           "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id, "rope_theta": 10000.0, **copy.deepcopy(spec["config"])}
-    config = LlamaConfig(**cfg)
+    cfg = {"model_type": "llama", "vocab_size": len(tokenizer), "max_position_embeddings": 2048,
+           "tie_word_embeddings": True, "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+           "rope_theta": 10000.0, **copy.deepcopy(spec["config"])}
+    config = inline_config(cfg, "backbone config")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(spec.get("init_seed", 0)))
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     embed_init = spec.get("embed_init", "smollm2-pca")
     if embed_init == "smollm2-pca":
         # Top principal directions of SmolLM2's (tied) token embeddings, rescaled to the init's
@@ -319,7 +318,7 @@ def _build_small(base: Path, spec: dict, out: Path, log) -> dict:
     train = _train_settings(spec)
     heldout = _heldout_blocks(tokenizer, spec, train["seq_len"])
     before = lm_loss(model, heldout)
-    log(f"[bench]   small LLaMA {config.hidden_size} wide, {config.num_hidden_layers} layers, "
+    log(f"[bench]   small {config.model_type} {config.hidden_size} wide, {config.num_hidden_layers} layers, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; held-out loss {before:.3f}")
     params = list(model.parameters())
     stats = lm_train(model, params, text_blocks(tokenizer, train["seq_len"], heldout=False), train,
@@ -328,7 +327,7 @@ def _build_small(base: Path, spec: dict, out: Path, log) -> dict:
     model.requires_grad_(False)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {"num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+    return {"model_type": config.model_type, "num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
             "params": sum(p.numel() for p in model.parameters()), "embed_init": embed_init,
             "trained": "all parameters", "train": train, "heldout_loss_before": before,
             "heldout_loss_after": after, **stats}

@@ -66,7 +66,7 @@ def measure(spec: dict, method: str, batch_size: int, seq_len: int, steps: int, 
         from fedzero.baselines import LoRASettings
         from peft import get_peft_model
 
-        model = get_peft_model(model, LoRASettings(rank=16).peft_config())
+        model = get_peft_model(model, LoRASettings(rank=16).peft_config(model))
     else:
         inject_dema(model, DeMAConfig(placement="side" if method == "dema-side" else "parallel"))
     params = [p for p in model.parameters() if p.requires_grad]

@@ -38,7 +38,7 @@ import torch
 
 from fedzero.adapters.dema import DeMAConfig, DeMAModel, inject_dema
 from fedzero.adapters.dema.io import read_part, save_part
-from fedzero.backbones import BackboneSpec, fingerprint, load_backbone
+from fedzero.backbones import BackboneSpec, decoder_layout, fingerprint, load_backbone
 from fedzero.client.distill import DistillSettings
 from fedzero.client.local import lr_factor, token_loss_sums
 from fedzero.config import ClientConfig, _only, parse_run_config, read_yaml, resolve_path
@@ -181,15 +181,10 @@ def load_backbone_zero3(spec: BackboneSpec) -> tuple[torch.nn.Module, str]:
     """
     import deepspeed
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fedzero.backbones import SUPPORTED_MODEL_TYPES
+    from transformers import AutoModelForCausalLM
 
     path = Path(spec.path)
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{path}: model_type {config.model_type!r} is not supported; DeMA needs the LLaMA "
-                         f"layer layout {SUPPORTED_MODEL_TYPES}")
+    config = spec.hf_config()
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -200,6 +195,7 @@ def load_backbone_zero3(spec: BackboneSpec) -> tuple[torch.nn.Module, str]:
         raise FileNotFoundError(f"{path}: no model.safetensors(.index.json); ZeRO-3 loading streams safetensors only")
 
     model = AutoModelForCausalLM.from_config(config, dtype=spec.torch_dtype)   # partitioned, not initialised
+    decoder_layout(model)     # from structure alone (shards hold no values): fail before streaming weights
     params = dict(model.named_parameters())   # tied weights appear once
     rank = torch.distributed.get_rank()
     by_file: dict[str, list[str]] = {}
@@ -365,7 +361,7 @@ class DeepSpeedClient:
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
             model, self.fingerprint = load_backbone_zero3(spec)
         else:
-            # ZeRO-0/1/2 keep the whole frozen backbone on every rank. An inline (llama_config) model
+            # ZeRO-0/1/2 keep the whole frozen backbone on every rank. An inline (llama_/model_config) model
             # is small by nature: it is built whole and deepspeed.initialize partitions it.
             model, self.fingerprint = load_backbone(spec)
         tokenizer = load_tokenizer(spec.tokenizer, spec.path)
@@ -696,13 +692,10 @@ def initial_shared_state(cfg: ClientRunConfig) -> dict[str, torch.Tensor]:
     inject_dema builds (it depends on the DeMA config, the seed and, for shape-matched projectors,
     the backbone's width and depth, never on its weights: the backbone is built on the meta device).
     A federation's round-0 global is the union of its clients' parts (fedzero.simulate)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    spec = cfg.client.backbone
-    config = (AutoConfig.from_pretrained(spec.path, local_files_only=True) if spec.path is not None
-              else LlamaConfig(**spec.llama_config))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(cfg.client.backbone.hf_config())
     # Anchor projectors are private and computed from the weights; the shared part does not depend on them.
     return inject_dema(model, cfg.dema.learned_stand_in()).shared_state_dict()
 

@@ -11,7 +11,7 @@ import re
 import torch
 from torch import nn
 
-from fedzero.backbones import check_supported, decoder_layers, final_norm
+from fedzero.backbones import DecoderLayout, decoder_layout
 
 from .anchors import load_anchor_texts, pooled_hidden_states
 from .config import DeMAConfig
@@ -141,12 +141,12 @@ def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = to
     width): identical on every client that holds it. Anchor projectors need the client's
     `tokenizer` to run the backbone on the public anchor texts.
     """
-    check_supported(model)
+    layout = decoder_layout(model)
     if hasattr(model, "dema_shared"):
         raise ValueError("this model already has DeMA adapters injected")
     if config.uses_anchors and tokenizer is None:
         raise ValueError(f"projector {config.projector!r} needs the backbone's tokenizer (inject_dema(..., tokenizer=))")
-    layers = decoder_layers(model)
+    layers = layout.layers
     num_layers, hidden = len(layers), model.config.hidden_size
     model.requires_grad_(False)
     shape_matched = config.shares_projectors
@@ -170,7 +170,7 @@ def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = to
     layer_projectors = [bank.slots[slots[l]] if shape_matched else bank.slots[l] for l in range(num_layers)]
 
     if config.uses_anchors:
-        _set_anchors(model, tokenizer, config, layers, layer_projectors, bank)
+        _set_anchors(model, tokenizer, config, layout, layer_projectors, bank)
     shared.to(dtype)
     private.to(dtype)
     model.dema_shared = shared    # registered submodules: moved/partitioned with the model
@@ -179,22 +179,25 @@ def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = to
     side = None
     if config.placement == "parallel":
         for l, layer in enumerate(layers):
-            layer.mlp = DeMAParallelMLP(layer.mlp, layer_projectors[l], shared.slots[slots[l]])
+            wrapped = DeMAParallelMLP(layout.mlp(layer), layer_projectors[l], shared.slots[slots[l]])
+            setattr(layer, layout.mlp_name, wrapped)
     else:
         side = SideStream(layers, [p.in_proj for p in layer_projectors], [shared.slots[s] for s in slots],
-                          bank.out_proj, final_norm(model))
+                          bank.out_proj, layout.final_norm)
     return DeMAModel(model, config, shared, private, side, num_layers)
 
 
-def _set_anchors(model, tokenizer, config: DeMAConfig, layers, layer_projectors, bank: ProjectorBank) -> None:
+def _set_anchors(model, tokenizer, config: DeMAConfig, layout: DecoderLayout, layer_projectors,
+                 bank: ProjectorBank) -> None:
     """Run the frozen backbone on the anchor texts and set each layer's anchor projector from them."""
     texts = load_anchor_texts(config.anchor_file, config.num_anchors)
     # The adapter's input: the MLP input for parallel placement, the layer input for side placement.
-    modules = [layer.mlp for layer in layers] if config.placement == "parallel" else list(layers)
+    layers = layout.layers
+    modules = [layout.mlp(layer) for layer in layers] if config.placement == "parallel" else list(layers)
     with_final = hasattr(bank, "final_anchors")
     pooled = pooled_hidden_states(model, tokenizer, texts, modules, capture="input")
     for projectors, states in zip(layer_projectors, pooled):
         projectors.in_proj.set_anchors(states)
     if with_final:
-        final = pooled_hidden_states(model, tokenizer, texts, [final_norm(model)], capture="output")[0]
+        final = pooled_hidden_states(model, tokenizer, texts, [layout.final_norm], capture="output")[0]
         bank.final_anchors.set_anchors(final)

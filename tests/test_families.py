@@ -1,0 +1,245 @@
+"""Any decoder family can be a client: the layout (decoder layers, each layer's MLP, the final norm,
+the attention block) is found from the model's structure, for a tiny random model of every family
+transformers ships that fedzero covers; what does not fit gets an error naming what is missing."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from fedzero.adapters.dema import DeMAConfig, inject_dema
+from fedzero.backbones import BackboneSpec, attention_projections, decoder_layout, fingerprint, load_backbone
+from fedzero.client.distill import AnchorDistiller, label_branch
+from fedzero.data import ByteTokenizer, HFTokenizer
+
+BYTE_TOKENS = {"vocab_size": 259, "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
+COMMON = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+          "max_position_embeddings": 64, **BYTE_TOKENS}
+GQA = {"num_key_value_heads": 1}
+# model_config per family: tiny, random, the byte tokenizer's vocabulary.
+FAMILIES = {
+    "llama": GQA, "mistral": GQA, "qwen2": GQA, "qwen3": {**GQA, "head_dim": 16},
+    "gemma": {**GQA, "head_dim": 16}, "gemma2": {**GQA, "head_dim": 16}, "gemma3_text": {**GQA, "head_dim": 16},
+    "phi3": GQA, "olmo": GQA, "olmo2": GQA, "gpt_neox": {},
+}
+# What each family's layout looks like (layers, MLP, final norm, attention) and its LoRA targets.
+LAYOUTS = {"gpt_neox": ("layers", "mlp", "final_layer_norm", "attention")}
+ATTENTION = {"phi3": ("self_attn.o_proj", "self_attn.qkv_proj"),
+             "gpt_neox": ("attention.query_key_value", "attention.dense")}
+
+
+def model_config(family: str, **changes) -> dict:
+    return {"model_type": family, **COMMON, **FAMILIES[family], **changes}
+
+
+def build(family: str, seed: int = 1):
+    return load_backbone(BackboneSpec(model_config=model_config(family), init_seed=seed, tokenizer="byte"))
+
+
+DEMA = {"rank": 4, "num_experts": 2, "num_slots": 2}
+x = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layout_is_found_from_structure(family):
+    model, _ = build(family)
+    layout = decoder_layout(model)
+    expected = LAYOUTS.get(family, ("layers", "mlp", "norm", "self_attn"))
+    assert (layout.layers_name, layout.mlp_name, layout.norm_name, layout.attention_name) == expected
+    assert len(layout.layers) == 2 and "norm" in type(layout.final_norm).__name__.lower()
+    default = tuple(f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert attention_projections(model) == ATTENTION.get(family, default)
+
+
+@pytest.mark.parametrize("placement", ["parallel", "side"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_injection_leaves_the_forward_unchanged_and_the_adapter_trains(family, placement):
+    model, _ = build(family)
+    backbone = [(p, p.detach().clone()) for p in model.parameters()]
+    with torch.no_grad():
+        reference = model(input_ids=x).logits
+    handle = inject_dema(model, DeMAConfig(**DEMA, placement=placement, share="experts-only"))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, reference)
+
+    params = {**{f"shared.{k}": p for k, p in handle.shared_parameters().items()},
+              **{f"private.{k}": p for k, p in handle.private_parameters().items()}}
+    optimizer = torch.optim.Adam(handle.trainable_parameters(), lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(4):      # U starts at zero: only from the second step do gradients reach P and the experts
+        loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    no_grad = [k for k, p in params.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, f"no gradient reached {no_grad}"
+    assert not any(p.requires_grad or p.grad is not None for p, _ in backbone)    # the backbone is frozen
+    assert all(torch.equal(p, value) for p, value in backbone)
+
+
+@pytest.mark.parametrize("share", ["experts-only", "shape-matched"])
+def test_shared_state_is_the_same_across_families(share):
+    """Equal r, M, S (and width, for shape-matched projectors): equal keys, shapes and initial values,
+    so clients of different families aggregate."""
+    states = {}
+    for family in FAMILIES:
+        model, _ = build(family)
+        states[family] = inject_dema(model, DeMAConfig(**DEMA, share=share)).shared_state_dict()
+    reference = states["llama"]
+    assert any(k.startswith("proj.h32.") for k in reference) == (share == "shape-matched")
+    for family, state in states.items():
+        assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}, family
+        assert all(torch.equal(state[k], reference[k]) for k in state), family
+
+
+def test_fingerprints_differ_across_families_and_keep_the_llama_ones():
+    from transformers import AutoConfig
+
+    prints = {family: build(family)[1] for family in FAMILIES}
+    assert len(set(prints.values())) == len(FAMILIES)
+    # LLaMA's fingerprint hashes the same fields as before families were found structurally.
+    llama = AutoConfig.for_model(**model_config("llama"))
+    legacy = {key: llama.to_dict().get(key) for key in (
+        "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "intermediate_size", "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings",
+        "hidden_act", "rms_norm_eps")}
+    legacy["identity"] = "random-init-seed-1"
+    assert prints["llama"] == hashlib.sha256(json.dumps(legacy, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    # Within a family, a field only that family has still tells two backbones apart.
+    a = AutoConfig.for_model(**model_config("gemma2"))
+    b = AutoConfig.for_model(**model_config("gemma2", final_logit_softcapping=10.0))
+    assert fingerprint(a) != fingerprint(b)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt_neox"])
+def test_lora_baseline_targets_the_attention_projections_and_trains(family):
+    from fedzero.baselines import LoRAClient, LoRASettings
+    from fedzero.client.local import TrainSettings
+
+    model, fp = build(family)
+    ids = torch.arange(12) * 5 % 64
+    examples = [{"input_ids": ids, "labels": ids.clone()} for _ in range(4)]
+    settings = TrainSettings(local_steps=3, batch_size=2, lr=1e-2, schedule="constant")
+    client = LoRAClient("c", model, fp, examples, examples, settings, LoRASettings(rank=2), pad_id=258,
+                        seed=0, total_rounds=1)
+    targets = ATTENTION.get(family, tuple(f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")))
+    assert client.lora.targets == targets
+    before = client.lora_state()
+    assert {k.split(".layers.")[1].split(".", 1)[1].rsplit(".lora_", 1)[0] for k in before} == set(targets)
+    after, metrics = client.train_round()
+    assert np.isfinite(metrics["train_loss"])
+    assert any(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
+
+
+def test_lora_settings_without_a_model_keep_llamas_targets():
+    from fedzero.baselines import LoRASettings
+
+    assert LoRASettings(rank=2).peft_config().target_modules == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4)])
+
+
+def test_a_model_that_does_not_fit_is_refused_with_what_is_missing():
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    with pytest.raises(ValueError, match=r"Toy: not a transformers model \(no config or get_decoder\(\)\)"):
+        inject_dema(Toy(), DeMAConfig(**DEMA))
+    encoder = AutoModelForMaskedLM.from_config(AutoConfig.for_model(
+        "bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=259))
+    with pytest.raises(ValueError, match=r"BertForMaskedLM: needs exactly one decoder layer list of length "
+                                         r"num_hidden_layers=2 under get_decoder\(\) \(BertModel; children: "
+                                         r"embeddings \(BertEmbeddings\), encoder \(BertEncoder\)\); found none"):
+        inject_dema(encoder, DeMAConfig(**DEMA))
+    # load_backbone refuses it too, before building its weights
+    with pytest.raises(ValueError, match="BertLMHeadModel: needs exactly one decoder layer list"):
+        load_backbone(BackboneSpec(model_config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
+                                                 "num_attention_heads": 2, "vocab_size": 259, "pad_token_id": 0}))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"hidden_size": 32}, r"model_config.model_type: None is not a transformers model type with a causal LM"),
+    ({"model_type": "nope"}, r"model_config.model_type: 'nope' is not"),
+    ({"model_type": "qwen3", "hiden_size": 32}, r"model_config: Qwen3Config has no field\(s\) \['hiden_size'\]"),
+    ({"model_type": "phi3", "vocab_size": 259}, r"model_config.pad_token_id: 32000 is outside vocab_size 259"),
+    ({"model_type": "llama", "hidden_size": 30, "num_attention_heads": 4},
+     r"model_config \(LlamaConfig\): The hidden size \(30\) is not a multiple of the number of attention heads"),
+])
+def test_model_config_errors_name_the_field_and_the_reason(fields, message):
+    with pytest.raises(ValueError, match=message):
+        BackboneSpec(model_config=fields)
+
+
+def test_a_backbone_is_given_one_way():
+    with pytest.raises(ValueError, match="exactly one of 'path'.*got \\['llama_config', 'model_config'\\]"):
+        BackboneSpec(llama_config={}, model_config=model_config("llama"))
+
+
+def word_tokenizer(tmp_path) -> HFTokenizer:
+    """A word-level HF tokenizer (a vocabulary unlike the byte tokenizer's), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "Tweet", ":", "Sentiment", "anchor", "negative", "neutral",
+             "positive"] + [str(i) for i in range(6)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]",
+                                 unk_token="[UNK]")
+    hf.save_pretrained(tmp_path / "words")
+    from fedzero.data import load_tokenizer
+
+    return load_tokenizer(str(tmp_path / "words"))
+
+
+def test_label_distillation_across_vocabularies(tmp_path):
+    """Each client scores the label words with its own tokenizer: the byte tokenizer needs whole
+    completions (" neutral" and " negative" share " ne"), the word tokenizer one token; both send
+    [anchors, labels] and learn from the other's predictions."""
+    labels = ["negative", "neutral", "positive"]
+    prompts = [f"Tweet: anchor {i}\nSentiment:" for i in range(4)]
+    words = word_tokenizer(tmp_path)
+    assert label_branch(ByteTokenizer(), labels) is None and label_branch(words, labels) == ([], [8, 9, 10])
+    clients = []
+    for family, tok in (("llama", ByteTokenizer()), ("gpt_neox", words)):
+        tokens = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                  "pad_token_id": tok.pad_token_id}
+        model, _ = load_backbone(BackboneSpec(model_config=model_config(family, **tokens), init_seed=1))
+        handle = inject_dema(model, DeMAConfig(**DEMA))
+        distiller = AnchorDistiller(tok, prompts, labels, weight=1.0, batch_size=2, max_length=32, seed=0)
+        clients.append((handle, distiller))
+    predictions = [d.predict(h.model) for h, d in clients]
+    assert all(p.shape == (4, 3) and np.allclose(p.sum(1), 1) for p in predictions)
+    for (handle, distiller), teacher in zip(clients, predictions[::-1]):
+        distiller.set_teacher(teacher)
+        loss = distiller.loss(handle.model, 0)
+        loss.backward()
+        assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0
+                                            for p in handle.trainable_parameters())
+
+
+def test_simulate_federates_clients_of_two_families(tmp_path):
+    from fedzero.cli import main
+    from test_simulate import tiny_run
+
+    cfg = yaml.safe_load(tiny_run(tmp_path, strategy="cmga", rounds=1).read_text())
+    cfg["clients"][1]["backbone"] = {"model_config": model_config("gpt_neox", hidden_size=24, num_hidden_layers=3,
+                                                                  num_attention_heads=3, intermediate_size=48),
+                                     "init_seed": 2, "tokenizer": "byte"}
+    path = tmp_path / "families.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["simulate", "--config", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert [c["num_layers"] for c in summary["clients"]] == [2, 3]
+    assert len({c["fingerprint"] for c in summary["clients"]}) == 2
+    assert all(np.isfinite(c["train_loss"]) for c in summary["rounds"][0]["clients"])
