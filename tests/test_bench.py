@@ -320,6 +320,16 @@ def test_bench_end_to_end_on_tiny_models_then_resumes(tmp_path):
             assert set(c["final"]) == {"own", "unseen", "global"} and c["final"]["global"]["n"] == 12
         assert -1 <= run["first_round_cosine"]["mean"] <= 1
     assert fedit["clients"][0]["rounds"][0]["eval"] == dema["clients"][0]["rounds"][0]["eval"]
+    # per-record outcomes: the same test records for every method of a seed, each client's label scores on
+    # them (the finals, up to the stored 4 decimals), its train label counts, steps and training seconds
+    from fedzero.bench.stats import decode_run, outcome_metrics
+    assert fedit["test_records"] == dema["test_records"] != by[("fedit", 1)]["test_records"]
+    for run in results["runs"]:
+        outcomes = decode_run(run)
+        assert outcomes.scores.shape == (3, 12, 3) and outcomes.train_labels.sum(axis=1).tolist() == [8, 8, 8]
+        levels = outcome_metrics(outcomes)
+        assert levels["global.accuracy"] == pytest.approx(np.mean([c["final"]["global"]["accuracy"] for c in run["clients"]]))
+        assert all(c["train_steps"] == 4 and c["train_seconds"] > 0 for c in run["clients"])
     assert len(dema["first_round_cosine"]["pairs"]) == 3 and len(fedit["first_round_cosine"]["pairs"]) == 1
     md = (out / "report.md").read_text()
     assert "## Setting A" in md and "| dema-cmga |" in md and "| fedit |" in md

@@ -271,13 +271,18 @@ def _mb(stat: tuple) -> str:
     return "–" if m is None else ("0" if m == 0 else f"{m / 1e6:.3f}")
 
 
+def _points(x: float) -> str:
+    """A fraction as signed percentage points, one decimal; float dust below zero reads +0.0, not -0.0."""
+    return f"{round(x * 100, 1) + 0.0:+.1f}"
+
+
 def _interval(g: Interval | None) -> str:
     """A gain in percentage points: "+3.2 [-1.0, +7.5]" (95% interval), "+3.2 [–]" without one."""
     if g is None:
         return "–"
     if g.low is None:
-        return f"{g.point * 100:+.1f} [–]"
-    return f"{g.point * 100:+.1f} [{g.low * 100:+.1f}, {g.high * 100:+.1f}]"
+        return f"{_points(g.point)} [–]"
+    return f"{_points(g.point)} [{_points(g.low)}, {_points(g.high)}]"
 
 
 def _share(x: float | None) -> str:
@@ -340,7 +345,8 @@ def _gain_tables(entry: dict) -> list[str]:
                   "(the same adapters and lr, nothing federated), paired by seed and test record; mean over seeds "
                   "[95% bootstrap interval: seeds resampled, then test records within each seed]. "
                   "\"prior explains\": the prior-only control's gain as a share of the method's (own / unseen / "
-                  "global), where the method's interval excludes 0.", "",
+                  "global), where the method's interval excludes 0 (over 100%: the prior alone gains more; negative: "
+                  "the prior alone loses).", "",
                   f"| method | control | own Δ | unseen Δ | global Δ | prior explains | seeds |",
                   "|---|---|---:|---:|---:|---:|---|"]
         for name in rows:
@@ -604,7 +610,9 @@ def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str
         for col, setting in enumerate(settings):
             entry = summary[setting]
             for row, (metric, label) in enumerate((("macro_f1", "macro-F1"), ("accuracy", "accuracy"))):
-                interval_bars(axes[row][col], [n for n in _gain_rows(entry) if entry[key][n]["seeds"]], entry[key], metric,
+                rows = [n for n in _gain_rows(entry) if entry[key][n]["seeds"]
+                        and not (key == "transfer" and n in entry["priors"])]     # a control over itself: 0
+                interval_bars(axes[row][col], rows, entry[key], metric,
                               f"setting {setting}: {label} gain {what}")
         save(fig, name)
     return files
