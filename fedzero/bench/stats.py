@@ -285,9 +285,12 @@ def paired_bootstrap(method: dict[int, Outcomes], control: dict[int, Outcomes], 
     seeds = sorted(set(method) & set(control))
     if not seeds:
         return None
+    units = method[seeds[0]].units()
+    if any(method[s].units() != units for s in seeds):
+        raise ValueError("the seeds' runs have different clients or topics: their gains cannot be averaged")
     pairs = [pair_outcomes(method[s], control[s]) for s in seeds]
     draws = draw_resamples(np.random.default_rng(seed), [_stratum_sizes(p) for p in pairs], n_boot)
-    return Bootstrap(method[seeds[0]].units(), seeds, full_sample_gains(pairs), slot_gains(pairs, draws))
+    return Bootstrap(units, seeds, full_sample_gains(pairs), slot_gains(pairs, draws))
 
 
 def outcome_metrics(out: Outcomes) -> dict[str, float | None]:
