@@ -233,10 +233,86 @@ def _depth30() -> dict:
             "description": "The full suite's budget with SmolLM2-135M itself as one of four heterogeneous clients"}
 
 
+# The heterogeneous testbed (issue 11): three widths and two families. SmolLM2's healed 10-layer
+# variant (576 wide, LLaMA layout) holds two clients, so FedIT has a same-backbone group; a
+# GPT-NeoX-layout model 384 wide (parallel residual, fused qkv, LayerNorm) and the 256-wide LLaMA,
+# both pretrained briefly on the public text with SmolLM2's tokenizer (no pretrained model of another
+# family ships in a package), hold one each.
+HETERO_BACKBONES = {
+    "smol10": FULL["backbones"]["smol10"],
+    "neox384": {"kind": "small", "heldout_blocks": 24,
+                "config": {"model_type": "gpt_neox", "hidden_size": 384, "num_hidden_layers": 4,
+                           "num_attention_heads": 6, "intermediate_size": 1536, "rotary_pct": 0.25,
+                           "use_parallel_residual": True},
+                "train": {"steps": 300, "batch_size": 8, "seq_len": 64, "lr": 1e-3, "warmup_steps": 20}},
+    "small256": FULL["backbones"]["small256"],
+}
+HETERO_CLIENTS = [{"id": "H-airlines-smol10", "backbone": "smol10", "topics": ["airlines"]},
+                  {"id": "H-apple-smol10", "backbone": "smol10", "topics": ["apple"]},
+                  {"id": "H-coachella-neox384", "backbone": "neox384", "topics": ["coachella"]},
+                  {"id": "H-deflategate-small256", "backbone": "small256", "topics": ["deflategate"]}]
+
+
+def _hetero() -> dict:
+    """Sized to resolve a 3-point difference: 300 test tweets per topic (1,200 per global view), 5
+    seeds, paired bootstrap intervals; the budget is where local-only's val curve has flattened
+    (the hetero-budget suite)."""
+    keep = ("lora-local", "fedit", "dema-local", "dema-fedavg", "dema-cmga")
+    methods = [m for m in _methods_a() if m["name"] in keep]
+    methods += [m for m in _dema_variants() if m["name"] in ("dema-shaped-fedavg", "dema-distill-local")]
+    setting = {"description": "four clients, three widths, two families: two on the healed 10-layer SmolLM2 "
+                              "variant (576, LLaMA layout; a FedIT group), one on a 384-wide GPT-NeoX-layout "
+                              "model, one on the 256-wide LLaMA; one topic each",
+               "clients": HETERO_CLIENTS, "methods": methods}
+    return {"name": "hetero",
+            "description": "Heterogeneous clients (three widths, two layouts), 300 test tweets per topic, 5 seeds, "
+                           "gains with 95% paired bootstrap intervals and the prior-only control",
+            "seeds": [0, 1, 2, 3, 4], "backbones": copy.deepcopy(HETERO_BACKBONES),
+            "data": {"train_per_client": 192, "test_per_topic": 300, "val_per_topic": 60,
+                     "round_eval_per_topic": 30, "max_chars": 120},
+            "rounds": 8, "eval_every": 2,
+            "train": {"local_steps": 6, "batch_size": 8, "max_length": 64, "schedule": "cosine",
+                      "warmup_steps": 3, "eval_batch_size": 40},
+            "lr": {"dema": 3e-3, "lora": 1e-3}, "settings": {"H": setting}, "memory": None}
+
+
+def _hetero_budget() -> dict:
+    """How long local-only needs: the hetero testbed's local-only methods for twice the rounds,
+    scored on the val split after every round (the test sets are never read)."""
+    suite = _hetero()
+    setting = suite["settings"]["H"]
+    setting["methods"] = [m for m in setting["methods"] if m["strategy"] == "local" and "distill" not in m]
+    return {**suite, "name": "hetero-budget", "seeds": [0, 1], "rounds": 16, "eval_every": 1,
+            "description": "The hetero testbed's local-only methods for 16 rounds x 6 steps, val split scored "
+                           "after every round: where the val curve flattens sets the hetero budget",
+            "data": {**suite["data"], "score": "val", "round_eval_per_topic": 60}}
+
+
+def _hetero_quick() -> dict:
+    """The hetero suite's shape at CI size: the same layouts at toy widths, two seeds, minutes."""
+    suite = _hetero()
+    quick = QUICK["backbones"]
+    backbones = {"smol10": quick["smol10"],
+                 "neox384": {**HETERO_BACKBONES["neox384"], "heldout_blocks": 4,
+                             "config": {**HETERO_BACKBONES["neox384"]["config"], "hidden_size": 96,
+                                        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 192},
+                             "train": quick["small128"]["train"]},
+                 "small256": quick["small128"]}
+    setting = suite["settings"]["H"]
+    setting["methods"] = [m for m in setting["methods"]
+                          if m["name"] in ("lora-local", "fedit", "dema-local", "dema-fedavg", "dema-distill-local")]
+    return {**suite, "name": "hetero-quick", "seeds": [0, 1], "backbones": backbones, "rounds": 2, "eval_every": 2,
+            "description": "The hetero suite's shape at harness-check size (toy widths, 2 rounds x 2 steps, "
+                           "12 test tweets per topic); its numbers say nothing about the methods",
+            "data": {**QUICK["data"], "test_per_topic": 12},
+            "train": {**QUICK["train"]}}
+
+
 TUNE = _tune()
 LONG = _long()
 DEPTH30 = _depth30()
-SUITES = {"quick": QUICK, "full": FULL, "tune": TUNE, "long": LONG, "depth30": DEPTH30}
+SUITES = {"quick": QUICK, "full": FULL, "tune": TUNE, "long": LONG, "depth30": DEPTH30,
+          "hetero": _hetero(), "hetero-budget": _hetero_budget(), "hetero-quick": _hetero_quick()}
 
 
 def load_suite(name_or_path: str | Path) -> dict:
