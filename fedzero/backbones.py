@@ -72,23 +72,23 @@ class DecoderLayout:
 
 def decoder_layout(model: nn.Module) -> DecoderLayout:
     """Find the layout from module structure and config alone (no parameter values: under ZeRO-3
-    every parameter is an empty shard). The decoder is model.get_decoder(); its layers are the one
-    child ModuleList of length num_hidden_layers; in each layer the feed-forward block is the child
-    named mlp/feed_forward/ffn or of class …MLP, the attention block likewise (self_attn/attention/
-    attn/self_attention or …Attention); the final norm is the one child of class …Norm registered
-    after the layers (found by class, not by a weight: OLMo's LayerNorm has none)."""
+    every parameter is an empty shard). The decoder is the first module, in module order under
+    model.get_decoder() (else under the model), with a child ModuleList of num_hidden_layers modules:
+    the layers. In each layer the feed-forward block is the child named mlp/feed_forward/ffn or of
+    class …MLP, the attention block likewise (self_attn/attention/attn/self_attention or …Attention);
+    the final norm is the decoder's one child of class …Norm registered after the layers (found by
+    class, not by a weight: OLMo's LayerNorm has none)."""
     name = type(model).__name__
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "get_decoder"):
         raise ValueError(f"{name}: not a transformers model (no config or get_decoder()); a backbone must be "
                          "a transformers causal LM")
     depth = getattr(config.get_text_config(), "num_hidden_layers", None)
-    decoder = model.get_decoder()
-    where = f"under get_decoder() ({type(decoder).__name__}; children: {_children(decoder)})"
-    children = list(decoder.named_children())
-    layers_name = _one(name, [n for n, c in children if isinstance(c, nn.ModuleList) and len(c) == depth],
-                       f"decoder layer list of length num_hidden_layers={depth}", where)
+    decoder, candidates = _decoder(model, depth)
+    where = f"in {type(decoder).__name__} (children: {_children(decoder)})"
+    layers_name = _one(name, candidates, f"decoder layer list of length num_hidden_layers={depth}", where)
     layers = getattr(decoder, layers_name)
+    children = list(decoder.named_children())
     after = children[[n for n, _ in children].index(layers_name) + 1:]
     norm_name = _one(name, [n for n, c in after if "norm" in type(c).__name__.lower()],
                      "final norm (a …Norm module registered after the layers)", where)
@@ -105,6 +105,19 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
     return DecoderLayout(name, decoder, layers_name, mlp_name, norm_name, attention_name)
 
 
+def _decoder(model: nn.Module, depth: int | None) -> tuple[nn.Module, list[str]]:
+    """(decoder, names of its child ModuleLists of length `depth`). get_decoder() is a best-effort
+    lookup: some wrappers return themselves (Llama4ForCausalLM), some their LM head
+    (ModernBertDecoderForCausalLM), hence the search below it and then below the whole model."""
+    decoder = model.get_decoder()
+    for root in (decoder, model):
+        for module in root.modules():
+            found = [n for n, c in module.named_children() if isinstance(c, nn.ModuleList) and len(c) == depth]
+            if found:
+                return module, found
+    return decoder, []
+
+
 def _block(children: dict[str, nn.Module], names: tuple[str, ...], class_suffix: str) -> list[str]:
     return [n for n, c in children.items() if n in names or type(c).__name__.lower().endswith(class_suffix)]
 
@@ -112,7 +125,8 @@ def _block(children: dict[str, nn.Module], names: tuple[str, ...], class_suffix:
 def _one(model_class: str, candidates: list[str], what: str, where: str) -> str:
     if len(candidates) != 1:
         found = f"several ({candidates})" if candidates else "none"
-        raise ValueError(f"{model_class}: needs exactly one {what} {where}; found {found}")
+        raise ValueError(f"{model_class}: needs exactly one {what} {where}; found {found} "
+                         "(how layouts are found: docs/backbones.md)")
     return candidates[0]
 
 

@@ -260,14 +260,14 @@ DISTILL = {"labels": ["negative", "neutral", "positive"], "template": "Tweet: {t
 
 
 def _client_yaml(workspace, name, *, ds_config, overrides=None, accumulation=1, checkpoint_every=0,
-                 distill=False, **dema) -> Path:
+                 distill=False, backbone="backbone", **dema) -> Path:
     folder = workspace / name
     folder.mkdir()
     data = {
         "seed": 0, "dema": {"rank": 8, "num_experts": 2, "num_slots": 2, "num_anchors": 16, **dema},
         "federation": {"rounds": 2},
         "train": {"local_steps": 4, "batch_size": 4, "lr": 0.01, "max_length": 96, "schedule": "cosine"},
-        "client": {"id": "c1", "backbone": {"path": "../backbone", "tokenizer": "byte"},
+        "client": {"id": "c1", "backbone": {"path": f"../{backbone}", "tokenizer": "byte"},
                    "data": {"train": "../train.jsonl", "test": "../test.jsonl"}},
         "deepspeed": {"config": str(REPO / "ds_configs" / ds_config), "overrides": overrides or {},
                       "gradient_accumulation_steps": accumulation, "checkpoint_every": checkpoint_every},
@@ -440,6 +440,36 @@ def test_plain_python_one_process_zero3_offload_side_placement(workspace, ds_ops
         _check_update(path, rnd, refs[rnd], world=1, stage=3)
         if rnd == 0:
             _publish_next(path, refs, 0)
+
+
+FAMILIES = {
+    "gpt_neox": {"hidden_size": 64, "num_attention_heads": 4},
+    "gemma3_text": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, dema", [("gpt_neox", {"projector": "anchor"}), ("gemma3_text", {"placement": "side"})])
+def test_plain_python_one_process_zero3_other_families(workspace, ds_ops, family, dema):
+    """Backbones of other families, every parameter partitioned before their layout is found from the
+    structure: GPT-NeoX (gpt_neox.layers, final_layer_norm, an untied embed_out) with anchor projectors
+    computed on the partitioned backbone; Gemma3 (tied embeddings, post-feed-forward norms) with side
+    placement. The update equals LocalClient's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **FAMILIES[family], intermediate_size=128, num_hidden_layers=4,
+                                  vocab_size=259, bos_token_id=256, eos_token_id=257, pad_token_id=258,
+                                  max_position_embeddings=256, initializer_range=0.1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(workspace / f"backbone-{family}", max_shard_size="200KB")
+    path = _client_yaml(workspace, f"fam-{family}", ds_config="zero3.json", backbone=f"backbone-{family}",
+                        overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}}, **dema)
+    ref = _reference(path, rounds=1)[0]
+    rc, out = _run([sys.executable, "launch/client.py", "--config", str(path), "--store", str(path.parent / "store"),
+                    "--round", "0"], _env())
+    assert rc == 0, out[-3000:]
+    assert "(partitioned)" in out
+    _check_update(path, 0, ref, world=1, stage=3)
 
 
 @pytest.mark.gpu

@@ -155,16 +155,40 @@ def test_a_model_that_does_not_fit_is_refused_with_what_is_missing():
 
     with pytest.raises(ValueError, match=r"Toy: not a transformers model \(no config or get_decoder\(\)\)"):
         inject_dema(Toy(), DeMAConfig(**DEMA))
+    # An encoder's layers are found, but no norm follows them (post-LN): nothing for the side stream.
     encoder = AutoModelForMaskedLM.from_config(AutoConfig.for_model(
         "bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=259))
-    with pytest.raises(ValueError, match=r"BertForMaskedLM: needs exactly one decoder layer list of length "
-                                         r"num_hidden_layers=2 under get_decoder\(\) \(BertModel; children: "
-                                         r"embeddings \(BertEmbeddings\), encoder \(BertEncoder\)\); found none"):
+    with pytest.raises(ValueError, match=r"BertForMaskedLM: needs exactly one final norm \(a …Norm module registered "
+                                         r"after the layers\) in BertEncoder \(children: layer \(ModuleList\)\); "
+                                         r"found none \(how layouts are found: docs/backbones.md\)"):
         inject_dema(encoder, DeMAConfig(**DEMA))
-    # load_backbone refuses it too, before building its weights
-    with pytest.raises(ValueError, match="BertLMHeadModel: needs exactly one decoder layer list"):
+    # A config that disagrees with the structure: no layer list of that length.
+    model, _ = build("qwen3")
+    model.config.num_hidden_layers = 5
+    with pytest.raises(ValueError, match=r"Qwen3ForCausalLM: needs exactly one decoder layer list of length "
+                                         r"num_hidden_layers=5 in Qwen3Model \(children: embed_tokens \(Embedding\), "
+                                         r"layers \(ModuleList\), norm \(Qwen3RMSNorm\).*\); found none"):
+        decoder_layout(model)
+    # load_backbone refuses before building the weights
+    with pytest.raises(ValueError, match="BertLMHeadModel: needs exactly one final norm"):
         load_backbone(BackboneSpec(model_config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
                                                  "num_attention_heads": 2, "vocab_size": 259, "pad_token_id": 0}))
+
+
+class TupleMLP(nn.Module):
+    def forward(self, x):
+        return x, None          # e.g. a mixture-of-experts block that also returns its router logits
+
+
+def test_a_feed_forward_block_that_returns_no_hidden_state_is_refused_at_the_first_forward():
+    model, _ = build("llama")
+    layout = decoder_layout(model)
+    for layer in layout.layers:
+        layer.mlp = TupleMLP()
+    inject_dema(model, DeMAConfig(**DEMA))
+    with pytest.raises(TypeError, match=r"TupleMLP \(the decoder layer's feed-forward block\) returns a tuple for an "
+                                        r"input of shape \(2, 10, 32\); DeMA's parallel placement needs a hidden state"):
+        model(input_ids=x)
 
 
 @pytest.mark.parametrize("fields, message", [

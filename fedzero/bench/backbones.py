@@ -294,10 +294,11 @@ def _build_small(base: Path, spec: dict, out: Path, log) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    # No rope default here: each family keeps its own (LLaMA's is 10000).
     cfg = {"model_type": "llama", "vocab_size": len(tokenizer), "max_position_embeddings": 2048,
            "tie_word_embeddings": True, "bos_token_id": tokenizer.bos_token_id,
            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-           "rope_theta": 10000.0, **copy.deepcopy(spec["config"])}
+           **copy.deepcopy(spec["config"])}
     config = inline_config(cfg, "backbone config")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(spec.get("init_seed", 0)))

@@ -197,6 +197,7 @@ def load_backbone_zero3(spec: BackboneSpec) -> tuple[torch.nn.Module, str]:
     model = AutoModelForCausalLM.from_config(config, dtype=spec.torch_dtype)   # partitioned, not initialised
     decoder_layout(model)     # from structure alone (shards hold no values): fail before streaming weights
     params = dict(model.named_parameters())   # tied weights appear once
+    names = _parameter_names(model, params, sorted(weight_map), path)
     rank = torch.distributed.get_rank()
     by_file: dict[str, list[str]] = {}
     for key, file in weight_map.items():
@@ -206,9 +207,9 @@ def load_backbone_zero3(spec: BackboneSpec) -> tuple[torch.nn.Module, str]:
         reader = safe_open(str(path / file), framework="pt") if rank == 0 else None
         try:
             for key in sorted(keys):
-                if key not in params:
+                if names[key] not in params:
                     continue   # e.g. lm_head.weight of a tied model, rotary buffers of old checkpoints
-                param = params[key]
+                param = params[names[key]]
                 with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                     if rank == 0:
                         value = reader.get_tensor(key)
@@ -216,7 +217,7 @@ def load_backbone_zero3(spec: BackboneSpec) -> tuple[torch.nn.Module, str]:
                             raise ValueError(f"{path}/{file}: {key} has shape {tuple(value.shape)}, "
                                              f"the model expects {tuple(param.shape)}")
                         param.data.copy_(value.to(param.dtype))
-                loaded.add(key)
+                loaded.add(names[key])
         finally:
             if reader is not None:
                 del reader
@@ -226,6 +227,26 @@ def load_backbone_zero3(spec: BackboneSpec) -> tuple[torch.nn.Module, str]:
     model.requires_grad_(False)
     model.eval()
     return model, fingerprint(config)
+
+
+def _parameter_names(model, params: dict, keys: list[str], path: Path) -> dict[str, str]:
+    """Checkpoint key -> the parameter it fills, renamed as transformers' own loading renames
+    checkpoint keys (GPT-NeoX's embed_out is the model's lm_head). Tensors that transformers would
+    merge or split on loading cannot be streamed one at a time: refused."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    names = {}
+    for key in keys:          # in sorted order, as transformers applies its grouped renamings
+        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, params)
+        if converted is not None:
+            raise ValueError(f"{path}: checkpoint tensor {key} is converted ({converted}) when "
+                             f"{type(model).__name__} loads it; ZeRO-3 streaming loads tensors one by one as stored")
+        names[key] = name
+    return names
 
 
 # =========================================================================== helpers

@@ -157,10 +157,19 @@ class DeMAParallelMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if not torch.is_tensor(out) or out.shape != x.shape:
+            # Found by its place in the layer (fedzero.backbones.decoder_layout), not by what it returns.
+            raise TypeError(f"{type(self.base_layer).__name__} (the decoder layer's feed-forward block) returns "
+                            f"{_described(out)} for an input of shape {tuple(x.shape)}; DeMA's parallel placement "
+                            "needs a hidden state of the input's shape (try placement 'side')")
         dtype = self.projectors.in_proj.weight.dtype
         z = self.projectors.in_proj(x.to(dtype))
         delta = self.projectors.out_proj(self.mixture(z))
         return out + delta.to(out.dtype)
+
+
+def _described(value) -> str:
+    return f"shape {tuple(value.shape)}" if torch.is_tensor(value) else f"a {type(value).__name__}"
 
 
 class SideStream:
@@ -196,9 +205,12 @@ class SideStream:
     def _final_hook(self, module, args, output):
         if self.state is None:
             return output
-        delta = self.out_proj(self.state).to(output.dtype)
+        delta = self.out_proj(self.state)
         self.state = None
-        return output + delta
+        if not torch.is_tensor(output) or output.shape != delta.shape:
+            raise TypeError(f"{type(module).__name__} (the final norm) returns {_described(output)}; DeMA's side "
+                            f"placement adds a hidden state of shape {tuple(delta.shape)} there")
+        return output + delta.to(output.dtype)
 
     def remove(self) -> None:
         for handle in self.handles:
