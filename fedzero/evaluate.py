@@ -52,8 +52,78 @@ def classification_metrics(scores: np.ndarray, true: np.ndarray) -> dict:
 
 
 def label_scores(model, tokenizer, records, labels, *, max_length: int, batch_size: int = 32) -> np.ndarray:
-    """Sum of log-probabilities of each candidate completion f" {label}" (+ eos): [N, C]. The LM
-    head runs only where a completion token is scored (a large share of a small model's compute)."""
+    """Sum of log-probabilities of each candidate completion f" {label}" (+ eos) after each record's
+    prompt: [N, C], exactly what the model gives the examples `build_examples` makes of
+    (prompt, " label") pairs. The prompt is run once per record, not once per label: its key/value
+    cache is continued with each label's tokens (scoring is most of a benchmark's compute). A prompt
+    that `build_examples` would cut differently for different labels (it does not fit max_length
+    with the longest completion) is scored the plain way, one sequence per label."""
+    import torch
+
+    prompts, completions = _tokenized_candidates(tokenizer, records, labels, max_length)
+    scores = np.zeros((len(records), len(labels)))
+    longest = max(len(c) for c in completions)
+    fits = [i for i, p in enumerate(prompts) if len(p) + longest <= max_length]
+    cut = [i for i, p in enumerate(prompts) if len(p) + longest > max_length]
+    model.eval()
+    with torch.no_grad():
+        order = sorted(fits, key=lambda i: len(prompts[i]))          # similar lengths: little padding
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            scores[rows] = _shared_prompt_scores(model, [prompts[i] for i in rows], completions,
+                                                 tokenizer.pad_token_id).numpy()
+        if cut:
+            scores[cut] = _per_label_scores(model, tokenizer, [records[i] for i in cut], labels, max_length, batch_size)
+    return scores
+
+
+def _tokenized_candidates(tokenizer, records, labels, max_length: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Each record's [bos] + prompt ids and each label's completion ids + eos, tokenized exactly as
+    fedzero.data.build_examples tokenizes a (prompt, " label") pair."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    head = [bos] if bos is not None else []
+    completions = [list(tokenizer.encode(f" {label}")) + [tokenizer.eos_token_id] for label in labels]
+    too_long = [label for label, c in zip(labels, completions) if len(head) + len(c) > max_length]
+    if too_long:
+        raise ValueError(f"label(s) {too_long} do not fit max_length={max_length} with bos and eos; raise max_length")
+    return [head + list(tokenizer.encode(r["prompt"])) for r in records], completions
+
+
+def _shared_prompt_scores(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int):
+    """[B, C] float64 log-likelihoods of every completion after every prompt, the prompts run once.
+    Prompts are left-padded so that all end in the last column and each label continues the cache at
+    the same step; position ids follow each row's real tokens, so padding changes nothing."""
+    import copy
+
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)             # [B, V]
+    lengths = mask.sum(-1, keepdim=True)
+    columns = []
+    for completion in completions:
+        score = first[:, completion[0]].double()
+        rest = len(completion) - 1
+        if rest:
+            tokens = torch.tensor(completion, dtype=torch.long).expand(len(prompts), -1)
+            cache = copy.deepcopy(out.past_key_values)       # each label continues the prompt's own cache
+            logits = model(input_ids=tokens[:, :-1], attention_mask=torch.cat([mask, torch.ones_like(tokens[:, 1:])], 1),
+                           position_ids=lengths + torch.arange(rest), past_key_values=cache, use_cache=True).logits
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(2, tokens[:, 1:, None])[..., 0]
+            score = score + logp.double().sum(1)
+        columns.append(score)
+    return torch.stack(columns, dim=1)
+
+
+def _per_label_scores(model, tokenizer, records, labels, max_length: int, batch_size: int) -> np.ndarray:
+    """The plain way: one (prompt, " label") sequence per record and label."""
     import torch
 
     from fedzero.client.local import completion_logprob_sums
@@ -61,10 +131,8 @@ def label_scores(model, tokenizer, records, labels, *, max_length: int, batch_si
 
     candidates = [{"prompt": r["prompt"], "completion": f" {label}"} for r in records for label in labels]
     examples = build_examples(candidates, tokenizer, max_length)
-    model.eval()
-    with torch.no_grad():
-        out = [completion_logprob_sums(model, collate(examples[i:i + batch_size], tokenizer.pad_token_id))
-               for i in range(0, len(examples), batch_size)]
+    out = [completion_logprob_sums(model, collate(examples[i:i + batch_size], tokenizer.pad_token_id))
+           for i in range(0, len(examples), batch_size)]
     return torch.cat(out).view(len(records), len(labels)).numpy()
 
 

@@ -46,3 +46,29 @@ def test_evaluate_classification_refuses_unknown_labels():
     with pytest.raises(ValueError, match="no label"):
         evaluate_classification(tiny_llama(vocab=259), ByteTokenizer(), [{"prompt": "a", "label": "maybe"}],
                                 ["yes", "no"], max_length=16)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gemma3_text", "phi3", "qwen3", "olmo2"])
+def test_label_scores_run_each_prompt_once_and_equal_one_sequence_per_label(family):
+    """The prompt's cache continued with each label equals scoring each (prompt, label) sequence
+    on its own, for every family layout (left padding, position ids, cache copies); prompts that
+    do not fit max_length with a label are cut and scored the plain way, like build_examples cuts them."""
+    from fedzero.backbones import BackboneSpec, load_backbone
+    from fedzero.evaluate import _per_label_scores
+
+    from test_families import model_config
+
+    model, _ = load_backbone(BackboneSpec(model_config=model_config(family), init_seed=3, tokenizer="byte"))
+    tok = ByteTokenizer()
+    labels = ["negative", "ok", "positive"]            # completions of different lengths
+    records = [{"prompt": f"Tweet: {'abc ' * i}\nSentiment:"} for i in range(6)] + [{"prompt": "x" * 70}]
+    scores = label_scores(model, tok, records, labels, max_length=48, batch_size=4)
+    reference = _per_label_scores(model, tok, records, labels, 48, 32)
+    np.testing.assert_allclose(scores, reference, rtol=1e-5, atol=1e-4)
+    assert np.isfinite(scores).all()
+
+
+def test_label_scores_refuse_a_label_that_cannot_fit():
+    with pytest.raises(ValueError, match="do not fit max_length"):
+        label_scores(tiny_llama(vocab=259), ByteTokenizer(), [{"prompt": "a"}], ["yes", "a much longer label"],
+                     max_length=8)
