@@ -20,6 +20,7 @@ from fedzero.bench.lm_data import (
     cut_text,
     dedup_key,
     heldout_nll_per_token,
+    score_records,
     lm_split,
     load_corpus,
     near_duplicates,
@@ -328,3 +329,56 @@ def test_heldout_nll_without_bos_counts_only_scored_bytes_and_refuses_truncation
     with pytest.raises(ValueError, match="max_chars or raise max_length"):
         heldout_nll_per_token(model, ByteTokenizer(), [{"text": "x" * 63, "uid": "u"}], 64, 1)
     assert heldout_nll_per_token(model, ByteTokenizer(), [{"text": "x" * 62}], 64, 1).tokens == 63
+
+
+def test_score_records_gives_each_records_hand_computed_nll_in_record_order():
+    model = tiny_llama(seed=3, vocab=259)
+    tok = ByteTokenizer()
+    texts = TEXTS + ["x" * 40, "short"]                  # lengths out of order: batches are sorted, results are not
+    scored = score_records(model, tok, [{"text": t} for t in texts], max_length=64, batch_size=4)
+    hand = [_hand_nll(model, tok, t) for t in texts]
+    np.testing.assert_allclose(scored.nll, [s for s, _ in hand], rtol=1e-5)
+    assert scored.tokens.tolist() == [n for _, n in hand]
+    assert scored.bytes.tolist() == [len(t.encode()) for t in texts]
+    assert scored.total() == heldout_nll_per_token(model, tok, [{"text": t} for t in texts], 64, 4)
+    assert scored.total(2).tokens == hand[0][1] + hand[1][1]
+
+
+class _HalvedLogits(torch.nn.Module):
+    """A model whose logits are not output_embeddings(final hidden state) (as with logit soft-capping)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    def get_decoder(self):
+        return self.inner.get_decoder()
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+
+def test_score_records_uses_the_models_own_logits_where_the_head_shortcut_would_differ():
+    model = _HalvedLogits(tiny_llama(seed=4, vocab=259)).eval()
+    tok = ByteTokenizer()
+    scored = score_records(model, tok, [{"text": t} for t in TEXTS], max_length=64, batch_size=2)
+    hand = [_hand_nll(model, tok, t) for t in TEXTS]       # from the halved logits
+    np.testing.assert_allclose(scored.nll, [s for s, _ in hand], rtol=1e-5)
+
+
+def test_round_eval_docs_is_a_prefix_of_whole_documents(corpus_dir):
+    split = split_of(corpus_dir, 0, round_eval_docs=2, max_chars=24)    # documents of several records each
+    for d, recs in split.test.items():
+        n = split.round_eval_records(d)
+        docs = list(dict.fromkeys(r["doc"] for r in recs))
+        assert {r["doc"] for r in recs[:n]} == set(docs[:2]) and not {r["doc"] for r in recs[n:]} & set(docs[:2])
+        assert n > 2
+    with pytest.raises(ValueError, match="lm_data.round_eval_docs"):
+        LMDataSettings(test_docs=3, round_eval_docs=4)
+    with pytest.raises(ValueError, match="lm_data.round_eval_docs .* val_docs"):
+        LMDataSettings(test_docs=9, val_docs=3, round_eval_docs=4, score="val")

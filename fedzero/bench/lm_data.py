@@ -33,10 +33,10 @@ the seed, the domain and the counts, not on the other domains or the clients.
 
 Records are `{"text", "domain", "uid", "doc"}`: fedzero.data.build_examples trains `{"text"}`
 records with the LM loss on every token (bos + text + eos), so the training code takes them as
-they are. `heldout_nll_per_token` scores records with the same tokenisation (no grad) and returns
-the summed NLL (nats), the number of scored tokens and the UTF-8 bytes they cover: NLL per token is
-comparable between models with the same tokenizer only; NLL per byte is comparable across
-vocabularies (see docs/lm_task.md).
+they are. `score_records` scores records with the same tokenisation (no grad) and returns, per
+record, the summed NLL (nats), the number of scored tokens and the UTF-8 bytes they cover
+(`heldout_nll_per_token`: their sums). NLL per token is comparable between models with the same
+tokenizer only; NLL per byte is comparable across vocabularies (see docs/lm_task.md).
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class LMDataSettings:
     train_chars: int | None = None       # optional cap on a client's training characters (per domain share)
     test_docs: int = 200                 # held-out documents per domain
     val_docs: int = 100                  # tuning documents per domain
+    round_eval_docs: int = 0             # the first this many test documents of each domain: per-round curves
     max_chars: int = 256                 # a document longer than this is cut into records of at most this
     source: str = "fortunes"             # "fortunes" (the Debian package) or a directory in its format
     score: str = "test"                  # "val" for tuning: the val sets are scored in place of test
@@ -96,7 +97,8 @@ class LMDataSettings:
             if len(set(self.domains)) != len(self.domains) or not self.domains:
                 raise ValueError(f"lm_data.domains must be non-empty and without repeats, got {self.domains!r}")
             self.domains = list(self.domains)
-        for name, low in (("train_docs", 1), ("test_docs", 1), ("val_docs", 0), ("max_chars", 16)):
+        for name, low in (("train_docs", 1), ("test_docs", 1), ("val_docs", 0), ("round_eval_docs", 0),
+                          ("max_chars", 16)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"lm_data.{name} must be an integer >= {low}, got {value!r}")
@@ -109,6 +111,9 @@ class LMDataSettings:
             raise ValueError(f"lm_data.score must be 'test' or 'val', got {self.score!r}")
         if self.score == "val" and self.val_docs < 1:
             raise ValueError("lm_data.score 'val' needs val_docs >= 1")
+        scored, which = (self.val_docs, "val_docs") if self.score == "val" else (self.test_docs, "test_docs")
+        if self.round_eval_docs > scored:       # the curves' subset is a prefix of the scored set
+            raise ValueError(f"lm_data.round_eval_docs ({self.round_eval_docs}) must be <= {which} ({scored})")
 
     @classmethod
     def from_dict(cls, data: dict) -> "LMDataSettings":
@@ -155,9 +160,16 @@ class LMSplit:
     test: dict[str, list[dict]]                    # domain -> test records
     val: dict[str, list[dict]] = field(default_factory=dict)
     corpus: dict = field(default_factory=dict)     # path, fingerprint, per-domain sizes
+    round_eval_docs: int = 0                       # per-round curves: the first this many test docs per domain
 
     def client(self, client_id: str) -> LMClientData:
         return next(c for c in self.clients if c.id == client_id)
+
+    def round_eval_records(self, domain: str) -> int:
+        """How many leading records of test[domain] make up its first round_eval_docs documents (a
+        document's records are contiguous, so the per-round subset is a prefix of the test set)."""
+        keep = set(list(dict.fromkeys(r["doc"] for r in self.test[domain]))[: self.round_eval_docs])
+        return sum(r["doc"] in keep for r in self.test[domain])
 
     def views(self, client_id: str) -> dict[str, list[str]]:
         """{view: domains}: own, unseen (the others'; absent if the client holds every scored domain), global."""
@@ -420,7 +432,7 @@ def lm_split(settings: LMDataSettings, seed: int, client_domains: dict[str, list
             "docs": {d: len(corpus.docs[d]) for d in scored}, "chars": {d: corpus.chars[d] for d in scored}}
     if settings.score == "val":       # tuning: everything downstream scores `test`; the real test sets stay unread
         test, val = val, {}
-    return LMSplit(seed, scored, clients, test, val, info)
+    return LMSplit(seed, scored, clients, test, val, info, settings.round_eval_docs)
 
 
 # -- held-out NLL ------------------------------------------------------------------------------------
@@ -441,28 +453,81 @@ class HeldoutNLL(NamedTuple):
         return self.nll / self.bytes if self.bytes else math.nan
 
 
+class RecordNLL(NamedTuple):
+    """Per-record held-out NLL, arrays in the order of the records scored."""
+
+    nll: np.ndarray          # [N] float64: each record's summed next-token NLL, nats
+    tokens: np.ndarray       # [N] int64: its scored tokens
+    bytes: np.ndarray        # [N] int64: the UTF-8 bytes of text those tokens cover
+
+    def total(self, n: int | None = None) -> HeldoutNLL:
+        """The sums over all records (or the first n)."""
+        return HeldoutNLL(float(self.nll[:n].sum()), int(self.tokens[:n].sum()), int(self.bytes[:n].sum()))
+
+
 def heldout_nll_per_token(model, tokenizer, records: list[dict], max_length: int, batch_size: int = 16
                           ) -> HeldoutNLL:
-    """Summed token NLL of `records` ({"text"} records) under `model`, forward only, no grad.
+    """Summed token NLL of `records` ({"text"} records) under `model`, forward only, no grad: the sums
+    of `score_records` (see there). nll / tokens is the NLL per token (same-tokenizer comparisons
+    only), nll / bytes the NLL per UTF-8 byte of text, comparable across vocabularies."""
+    return score_records(model, tokenizer, records, max_length, batch_size).total()
 
-    Tokenised exactly as training does (fedzero.data.build_examples: [bos] + text + eos, loss on
-    every token), summed with fedzero.client.local.token_loss_sums. Returns (nll, tokens, bytes):
-    nll / tokens is the NLL per token (same-tokenizer comparisons only), nll / bytes the NLL per
-    UTF-8 byte of text, comparable across vocabularies. The eos prediction is counted in both (the
-    end of a document is part of what every model predicts). Without a bos token the first text
-    token is input only, so its bytes are not counted. A record that does not fit max_length is
-    refused rather than silently cut: lower the split's max_chars or raise max_length.
+
+HEAD_CHUNK = 512    # positions per LM-head matmul: [512, 49152] float32 logits are 100 MB
+
+
+def score_records(model, tokenizer, records: list[dict], max_length: int, batch_size: int = 16) -> RecordNLL:
+    """Every record's summed next-token NLL, scored tokens and covered bytes, forward only, no grad, in
+    eval mode (the model's mode is restored). The bench's one NLL scorer: the LM task's final, per-round
+    and zero-shot scores all come from here.
+
+    Tokenised exactly as training does (fedzero.data.build_examples: [bos] + text + eos, loss on every
+    token). The eos prediction counts in tokens and NLL (the end of a document is part of what every
+    model predicts). Without a bos token the first text token is input only, so its bytes are not
+    counted. A record that does not fit max_length is refused rather than silently cut (cutting would
+    make the byte count wrong): lower the split's max_chars or raise max_length.
+
+    Speed (the LM task's dominant cost; the LM head over a 49k vocabulary is half of a 10-layer
+    SmolLM2's forward and most of a small model's): records are batched in order of length, so
+    batches carry little padding; the model runs its decoder but not its head (an empty
+    `logits_to_keep`), and the head is applied to the real (non-padding) positions alone, in
+    chunks of HEAD_CHUNK, from the decoder's final hidden states. That equals the model's logits
+    where logits = output_embeddings(final hidden state); where it does not (e.g. logit soft-capping),
+    the first batch, scored from the model's full logits, shows it, and full logits are used throughout.
     """
     import torch
 
-    from fedzero.client.local import token_loss_sums
     from fedzero.data import build_examples, collate
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_bytes = _record_bytes(tokenizer, records, max_length)
+    examples = build_examples(records, tokenizer, max_length)
+    order = sorted(range(len(examples)), key=lambda i: int(examples[i]["input_ids"].shape[0]))
+    nll = np.zeros(len(records))
+    tokens = np.zeros(len(records), dtype=np.int64)
+    was_training = model.training
+    model.eval()
+    capture = _FinalHidden(model)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                batch = collate([examples[i] for i in rows], tokenizer.pad_token_id)
+                per_token, row = _token_nll(model, batch, capture)
+                nll[rows] = np.bincount(row, weights=per_token, minlength=len(rows))
+                tokens[rows] = np.bincount(row, minlength=len(rows))
+    finally:
+        capture.remove()
+        model.train(was_training)
+    return RecordNLL(nll, tokens, n_bytes)
+
+
+def _record_bytes(tokenizer, records: list[dict], max_length: int) -> np.ndarray:
+    """UTF-8 bytes each record's scored tokens cover; refuses records that build_examples would cut."""
     has_bos = getattr(tokenizer, "bos_token_id", None) is not None
     room = max_length - 1 - (1 if has_bos else 0)
-    n_bytes = 0
+    out = np.zeros(len(records), dtype=np.int64)
     for i, record in enumerate(records):
         if not record.get("text"):
             raise ValueError(f"record {i} ({record.get('uid', '?')}): needs a non-empty \"text\"")
@@ -470,20 +535,49 @@ def heldout_nll_per_token(model, tokenizer, records: list[dict], max_length: int
         if len(ids) > room:
             raise ValueError(f"record {i} ({record.get('uid', '?')}) is {len(ids)} tokens; max_length={max_length} "
                              f"holds {room} besides bos/eos: lower lm_data.max_chars or raise max_length")
-        n_bytes += len(record["text"].encode("utf-8"))
+        out[i] = len(record["text"].encode("utf-8"))
         if not has_bos and ids:
-            n_bytes -= len(tokenizer.decode([ids[0]]).encode("utf-8"))
-    examples = build_examples(records, tokenizer, max_length)
-    examples.sort(key=lambda e: int(e["input_ids"].shape[0]))    # batches of similar length: less padding
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                loss, n = token_loss_sums(model, collate(examples[start:start + batch_size], tokenizer.pad_token_id))
-                total += float(loss)
-                count += n
-    finally:
-        model.train(was_training)
-    return HeldoutNLL(total, count, n_bytes)
+            out[i] -= len(tokenizer.decode([ids[0]]).encode("utf-8"))
+    return out
+
+
+class _FinalHidden:
+    """Keeps the decoder's last output (model.get_decoder(): its final hidden states, after the final
+    norm and anything adapters add there) while registered; `exact` is settled on the first batch."""
+
+    def __init__(self, model):
+        self.value = None
+        self.exact = None            # does output_embeddings(value) reproduce the model's logits?
+        self.head = model.get_output_embeddings()
+        self.handle = model.get_decoder().register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        self.value = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _token_nll(model, batch, capture: _FinalHidden):
+    """(NLL [n] float64, batch row [n]) of every labelled token of a collated batch."""
+    import torch
+    import torch.nn.functional as F
+
+    targets = batch["labels"][:, 1:]
+    labelled = targets != -100
+    rows = labelled.nonzero()[:, 0].numpy()
+    t = targets[labelled]
+    if capture.exact is not True:       # the first batch (checks the shortcut) or a model it does not fit
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][labelled]
+        if capture.exact is None:
+            mine = capture.head(capture.value[:, :-1][labelled]).float()
+            capture.exact = bool(torch.allclose(mine, logits.float(), rtol=1e-4, atol=1e-4))
+        return F.cross_entropy(logits.float(), t, reduction="none").double().numpy(), rows
+    # An empty logits_to_keep: the model's forward runs its decoder and no head (logits_to_keep=1 was
+    # no cheaper: HF's [B, 1, H] head ran as a slow batched matmul)
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+          logits_to_keep=torch.zeros(0, dtype=torch.long))
+    h = capture.value[:, :-1][labelled]             # real positions only: no padding reaches the head
+    parts = [F.cross_entropy(capture.head(h[i:i + HEAD_CHUNK]).float(), t[i:i + HEAD_CHUNK], reduction="none")
+             for i in range(0, len(t), HEAD_CHUNK)]
+    return torch.cat(parts).double().numpy(), rows
