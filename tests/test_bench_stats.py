@@ -389,3 +389,110 @@ def test_the_shipped_reports_results_still_render(suite):
     md = report.markdown(results)
     assert "## Setting" in md and "| own bal acc |" in md
     assert "not recorded in these runs" in md
+
+
+# -- the LM task's outcomes and bootstrap ------------------------------------------------------------------
+
+def _lm_outcomes(nll, tokens, sizes, *, client_domains=None, nbytes=None):
+    """LMOutcomes of K clients with per-record nll [K, N] and tokens [K, N] (bytes: 4 per token unless
+    given), domains d0.. of the given sizes, client k owning domain k unless client_domains says."""
+    nll, tokens = np.atleast_2d(np.asarray(nll, dtype=np.float64)), np.atleast_2d(np.asarray(tokens))
+    domains = [f"d{i}" for i in range(len(sizes))]
+    strata = np.repeat(np.arange(len(domains)), sizes)
+    k = nll.shape[0]
+    return stats.LMOutcomes(domains, np.array([f"{domains[s]}/{i}.0" for i, s in enumerate(strata)]), strata,
+                            [f"c{j}" for j in range(k)], client_domains or [[domains[j % len(domains)]] for j in range(k)],
+                            nll, tokens, 4 * tokens if nbytes is None else np.atleast_2d(nbytes))
+
+
+def test_lm_outcomes_round_trip_through_the_stored_strings():
+    test = {"computers": [{"uid": "computers/12.0"}, {"uid": "computers/12.1"}], "people": [{"uid": "people/3.0"}]}
+    per_client = [{"computers": (np.array([10.25, 3.0]), np.array([4, 2]), np.array([15, 7])),
+                   "people": (np.array([7.123456]), np.array([3]), np.array([11]))},
+                  {"computers": (np.array([9.0, 2.5]), np.array([4, 2]), np.array([15, 7])),
+                   "people": (np.array([6.0]), np.array([3]), np.array([11]))}]
+    run = {"method": "m", "seed": 0, "test_records": stats.encode_lm_records(test),
+           "clients": [{"id": f"c{k}", "domains": [d], "test_nll": stats.encode_lm_scores(s)}
+                       for k, (d, s) in enumerate(zip(("computers", "people"), per_client))]}
+    assert run["test_records"] == {"task": "lm", "domains": {"computers": {"uids": "12.0 12.1"}, "people": {"uids": "3.0"}}}
+    assert run["clients"][0]["test_nll"]["people"] == {"nll": "7.1235", "tokens": "3", "bytes": "11"}
+    out = decode_run(run)
+    assert isinstance(out, stats.LMOutcomes) and out.topics == ["computers", "people"]
+    assert out.uids.tolist() == ["computers/12.0", "computers/12.1", "people/3.0"] and out.strata.tolist() == [0, 0, 1]
+    np.testing.assert_allclose(out.nll, [[10.25, 3.0, 7.1235], [9.0, 2.5, 6.0]])
+    assert out.tokens.tolist() == [[4, 2, 3]] * 2 and out.bytes.tolist() == [[15, 7, 11]] * 2
+    # levels: ratios of sums per client and view, then the mean over clients
+    levels = stats.lm_outcome_metrics(out)
+    assert levels["own.nll_per_token"] == pytest.approx((13.25 / 6 + 6.0 / 3) / 2)
+    assert levels["unseen.nll_per_byte"] == pytest.approx((7.1235 / 11 + 11.5 / 22) / 2)
+    assert levels["global.nll_per_token"] == pytest.approx((20.3735 / 9 + 17.5 / 9) / 2)
+    by_view = stats.lm_view_metrics(per_client[0], {"own": ["computers"], "global": ["computers", "people"]},
+                                    limit={"computers": 1, "people": 1})
+    assert by_view["own"] == {"nll_per_token": 10.25 / 4, "nll_per_byte": 10.25 / 15, "tokens": 4, "bytes": 15, "n": 1}
+    assert by_view["global"]["tokens"] == 7 and by_view["global"]["n"] == 2
+    with pytest.raises(ValueError, match="not '<domain>/<index>.<part>'"):
+        stats.encode_lm_records({"people": [{"uid": "computers/1.0"}]})
+
+
+def test_lm_identical_arms_give_exactly_zero():
+    rng = np.random.default_rng(0)
+    runs = {s: _lm_outcomes(rng.uniform(1, 50, (2, 30)), rng.integers(1, 20, (2, 30)), [10, 20]) for s in range(3)}
+    b = paired_bootstrap(runs, runs, n_boot=200, seed=1)
+    assert b.metrics == ["nll_per_token"]
+    for view in ("own", "unseen", "global"):
+        assert _interval(b, "nll_per_token", view) == (0.0, 0.0, 0.0)
+
+
+def test_lm_gain_is_the_relative_reduction_of_a_ratio_of_sums():
+    # two records: the control's NLL 1 and 3, the method's 0.5 and 3 (one token each). On all records
+    # the gain is 1 - 3.5 / 4 = 0.125 (a mean of per-record ratios would say 0.25). Resampling two of
+    # two: {1, 1} -> 1 - 1 / 2 = 0.5 (p 1/4), {1, 2} -> 0.125 (p 1/2), {2, 2} -> 0 (p 1/4): so the
+    # 95% interval is exactly [0, 0.5]
+    method, control = _lm_outcomes([[0.5, 3.0]], [[1, 1]], [2]), _lm_outcomes([[1.0, 3.0]], [[1, 1]], [2])
+    b = paired_bootstrap({0: method}, {0: control}, n_boot=2000, seed=0)
+    assert _interval(b, "nll_per_token", "own") == (pytest.approx(0.125), 0.0, 0.5)
+    # tokens weigh records: 2 and 6 tokens give per-token 3.5 / 8 against 4 / 8, the same 0.125
+    weighted = paired_bootstrap({0: _lm_outcomes([[0.5, 3.0]], [[2, 6]], [2])}, {0: _lm_outcomes([[1.0, 3.0]], [[2, 6]], [2])},
+                                n_boot=50, seed=0)
+    assert weighted.interval("nll_per_token", "own").point == pytest.approx(0.125)
+    # a method 10% lower on every record is 10% lower in every resample; per client, then the mean over clients
+    rng = np.random.default_rng(1)
+    base = rng.uniform(1, 40, (2, 12))
+    tokens = rng.integers(1, 9, (2, 12))
+    runs = {s: (_lm_outcomes(base * np.array([[0.9], [0.7]]), tokens, [6, 6]), _lm_outcomes(base, tokens, [6, 6]))
+            for s in (0, 1)}
+    b = paired_bootstrap({s: r[0] for s, r in runs.items()}, {s: r[1] for s, r in runs.items()}, n_boot=300, seed=2)
+    for view in ("own", "unseen", "global"):
+        point, low, high = _interval(b, "nll_per_token", view)
+        assert (point, low, high) == (pytest.approx(0.2), pytest.approx(0.2), pytest.approx(0.2))
+    assert b.interval("nll_per_token", "global", "c1").point == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="tokenised the test records differently"):
+        pair_outcomes(runs[0][0], _lm_outcomes(base, tokens + 1, [6, 6]))
+    with pytest.raises(ValueError, match="cannot pair"):
+        pair_outcomes(runs[0][0], _outcomes(np.zeros(12, dtype=int), np.zeros((2, 12), dtype=int), [6, 6]))
+
+
+def test_lm_vectorised_bootstrap_equals_a_slow_loop_with_the_same_draws():
+    rng = np.random.default_rng(4)
+    pairs = []
+    for _ in range(3):
+        tokens = rng.integers(1, 30, (2, 9))
+        pairs.append(pair_outcomes(_lm_outcomes(rng.uniform(1, 90, (2, 9)), tokens, [5, 4]),
+                                   _lm_outcomes(rng.uniform(1, 90, (2, 9)), tokens, [5, 4])))
+    fast = slot_gains(pairs, draw_resamples(np.random.default_rng(11), [[5, 4]] * 3, 40))["nll_per_token"]
+    # the same draws, in the documented order, metrics from explicitly resampled records
+    draws = np.random.default_rng(11)
+    seeds = draws.integers(0, 3, size=(40, 3))
+    picks = {}
+    for s, p in enumerate(pairs):
+        slots = list(zip(*np.nonzero(seeds == s)))
+        members = [np.flatnonzero(p.strata == t) for t in range(2)]
+        per_stratum = [draws.integers(0, len(m), size=(len(slots), len(m))) for m in members]
+        for j, slot in enumerate(slots):
+            picks[slot] = np.concatenate([m[idx[j]] for m, idx in zip(members, per_stratum)])
+    for (b, i), rec in picks.items():
+        p = pairs[seeds[b, i]]
+        for u, (k, strata) in enumerate(zip(p.unit_client, p.unit_strata)):
+            sel = rec[strata[p.strata[rec]]]
+            ratio = (p.nll_a[k][sel].sum() / p.tokens[k][sel].sum()) / (p.nll_b[k][sel].sum() / p.tokens[k][sel].sum())
+            assert fast[b, i, u] == pytest.approx(1 - ratio, abs=1e-12)

@@ -15,8 +15,20 @@ lists are space-separated strings, since results.json is written one JSON value 
         rounded to SCORE_DECIMALS.
     client["train_labels"] = {label: count}: the client's train label counts (the prior-only control).
 
+The LM task (fedzero.bench.lm_data) stores per-record NLL instead of label scores:
+
+    run["test_records"] = {"task": "lm", "domains": {domain: {"uids": "12.0 12.1 40.0 ..."}}}
+        the test records of every domain in the split's order, by uid without its "<domain>/" prefix
+        ("<document index>.<part>"); identical for every method of one (setting, seed).
+    client["test_nll"] = {domain: {"nll": "83.1234 12.5 ...", "tokens": "37 12 ...", "bytes": "150 40 ..."}}
+        each test record's summed next-token NLL (nats, SCORE_DECIMALS), scored tokens and covered bytes.
+    client["domains"] in place of client["topics"]; no train label counts (no prior-only control).
+
 Views per client, as in fedzero.bench.data: own (its topics), unseen (the other topics), global (all).
-A run's metric in a view is the mean over the clients that have that view.
+A run's metric in a view is the mean over the clients that have that view. For the LM task a client's
+metric in a view is a ratio of sums over the view's records (NLL per token: sum(nll) / sum(tokens)),
+and a gain is the relative reduction 1 - method / control of that ratio (a fraction: 0.05 is "5%
+lower NLL per token"), per client, then averaged over clients like the class metrics.
 """
 
 from __future__ import annotations
@@ -29,6 +41,11 @@ from fedzero.evaluate import metrics_from_counts
 
 SCORE_DECIMALS = 4
 CLASS_METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
+LM_METRICS = ("nll_per_token", "nll_per_byte")      # levels (lower is better)
+# The LM gain: the relative reduction of NLL per token. Both arms of a pair are the same client (same
+# tokenizer) on the same records, so tokens and bytes are equal in both and the relative reduction
+# per byte is the same number: one gain metric covers both.
+LM_GAINS = ("nll_per_token",)
 VIEWS = ("own", "unseen", "global")
 
 
@@ -44,34 +61,64 @@ def encode_records(test: dict[str, list[dict]], labels: list[str]) -> dict:
                        for t, recs in test.items()}}
 
 
+def _number(x: float, decimals: int) -> str:
+    """x with at most `decimals` decimals and no trailing zeros; never "-0"."""
+    text = f"{x:.{decimals}f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
 def encode_scores(scores: dict[str, np.ndarray], decimals: int = SCORE_DECIMALS) -> dict[str, str]:
     """client["test_scores"] from {topic: [n, C] label scores}."""
-    def number(x: float) -> str:
-        text = f"{x:.{decimals}f}".rstrip("0").rstrip(".")
-        return "0" if text in ("-0", "") else text
-    return {t: " ".join(number(x) for x in np.asarray(s, dtype=np.float64).ravel()) for t, s in scores.items()}
+    return {t: " ".join(_number(x, decimals) for x in np.asarray(s, dtype=np.float64).ravel()) for t, s in scores.items()}
 
 
 def label_counts(records: list[dict], labels: list[str]) -> dict[str, int]:
     return {lab: sum(r["label"] == lab for r in records) for lab in labels}
 
 
-@dataclass
-class Outcomes:
-    """One run's final test outcomes: N records (topics concatenated in order), K clients' scores."""
+def encode_lm_records(test: dict[str, list[dict]]) -> dict:
+    """run["test_records"] of an LM run from the split's test sets ({domain: records with "uid"})."""
+    def short(domain: str, uid: str) -> str:
+        if not uid.startswith(f"{domain}/") or " " in uid:
+            raise ValueError(f"record uid {uid!r} is not '<domain>/<index>.<part>' of domain {domain!r}")
+        return uid[len(domain) + 1:]
+    return {"task": "lm", "domains": {d: {"uids": " ".join(short(d, r["uid"]) for r in recs)}
+                                      for d, recs in test.items()}}
 
-    topics: list[str]
-    labels: list[str]
-    uids: np.ndarray             # [N]
-    y: np.ndarray                # [N] true class
-    strata: np.ndarray           # [N] index into topics: records are resampled within their topic
-    clients: list[str]
-    client_topics: list[list[str]]
-    scores: np.ndarray           # [K, N, C] label scores
-    train_labels: np.ndarray | None = None   # [K, C] train label counts, None if not recorded
 
-    def predictions(self) -> np.ndarray:
-        return self.scores.argmax(axis=2)        # [K, N]; ties to the first class, as classification_metrics
+def encode_lm_scores(per_domain: dict, decimals: int = SCORE_DECIMALS) -> dict[str, dict[str, str]]:
+    """client["test_nll"] from {domain: (nll [n], tokens [n], bytes [n])} (lm_data.RecordNLL)."""
+    return {d: {"nll": " ".join(_number(x, decimals) for x in np.asarray(nll, dtype=np.float64)),
+                "tokens": " ".join(str(int(x)) for x in tokens), "bytes": " ".join(str(int(x)) for x in nbytes)}
+            for d, (nll, tokens, nbytes) in per_domain.items()}
+
+
+def decode_lm_scores(encoded: dict[str, dict[str, str]]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The inverse of encode_lm_scores: {domain: (nll, tokens, bytes)} arrays."""
+    return {d: (np.array(e["nll"].split(), dtype=np.float64), np.array(e["tokens"].split(), dtype=np.int64),
+                np.array(e["bytes"].split(), dtype=np.int64)) for d, e in encoded.items()}
+
+
+def lm_view_metrics(per_domain: dict, views: dict[str, list[str]], limit: dict[str, int] | None = None
+                    ) -> dict[str, dict]:
+    """{view: {nll_per_token, nll_per_byte, tokens, bytes, n}} of one client from {domain: (nll, tokens,
+    bytes)} per-record arrays (only each domain's first limit[domain] records, if given): ratios of
+    sums over the view's records."""
+    out = {}
+    for view, domains in views.items():
+        n = {d: None if limit is None else limit[d] for d in domains}
+        nll = sum(float(np.sum(per_domain[d][0][:n[d]])) for d in domains)
+        tokens = sum(int(np.sum(per_domain[d][1][:n[d]])) for d in domains)
+        nbytes = sum(int(np.sum(per_domain[d][2][:n[d]])) for d in domains)
+        records = sum(len(per_domain[d][0][:n[d]]) for d in domains)
+        out[view] = {"nll_per_token": nll / tokens if tokens else None, "nll_per_byte": nll / nbytes if nbytes else None,
+                     "tokens": tokens, "bytes": nbytes, "n": records}
+    return out
+
+
+class _Views:
+    """The (client, view) units of a run's outcomes: needs .topics (the strata: topics, or the LM
+    task's domains), .clients and .client_topics."""
 
     def units(self) -> list[tuple[str, str]]:
         """(client, view) for every view each client has (no "unseen" for a client holding every topic)."""
@@ -89,9 +136,43 @@ class Outcomes:
         return np.array([index[c] for c, _ in units]), strata
 
 
-def decode_run(run: dict) -> Outcomes | None:
-    """The run's Outcomes, or None for a run recorded before outcomes were stored."""
+@dataclass
+class Outcomes(_Views):
+    """One run's final test outcomes: N records (topics concatenated in order), K clients' scores."""
+
+    topics: list[str]
+    labels: list[str]
+    uids: np.ndarray             # [N]
+    y: np.ndarray                # [N] true class
+    strata: np.ndarray           # [N] index into topics: records are resampled within their topic
+    clients: list[str]
+    client_topics: list[list[str]]
+    scores: np.ndarray           # [K, N, C] label scores
+    train_labels: np.ndarray | None = None   # [K, C] train label counts, None if not recorded
+
+    def predictions(self) -> np.ndarray:
+        return self.scores.argmax(axis=2)        # [K, N]; ties to the first class, as classification_metrics
+
+
+@dataclass
+class LMOutcomes(_Views):
+    """One LM run's final test outcomes: N records (domains concatenated in order), K clients' NLL."""
+
+    topics: list[str]            # the domains (named like Outcomes.topics: the view layout is shared)
+    uids: np.ndarray             # [N] "<domain>/<index>.<part>"
+    strata: np.ndarray           # [N] index into topics: records are resampled within their domain
+    clients: list[str]
+    client_topics: list[list[str]]   # each client's domains
+    nll: np.ndarray              # [K, N] summed next-token NLL per record, nats
+    tokens: np.ndarray           # [K, N] scored tokens
+    bytes: np.ndarray            # [K, N] covered UTF-8 bytes
+
+
+def decode_run(run: dict) -> Outcomes | LMOutcomes | None:
+    """The run's Outcomes (LMOutcomes for an LM run), or None for a run recorded before outcomes were stored."""
     records = run.get("test_records")
+    if records and records.get("task") == "lm":
+        return decode_lm_run(run)
     if not records or not run.get("clients") or any("test_scores" not in c for c in run["clients"]):
         return None
     topics, labels = list(records["topics"]), list(records["labels"])
@@ -108,6 +189,21 @@ def decode_run(run: dict) -> Outcomes | None:
     return Outcomes(topics, labels, uids, y, strata, [c["id"] for c in run["clients"]],
                     [list(c["topics"]) for c in run["clients"]], scores,
                     None if train is None else np.array(train, dtype=np.float64))
+
+
+def decode_lm_run(run: dict) -> LMOutcomes | None:
+    records = run["test_records"]
+    if not run.get("clients") or any("test_nll" not in c for c in run["clients"]):
+        return None
+    domains = list(records["domains"])
+    uids = np.array([f"{d}/{u}" for d in domains for u in records["domains"][d]["uids"].split()])
+    strata = np.concatenate([np.full(len(records["domains"][d]["uids"].split()), i) for i, d in enumerate(domains)])
+    per_client = [decode_lm_scores(c["test_nll"]) for c in run["clients"]]
+    nll, tokens, nbytes = (np.stack([np.concatenate([p[d][j] for d in domains]) for p in per_client]) for j in range(3))
+    if nll.shape[1] != len(uids):
+        raise ValueError(f"run {run.get('method')!r} seed {run.get('seed')}: {nll.shape[1]} scored records, {len(uids)} stored")
+    return LMOutcomes(domains, uids, strata, [c["id"] for c in run["clients"]],
+                      [list(c["domains"]) for c in run["clients"]], nll, tokens, nbytes)
 
 
 # -- the prior-only control -------------------------------------------------------------------------
@@ -136,7 +232,9 @@ def prior_only(local: Outcomes) -> Outcomes:
 
 @dataclass
 class SeedPair:
-    """One seed: its test records, and two arms' (method a, control b) predictions per client on them."""
+    """One seed: its test records, and two arms' (method a, control b) predictions per client on them.
+    A pair knows its gain metrics and computes them for any record weights (`gains`): the bootstrap
+    below is the same for every task."""
 
     y: np.ndarray                # [N]
     strata: np.ndarray           # [N] in 0..T-1
@@ -146,14 +244,59 @@ class SeedPair:
     unit_strata: np.ndarray      # [U, T] bool: made of whole strata (topics)
     n_classes: int
 
+    metrics = CLASS_METRICS      # the gains: arm a minus arm b, in each class metric
 
-def pair_outcomes(a: Outcomes, b: Outcomes) -> SeedPair:
+    def gains(self, weights: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """{metric: [M, U]} for record weights [M, n_t] per stratum t."""
+        m = _pair_metrics(self, weights)
+        return {k: m[k][:, 0] - m[k][:, 1] for k in self.metrics}
+
+
+@dataclass
+class LMSeedPair:
+    """One seed of the LM task: per client, two arms' per-record NLL on the same test records."""
+
+    strata: np.ndarray           # [N] in 0..T-1
+    nll_a: np.ndarray            # [K, N]
+    nll_b: np.ndarray            # [K, N]
+    tokens: np.ndarray           # [K, N], the same for both arms (checked)
+    unit_client: np.ndarray      # [U]
+    unit_strata: np.ndarray      # [U, T]
+
+    metrics = LM_GAINS           # the gain: relative reduction of the ratio of sums, 1 - a / b
+
+    def gains(self, weights: list[np.ndarray]) -> dict[str, np.ndarray]:
+        sums = _unit_sums(np.stack([self.nll_a, self.nll_b, self.tokens]), self.strata, self.unit_client,
+                          self.unit_strata, weights)                    # [M, 3, U]
+        per_token_a, per_token_b = sums[:, 0] / sums[:, 2], sums[:, 1] / sums[:, 2]
+        return {"nll_per_token": 1 - per_token_a / per_token_b}
+
+
+def _unit_sums(values: np.ndarray, strata, unit_client, unit_strata, weights) -> np.ndarray:
+    """values [A, K, N] (per-record quantities of A arrays, K clients) -> [M, A, U]: for every resample,
+    array and unit, the weighted sum over the records of the unit's strata and of its client."""
+    n_arrays, n_clients = values.shape[:2]
+    per_stratum = [w.astype(np.float64) @ values[:, :, strata == t].reshape(n_arrays * n_clients, -1).T
+                   for t, w in enumerate(weights)]                       # [M, A * K] each
+    sums = np.stack(per_stratum, axis=1).reshape(len(per_stratum[0]), len(weights), n_arrays, n_clients)
+    return np.einsum("mtau,ut->mau", sums[..., unit_client], unit_strata.astype(np.float64))
+
+
+def pair_outcomes(a: Outcomes | LMOutcomes, b: Outcomes | LMOutcomes) -> SeedPair | LMSeedPair:
     """Pair two runs of one seed record by record; refuses runs that scored different records."""
-    if a.topics != b.topics or not np.array_equal(a.uids, b.uids) or not np.array_equal(a.y, b.y):
+    if type(a) is not type(b):
+        raise ValueError("cannot pair an LM run with a classification run")
+    if a.topics != b.topics or not np.array_equal(a.uids, b.uids):
         raise ValueError("the two runs scored different test records")
     if a.clients != b.clients or a.client_topics != b.client_topics:
         raise ValueError("the two runs have different clients")
     unit_client, unit_strata = a.unit_layout()
+    if isinstance(a, LMOutcomes):
+        if not (np.array_equal(a.tokens, b.tokens) and np.array_equal(a.bytes, b.bytes)):
+            raise ValueError("the two runs tokenised the test records differently (another backbone per client?)")
+        return LMSeedPair(a.strata, a.nll, b.nll, a.tokens, unit_client, unit_strata)
+    if not np.array_equal(a.y, b.y):
+        raise ValueError("the two runs scored different test records")
     return SeedPair(a.y, a.strata, a.predictions(), b.predictions(), unit_client, unit_strata, a.scores.shape[2])
 
 
@@ -223,29 +366,29 @@ def _stratum_sizes(pair: SeedPair) -> list[int]:
     return np.bincount(pair.strata, minlength=pair.unit_strata.shape[1]).tolist()
 
 
-def full_sample_gains(pairs: list[SeedPair]) -> dict[str, np.ndarray]:
-    """{metric: [S, U]}: arm a minus arm b on every seed's records as they are."""
-    out = {k: [] for k in CLASS_METRICS}
+def full_sample_gains(pairs: list[SeedPair | LMSeedPair]) -> dict[str, np.ndarray]:
+    """{metric: [S, U]}: the gain of arm a over arm b on every seed's records as they are."""
+    out = {k: [] for k in pairs[0].metrics}
     for pair in pairs:
-        metrics = _pair_metrics(pair, [np.ones((1, n), dtype=np.float32) for n in _stratum_sizes(pair)])
-        for k in CLASS_METRICS:
-            out[k].append(metrics[k][0, 0] - metrics[k][0, 1])
+        gains = pair.gains([np.ones((1, n), dtype=np.float32) for n in _stratum_sizes(pair)])
+        for k in out:
+            out[k].append(gains[k][0])
     return {k: np.stack(v) for k, v in out.items()}
 
 
-def slot_gains(pairs: list[SeedPair], draws: Draws) -> dict[str, np.ndarray]:
-    """{metric: [B, S, U]}: arm a minus arm b in every slot of every resample, on that slot's records."""
+def slot_gains(pairs: list[SeedPair | LMSeedPair], draws: Draws) -> dict[str, np.ndarray]:
+    """{metric: [B, S, U]}: the gain of arm a over arm b in every slot of every resample, on that slot's records."""
     n_boot, n_slots = draws.seeds.shape
     n_units = len(pairs[0].unit_client)
-    out = {k: np.empty((n_boot, n_slots, n_units)) for k in CLASS_METRICS}
+    out = {k: np.empty((n_boot, n_slots, n_units)) for k in pairs[0].metrics}
     for s, pair in enumerate(pairs):
         rows, cols = np.nonzero(draws.seeds == s)
         if not len(rows):
             continue
         weights = [resample_counts(idx, n) for idx, n in zip(draws.records[s], _stratum_sizes(pair))]
-        metrics = _pair_metrics(pair, weights)
-        for k in CLASS_METRICS:
-            out[k][rows, cols] = metrics[k][:, 0] - metrics[k][:, 1]
+        gains = pair.gains(weights)
+        for k in out:
+            out[k][rows, cols] = gains[k]
     return out
 
 
@@ -268,6 +411,10 @@ class Bootstrap:
     full: dict[str, np.ndarray]
     slots: dict[str, np.ndarray]
 
+    @property
+    def metrics(self) -> list[str]:
+        return list(self.full)
+
     def interval(self, metric: str, view: str, client: str | None = None) -> Interval | None:
         """The gain in `view`, mean over the clients that have it (or of one client); None if none has."""
         cols = [u for u, (c, v) in enumerate(self.units) if v == view and client in (None, c)]
@@ -278,10 +425,11 @@ class Bootstrap:
         return Interval(float(self.full[metric][:, cols].mean()), float(low), float(high))
 
 
-def paired_bootstrap(method: dict[int, Outcomes], control: dict[int, Outcomes], *, n_boot: int = 2000,
-                     seed: int = 0) -> Bootstrap | None:
-    """Gain of `method` over `control` ({seed: Outcomes} each), paired by seed and record, over the
-    seeds both have (None if none). Deterministic given `seed`."""
+def paired_bootstrap(method: dict[int, Outcomes | LMOutcomes], control: dict[int, Outcomes | LMOutcomes], *,
+                     n_boot: int = 2000, seed: int = 0) -> Bootstrap | None:
+    """Gain of `method` over `control` ({seed: Outcomes} each, or LMOutcomes: then the gain is the
+    relative reduction of NLL per token), paired by seed and record, over the seeds both have (None
+    if none). Deterministic given `seed`."""
     seeds = sorted(set(method) & set(control))
     if not seeds:
         return None
@@ -306,4 +454,20 @@ def outcome_metrics(out: Outcomes) -> dict[str, float | None]:
         cols = [u for u, (_, v) in enumerate(units) if v == view]
         for k in CLASS_METRICS:
             result[f"{view}.{k}"] = float(metrics[k][0, 0, cols].mean()) if cols else None
+    return result
+
+
+def lm_outcome_metrics(out: LMOutcomes) -> dict[str, float | None]:
+    """{"view.nll_per_token" / "view.nll_per_byte": mean over the clients with that view} on all
+    records: the ratios of sums of lm_view_metrics, from stored outcomes."""
+    unit_client, unit_strata = out.unit_layout()
+    sizes = np.bincount(out.strata, minlength=len(out.topics))
+    sums = _unit_sums(np.stack([out.nll, out.tokens, out.bytes]), out.strata, unit_client, unit_strata,
+                      [np.ones((1, n), dtype=np.float32) for n in sizes])[0]      # [3, U]
+    units = out.units()
+    result = {}
+    for view in VIEWS:
+        cols = [u for u, (_, v) in enumerate(units) if v == view]
+        result[f"{view}.nll_per_token"] = float((sums[0, cols] / sums[1, cols]).mean()) if cols else None
+        result[f"{view}.nll_per_byte"] = float((sums[0, cols] / sums[2, cols]).mean()) if cols else None
     return result
