@@ -95,13 +95,14 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
     first = dict(layers[0].named_children())
     mlp_name = _one(name, _block(first, _FEED_FORWARD_NAMES, "mlp"), "feed-forward block (mlp)",
                     f"in decoder layer 0 ({type(layers[0]).__name__}; children: {_children(layers[0])})")
-    attention = _block(first, _ATTENTION_NAMES, "attention")
-    attention_name = attention[0] if len(attention) == 1 else None
     for index, layer in enumerate(layers):
-        missing = [n for n in (mlp_name, attention_name) if n is not None and not hasattr(layer, n)]
-        if missing:
-            raise ValueError(f"{name}: decoder layer {index} has no {missing[0]!r} like layer 0 "
+        if not hasattr(layer, mlp_name):
+            raise ValueError(f"{name}: decoder layer {index} has no {mlp_name!r} like layer 0 "
                              f"(children: {_children(layer)})")
+    # Optional (only the LoRA baselines need it), and absent from some layers of hybrid models.
+    attention = _block(first, _ATTENTION_NAMES, "attention")
+    every_layer = len(attention) == 1 and all(hasattr(layer, attention[0]) for layer in layers)
+    attention_name = attention[0] if every_layer else None
     return DecoderLayout(name, decoder, layers_name, mlp_name, norm_name, attention_name)
 
 
