@@ -26,7 +26,7 @@ from fedzero.bench.lm_data import (
     near_duplicates,
     shingles,
 )
-from fedzero.data import ByteTokenizer, build_examples
+from fedzero.data import ByteTokenizer, build_examples, collate
 
 from conftest import tiny_llama
 
@@ -350,6 +350,7 @@ class _HalvedLogits(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.inner = model
+        self.config = model.config          # so its layout is found: the first batch's check must see the difference
 
     def forward(self, **kwargs):
         out = self.inner(**kwargs)
@@ -382,3 +383,50 @@ def test_round_eval_docs_is_a_prefix_of_whole_documents(corpus_dir):
         LMDataSettings(test_docs=3, round_eval_docs=4)
     with pytest.raises(ValueError, match="lm_data.round_eval_docs .* val_docs"):
         LMDataSettings(test_docs=9, val_docs=3, round_eval_docs=4, score="val")
+
+
+def _family(family: str):
+    from fedzero.backbones import BackboneSpec, load_backbone
+
+    byte = {"vocab_size": 259, "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
+    config = {"model_type": family, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "intermediate_size": 64, "max_position_embeddings": 64, **byte,
+              **({} if family == "gpt_neox" else {"num_key_value_heads": 1, "head_dim": 16})}
+    return load_backbone(BackboneSpec(model_config=config, init_seed=5, tokenizer="byte"))[0]
+
+
+@pytest.mark.parametrize("family,adapter,shortcut", [
+    ("llama", "none", True), ("gpt_neox", "none", True), ("llama", "dema-parallel", True),
+    ("llama", "dema-side", True), ("llama", "lora", True),
+    ("gemma2", "none", False),          # logit soft-capping: the head alone is not the model's logits
+])
+def test_score_records_through_adapters_and_families_equals_full_logits(family, adapter, shortcut):
+    from fedzero.adapters.dema import DeMAConfig, inject_dema
+
+    model = _family(family)
+    if adapter.startswith("dema"):
+        handle = inject_dema(model, DeMAConfig(rank=4, num_experts=2, num_slots=2, placement=adapter.split("-")[1]))
+        with torch.no_grad():           # non-zero out-projectors, so the adapters change the NLL
+            for p in handle.private_parameters().values():
+                p.normal_(0, 0.5)
+    elif adapter == "lora":
+        from peft import get_peft_model
+
+        from fedzero.baselines import LoRASettings
+        model = get_peft_model(model, LoRASettings(rank=2).peft_config())
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+    model.eval()
+    tok = ByteTokenizer()
+    scored = score_records(model, tok, [{"text": t} for t in TEXTS], max_length=64, batch_size=3)
+    np.testing.assert_allclose(scored.nll, [_hand_nll(model, tok, t)[0] for t in TEXTS], rtol=1e-5)
+    capture = lm_data._FinalHidden(model)
+    try:
+        batch = collate(build_examples([{"text": t} for t in TEXTS], tok, 64), tok.pad_token_id)
+        with torch.no_grad():
+            lm_data._token_nll(model, batch, capture)
+    finally:
+        capture.remove()
+    assert capture.exact is shortcut

@@ -491,8 +491,8 @@ def score_records(model, tokenizer, records: list[dict], max_length: int, batch_
     SmolLM2's forward and most of a small model's): records are batched in order of length, so
     batches carry little padding; the model runs its decoder but not its head (an empty
     `logits_to_keep`), and the head is applied to the real (non-padding) positions alone, in
-    chunks of HEAD_CHUNK, from the decoder's final hidden states. That equals the model's logits
-    where logits = output_embeddings(final hidden state); where it does not (e.g. logit soft-capping),
+    chunks of HEAD_CHUNK, from the final norm's output. That equals the model's logits where
+    logits = output_embeddings(final norm output); where it does not (e.g. logit soft-capping),
     the first batch, scored from the model's full logits, shows it, and full logits are used throughout.
     """
     import torch
@@ -542,20 +542,36 @@ def _record_bytes(tokenizer, records: list[dict], max_length: int) -> np.ndarray
 
 
 class _FinalHidden:
-    """Keeps the decoder's last output (model.get_decoder(): its final hidden states, after the final
-    norm and anything adapters add there) while registered; `exact` is settled on the first batch."""
+    """Keeps the final norm's last output while registered: the final hidden state, with whatever
+    adapters add there (DeMA's side stream adds its output at the final norm, by a hook registered
+    earlier, so it runs first). `exact` (does output_embeddings(value) reproduce the model's logits?)
+    is settled on the first batch; False at once for a model whose layout is not found or whose config
+    caps its logits."""
 
     def __init__(self, model):
+        from fedzero.backbones import decoder_layout
+
         self.value = None
-        self.exact = None            # does output_embeddings(value) reproduce the model's logits?
+        self.exact = None
         self.head = model.get_output_embeddings()
-        self.handle = model.get_decoder().register_forward_hook(self._keep)
+        self.handle = None
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config.get_text_config(), "final_logit_softcapping", None):
+            self.exact = False      # Gemma 2: tanh-capped logits; the check could miss it where logits are small
+            return
+        try:
+            norm = decoder_layout(model).final_norm
+        except ValueError:
+            self.exact = False
+            return
+        self.handle = norm.register_forward_hook(self._keep)
 
     def _keep(self, module, args, output):
-        self.value = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        self.value = output
 
     def remove(self) -> None:
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def _token_nll(model, batch, capture: _FinalHidden):
