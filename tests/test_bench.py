@@ -487,3 +487,148 @@ def test_run_claims_are_exclusive_and_a_dead_workers_claim_is_taken_over(tmp_pat
         child.kill()
         child.wait()
     assert _claim(lock) and lock.read_text() == str(os.getpid())   # its holder died
+
+
+# -- the LM task ---------------------------------------------------------------------------------------------------
+
+def tiny_lm_suite(corpus):
+    """An LM suite at toy size: the end-to-end suite's tiny byte-tokenizer LLaMAs on a fortunes-format corpus."""
+    dema = {"rank": 4, "num_experts": 2, "num_slots": 2, "share": "experts-only"}
+    return {
+        "name": "tiny-lm", "task": "lm", "seeds": [0, 1],
+        "backbones": {"a": _llama(16, 2, 2, 1), "b": _llama(24, 3, 3, 2)},
+        "lm_data": {"train_docs": 8, "test_docs": 4, "val_docs": 2, "round_eval_docs": 2, "max_chars": 64,
+                    "source": str(corpus)},
+        "rounds": 2, "eval_every": 1,
+        "train": {"local_steps": 2, "batch_size": 4, "max_length": 96, "eval_batch_size": 8},
+        "lr": {"dema": 1e-2, "lora": 1e-2},
+        "settings": {"A": {"description": "two clients on backbone a, one on b holding two domains",
+                           "clients": [{"id": "c0", "backbone": "a", "domains": ["d0"]},
+                                       {"id": "c1", "backbone": "a", "domains": ["d1"]},
+                                       {"id": "c2", "backbone": "b", "domains": ["d2", "d3"]}],
+                           "methods": [{"name": "lora-local", "runner": "lora", "strategy": "local", "rank": 2},
+                                       {"name": "fedit", "runner": "lora", "strategy": "fedit", "rank": 2},
+                                       {"name": "dema-local", "runner": "dema", "strategy": "local", "dema": dema},
+                                       {"name": "dema-cmga", "runner": "dema", "strategy": "cmga", "dema": dema}]}},
+        "memory": None,
+    }
+
+
+def test_lm_suite_end_to_end_on_tiny_models_then_resumes(tmp_path):
+    from test_lm_data import fake_corpus
+
+    from fedzero.bench import run_bench
+    from fedzero.bench.stats import LMOutcomes, decode_run, lm_outcome_metrics
+
+    fake_corpus(str(tmp_path / "corpus"))
+    out = tmp_path / "bench"
+    results = run_bench(tiny_lm_suite(tmp_path / "corpus"), out, threads=1, memory=False, log=lambda *_: None)
+    methods = ("lora-local", "fedit", "dema-local", "dema-cmga")
+    assert {(r["method"], r["seed"]) for r in results["runs"]} == {(m, s) for m in methods for s in (0, 1)}
+    assert (out / "runs" / "A-zero-shot-seed0.json").exists()
+    by = {(r["method"], r["seed"]): r for r in results["runs"]}
+    assert sorted(map(sorted, by[("fedit", 0)]["groups"].values())) == [["c0", "c1"], ["c2"]]
+    for run in results["runs"]:
+        assert run["test_records"]["task"] == "lm" and list(run["test_records"]["domains"]) == ["d0", "d1", "d2", "d3"]
+        assert run["test_records"] == by[("fedit", run["seed"])]["test_records"]     # the pairing
+        for c in run["clients"]:
+            assert "topics" not in c and c["domains"] and c["train_chars"] > 0 and "train_labels" not in c
+            assert [r["round"] for r in c["rounds"]] == [0, 1, 2] and all(r["eval"] for r in c["rounds"])
+            assert set(c["final"]) == {"own", "unseen", "global"}
+            # the byte tokenizer with bos: every text byte is a token, plus eos per record
+            assert c["final"]["global"]["tokens"] == c["final"]["global"]["bytes"] + c["final"]["global"]["n"]
+            assert c["train_steps"] == 4 and c["train_seconds"] > 0
+        assert run["clients"][2]["final"]["own"]["n"] == sum(
+            len(run["test_records"]["domains"][d]["uids"].split()) for d in ("d2", "d3"))
+        outcomes = decode_run(run)
+        assert isinstance(outcomes, LMOutcomes) and outcomes.nll.shape[0] == 3
+        levels = lm_outcome_metrics(outcomes)                # the stored records reproduce the finals
+        assert levels["global.nll_per_token"] == pytest.approx(
+            np.mean([c["final"]["global"]["nll_per_token"] for c in run["clients"]]), rel=1e-5)
+    # round 0 is the frozen backbone for every method; training lowers held-out NLL (lr 1e-2, 4 steps)
+    zero = [r["clients"][0]["rounds"][0]["eval"] for r in results["runs"] if r["seed"] == 0]
+    assert all(z == zero[0] for z in zero)
+    assert all(c["final"]["own"]["nll_per_token"] < c["rounds"][0]["eval"]["own"]["nll_per_token"]
+               for r in results["runs"] for c in r["clients"] if r["runner"] == "dema")
+
+    entry = report.summarize(json.loads((out / "results.json").read_text()))["A"]
+    assert set(entry["gains"]) == {"fedit", "dema-cmga"} and entry["priors"] == {}
+    assert entry["gains"]["dema-cmga"]["control"] == "dema-local" and entry["gains"]["dema-cmga"]["bootstrap"]
+    assert entry["methods"]["fedit"]["curve"].keys() == {0, 1, 2}
+    md = (out / "report.md").read_text()
+    assert "| method | own NLL/token | unseen NLL/token | global NLL/token | own NLL/byte |" in md
+    assert "| method | control | own Δ% | unseen Δ% | global Δ% | seeds |" in md
+    assert "| dema-cmga | dema-local | " in md and "No prior-only control" in md and "| backbone zero-shot |" in md
+    assert "`c2` = b on d2, d3" in md and "Budget per client" in md
+    assert all((out / f).stat().st_size > 1000 for f in ("nll_per_round.png", "per_client_nll.png", "gain_over_local.png"))
+
+    logs = []
+    again = run_bench(tiny_lm_suite(tmp_path / "corpus"), out, threads=1, memory=False, log=logs.append)
+    assert again["runs_this_invocation"] == 0 and sum("done earlier" in line for line in logs) == 8
+
+
+def test_lm_suite_without_the_corpus_fails_before_any_backbone_is_built(tmp_path, monkeypatch):
+    from fedzero.bench import lm_data, run_bench, runner
+
+    def no_backbones(*args, **kwargs):
+        raise AssertionError("a backbone was prepared before the corpus was read")
+
+    monkeypatch.setattr(lm_data, "FORTUNES_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(runner, "prepare_backbone", no_backbones)
+    suite = tiny_lm_suite("fortunes")
+    for c in suite["settings"]["A"]["clients"]:
+        c["domains"] = ["computers"]
+    with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
+        run_bench(suite, tmp_path / "bench", threads=1, memory=False, log=lambda *_: None)
+
+
+def test_lm_records_longer_than_max_length_are_refused_before_training(tmp_path):
+    from test_lm_data import fake_corpus
+
+    from fedzero.bench import run_bench
+
+    fake_corpus(str(tmp_path / "corpus"))
+    suite = tiny_lm_suite(tmp_path / "corpus")
+    suite["train"]["max_length"] = 40                # records of up to 64 bytes do not fit
+    with pytest.raises(ValueError, match="raise train.max_length or lower lm_data.max_chars"):
+        run_bench(suite, tmp_path / "bench", threads=1, memory=False, log=lambda *_: None)
+    assert not list((tmp_path / "bench" / "runs").glob("*.json"))
+
+
+def test_lm_suites_load_and_lm_mistakes_are_refused_naming_the_key():
+    for name in ("hetero-lm", "hetero-lm-quick"):
+        suite = load_suite(name)
+        assert suite["task"] == "lm" and "data" not in suite
+        assert [c["backbone"] for c in suite["settings"]["H"]["clients"]] == ["smol10", "smol10", "neox384", "small256"]
+        assert not any(m.get("distill") for m in suite["settings"]["H"]["methods"])
+    assert {m["name"] for m in load_suite("hetero-lm")["settings"]["H"]["methods"]} == {
+        "lora-local", "fedit", "dema-local", "dema-fedavg", "dema-cmga", "dema-shaped-fedavg"}
+
+    def refused(change, match):
+        suite = load_suite("hetero-lm-quick")
+        change(suite)
+        with pytest.raises(ValueError, match=match):
+            check_suite(suite)
+
+    clients = lambda s: s["settings"]["H"]["clients"]        # noqa: E731
+    refused(lambda s: s.update(task="lm-task"), "task must be one of")
+    refused(lambda s: s.update(data={"train_per_client": 8}), "takes 'lm_data', not 'data'")
+    refused(lambda s: s.pop("lm_data"), "missing 'lm_data'")
+    refused(lambda s: s["lm_data"].update(test_docs=0), "lm_data.test_docs")
+    refused(lambda s: s["lm_data"].update(tests_docs=5), "tests_docs")
+    refused(lambda s: s["lm_data"].update(round_eval_docs=99), "lm_data.round_eval_docs")
+    refused(lambda s: clients(s)[0].update(topics=["airlines"]), "take 'domains', not 'topics'")
+    refused(lambda s: clients(s)[0].update(domains="computers"), "'domains' must be a non-empty list")
+    refused(lambda s: clients(s)[0].update(domains=["computer"]), "unknown domain.*'domains'")
+    refused(lambda s: s["lm_data"].update(domains=["people"]), "missing from lm_data.domains")
+    refused(lambda s: s["settings"]["H"]["methods"].append(
+        {"name": "d", "runner": "dema", "strategy": "local", "distill": {"weight": 1.0}}), "'distill' .* LM suite")
+    refused(lambda s: s.update(memory={"backbone": "smol10", "batch_size": 4, "seq_len": 64, "steps": 2}), "'memory'")
+    suite = load_suite("hetero-quick")                       # and the classification side of the same checks
+    suite["lm_data"] = {}
+    with pytest.raises(ValueError, match="takes 'data', not 'lm_data'"):
+        check_suite(suite)
+    suite = load_suite("hetero-quick")
+    suite["settings"]["H"]["clients"][0] = {"id": "x", "backbone": "smol10", "domains": ["computers"]}
+    with pytest.raises(ValueError, match="'domains' is for LM suites"):
+        check_suite(suite)

@@ -30,6 +30,15 @@ state, so it is the clean alignment signal, method.md). Per client also: its tra
 optimizer steps and training seconds (the budget), and the label scores of every final test record
 (the run's "test_records" name them): the report's prior-only control and bootstrap intervals are
 computed from these after the fact (fedzero.bench.stats, which defines the format).
+
+The LM task (a suite with task "lm"; ctx.split is then a fedzero.bench.lm_data.LMSplit): clients
+train on their domains' text records with the same runners, unchanged (LM loss on every token).
+Evaluation is held-out NLL instead of label scoring, from lm_data.score_records (forward only): per
+client, every domain's test records at the final round (stored per record: NLL, tokens, bytes, for
+the report's bootstrap), and the first round_eval_docs documents of each domain at the eval rounds
+(the curves); views own / unseen / global as for topics, metrics NLL per token and per byte (ratios
+of sums over a view's records). Distillation exchanges label predictions, so it is classification
+only: an LM suite refuses it.
 """
 
 from __future__ import annotations
@@ -56,7 +65,9 @@ from fedzero.strategies.distill import leave_one_out_teachers
 
 from .backbones import Backbone
 from .data import Split
-from .stats import encode_records, encode_scores, label_counts
+from .lm_data import LMSplit, score_records
+from .stats import (decode_lm_scores, encode_lm_records, encode_lm_scores, encode_records, encode_scores,
+                    label_counts, lm_view_metrics)
 
 METHOD_FIELDS = {"name", "runner", "strategy", "strategy_options", "dema", "distill", "rank", "lr", "description"}
 # A method's "distill" fields: DistillSettings' own, with its defaults (labels and template are the task's)
@@ -70,9 +81,9 @@ class RunContext:
 
     setting: str
     seed: int
-    clients: list[dict]                       # [{"id", "backbone", "topics", "rank"?}]
+    clients: list[dict]                       # [{"id", "backbone", "topics" (LM: "domains"), "rank"?}]
     backbones: dict[str, Backbone]
-    split: Split
+    split: Split | LMSplit                    # an LMSplit makes this an LM-task run
     rounds: int
     train: dict                               # TrainSettings fields (without lr)
     lr: dict                                  # {"dema": float, "lora": float}
@@ -92,6 +103,14 @@ class RunContext:
 
     def client_seed(self, index: int) -> int:
         return self.seed * 1009 + index         # data order: distinct per client, same for every method
+
+    @property
+    def lm(self) -> bool:
+        return isinstance(self.split, LMSplit)
+
+    def round_eval_size(self) -> int:
+        """Per-round eval subset per topic (records) or, for the LM task, per domain (documents); 0: none."""
+        return self.split.round_eval_docs if self.lm else self.split.round_eval_per_topic
 
 
 def check_method(method: dict) -> None:
@@ -133,7 +152,8 @@ def run_method(method: dict, ctx: RunContext) -> dict:
     result = RUNNERS[method["runner"]](method, ctx)
     result.update({"setting": ctx.setting, "method": method["name"], "seed": ctx.seed, "spec": method,
                    "rounds": ctx.rounds, "wall_seconds": round(time.time() - started, 1),
-                   "test_records": encode_records(ctx.split.test, list(LABELS))})
+                   "test_records": encode_lm_records(ctx.split.test) if ctx.lm
+                   else encode_records(ctx.split.test, list(LABELS))})
     return result
 
 
@@ -161,30 +181,60 @@ def view_metrics(scores: dict[str, np.ndarray], split: Split, client_id: str) ->
     return out
 
 
+def lm_test_scores(model, tokenizer, split: LMSplit, max_length: int, batch_size: int, *,
+                   subset: bool = False) -> dict:
+    """{domain: lm_data.RecordNLL} on every domain's test set (subset: its per-round eval prefix)."""
+    return {d: score_records(model, tokenizer, recs[: split.round_eval_records(d)] if subset else recs,
+                             max_length, batch_size)
+            for d, recs in split.test.items()}
+
+
+def lm_metrics(per_domain: dict, split: LMSplit, client_id: str, *, subset: bool = False) -> dict[str, dict]:
+    """{view: {nll_per_token, nll_per_byte, tokens, bytes, n}} from per-domain per-record NLL (of the full
+    test sets; subset: read on the per-round eval prefix of each)."""
+    limit = {d: split.round_eval_records(d) for d in split.domains} if subset else None
+    return lm_view_metrics(per_domain, split.views(client_id), limit)
+
+
 def zero_shot_scores(ctx: RunContext) -> dict[str, dict[str, list]]:
     """Every client's frozen backbone, scored once per backbone on the full test sets: round 0 of
     every method (DeMA's out-projector and LoRA's B start at zero, so every method starts exactly
-    here). Returns {client id: {topic: [N, C] scores as lists}}."""
+    here). Returns {client id: {topic: [N, C] scores as lists}}; for the LM task {client id:
+    stats.encode_lm_scores of its per-record NLL}."""
     per_backbone = {}
     for name in dict.fromkeys(c["backbone"] for c in ctx.clients):
         model, _ = load_backbone(ctx.backbones[name].spec)
-        scores = score_test_sets(model, ctx.tokenizer(name), ctx.split, ctx.train["max_length"],
-                                 ctx.train.get("eval_batch_size", 32))
-        per_backbone[name] = {t: s.tolist() for t, s in scores.items()}
+        max_length, batch_size = ctx.train["max_length"], ctx.train.get("eval_batch_size", 32)
+        if ctx.lm:
+            per_backbone[name] = encode_lm_scores(lm_test_scores(model, ctx.tokenizer(name), ctx.split, max_length,
+                                                                 batch_size))
+        else:
+            scores = score_test_sets(model, ctx.tokenizer(name), ctx.split, max_length, batch_size)
+            per_backbone[name] = {t: s.tolist() for t, s in scores.items()}
         del model
     return {c["id"]: per_backbone[c["backbone"]] for c in ctx.clients}
 
 
+def zero_shot_metrics(ctx: RunContext) -> dict[str, dict]:
+    """{client id: final-view metrics} of the frozen backbones (the report's zero-shot row)."""
+    if ctx.lm:
+        return {cid: lm_metrics(decode_lm_scores(sc), ctx.split, cid) for cid, sc in ctx.zero_shot.items()}
+    return {cid: view_metrics({t: np.asarray(s) for t, s in sc.items()}, ctx.split, cid)
+            for cid, sc in ctx.zero_shot.items()}
+
+
 def _round_zero(ctx: RunContext, client_id: str) -> dict | None:
     scores = ctx.zero_shot.get(client_id)
-    n = ctx.split.round_eval_per_topic
+    n = ctx.round_eval_size()
     if scores is None or n == 0:
         return None
+    if ctx.lm:
+        return lm_metrics(decode_lm_scores(scores), ctx.split, client_id, subset=True)
     return view_metrics({t: np.asarray(s)[:n] for t, s in scores.items()}, ctx.split, client_id)
 
 
 def _eval_round(rnd: int, ctx: RunContext) -> bool:
-    return rnd == ctx.rounds or (ctx.split.round_eval_per_topic > 0 and rnd % ctx.eval_every == 0)
+    return rnd == ctx.rounds or (ctx.round_eval_size() > 0 and rnd % ctx.eval_every == 0)
 
 
 # -- update geometry -------------------------------------------------------------------------------
@@ -267,8 +317,14 @@ def _nbytes(state: dict[str, torch.Tensor]) -> int:
 # -- runners ----------------------------------------------------------------------------------------
 
 def _client_record(c: dict, fp: str, n_train: int, trainable: int, ctx: RunContext) -> dict:
-    return {"id": c["id"], "backbone": c["backbone"], "topics": list(c["topics"]), "fingerprint": fp,
-            "train_examples": n_train, "train_labels": label_counts(ctx.split.client(c["id"]).train, list(LABELS)),
+    train = ctx.split.client(c["id"]).train
+    if ctx.lm:      # no labels: the train set's size in characters in place of its label counts
+        data = {"domains": list(c["domains"]), "fingerprint": fp, "train_examples": n_train,
+                "train_chars": sum(len(r["text"]) for r in train)}
+    else:
+        data = {"topics": list(c["topics"]), "fingerprint": fp, "train_examples": n_train,
+                "train_labels": label_counts(train, list(LABELS))}
+    return {"id": c["id"], "backbone": c["backbone"], **data,
             "trainable_params": trainable, "train_steps": 0, "train_seconds": 0.0, "rounds": [], "final": None}
 
 
@@ -289,6 +345,8 @@ def run_dema(method: dict, ctx: RunContext) -> dict:
                 if federated else None)
 
     distill = {**DISTILL_FIELDS, **method["distill"]} if method.get("distill") is not None else None
+    if distill and ctx.lm:
+        raise ValueError(f"method {method['name']!r}: distillation exchanges label predictions; the LM task has none")
     distill_settings = (DistillSettings(labels=list(LABELS), template=PROMPT_TEMPLATE, weight=float(distill["weight"]),
                                         anchors=int(distill["anchors"]), batch_size=int(distill["batch_size"]))
                         if distill else None)
@@ -434,6 +492,8 @@ def _evaluate_round(rnd: int, ctx: RunContext, models: list, records: list[dict]
     sets (the subset's metrics are then read off the same scores)."""
     if not _eval_round(rnd, ctx):
         return
+    if ctx.lm:
+        return _evaluate_round_lm(rnd, ctx, models, records)
     final = rnd == ctx.rounds
     n = ctx.split.round_eval_per_topic
     for (model, tok), rec in zip(models, records):
@@ -446,13 +506,34 @@ def _evaluate_round(rnd: int, ctx: RunContext, models: list, records: list[dict]
             rec["test_scores"] = encode_scores(scores)
 
 
+def _evaluate_round_lm(rnd: int, ctx: RunContext, models: list, records: list[dict]) -> None:
+    """The LM task's _evaluate_round: held-out NLL of the eval prefix, or at the last round of the
+    full test sets, whose per-record NLL is stored (client["test_nll"])."""
+    final = rnd == ctx.rounds
+    subset = ctx.round_eval_size() > 0
+    for (model, tok), rec in zip(models, records):
+        scores = lm_test_scores(model, tok, ctx.split, ctx.train["max_length"], ctx.train.get("eval_batch_size", 32),
+                                subset=not final)
+        if subset:
+            rec["rounds"][-1]["eval"] = lm_metrics(scores, ctx.split, rec["id"], subset=True)
+        if final:
+            rec["final"] = lm_metrics(scores, ctx.split, rec["id"])
+            rec["test_nll"] = encode_lm_scores(scores)
+
+
+def headline(lm: bool, metrics: dict | None) -> str:
+    """The progress line's number: global accuracy, or global NLL per token for the LM task."""
+    key, label, digits = ("nll_per_token", "nll/tok", 3) if lm else ("accuracy", "acc", 2)
+    value = (metrics or {}).get("global", {}).get(key)
+    return "" if value is None else f" {label} {value:.{digits}f}"
+
+
 def _log_round(ctx: RunContext, method: dict, rnd: int, records: list[dict]) -> None:
     parts = []
     for rec in records:
         r = rec["rounds"][-1]
-        acc = (r.get("eval") or {}).get("global", {}).get("accuracy")
         parts.append(f"{rec['id']} loss {r['train_loss']:.3f} {r['seconds_per_step']:.2f} s/step"
-                     + (f" acc {acc:.2f}" if acc is not None else ""))
+                     + headline(ctx.lm, r.get("eval")))
     ctx.log(f"[bench]   {ctx.setting} / {method['name']} / seed {ctx.seed} round {rnd}/{ctx.rounds}: " + "; ".join(parts))
 
 

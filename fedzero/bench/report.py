@@ -11,6 +11,12 @@ prior-only control of a local-only method is that method with each client's labe
 the federation's pooled train label counts; what a method gains above it is transfer beyond label
 priors. Runs recorded before per-record scores were stored still render: their gains come from the
 final metrics, without intervals, and whatever they lack reads "–".
+
+LM suites (task "lm", docs/lm_task.md) report held-out NLL per token and per byte (lower is better)
+in the same views (own domain, the others', all), and gains as % lower NLL per token than the
+local-only control (the same pairing), with the same bootstrap (test records resampled within each
+domain; the metric of a resample is sum(nll) / sum(tokens) per client, the gain 1 - method /
+control per client, averaged over clients). There is no prior-only control: the LM task has no labels.
 """
 
 from __future__ import annotations
@@ -21,10 +27,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .stats import CLASS_METRICS, Interval, decode_run, outcome_metrics, paired_bootstrap, prior_only
+from .stats import (CLASS_METRICS, LM_GAINS, LM_METRICS, Interval, decode_run, outcome_metrics, paired_bootstrap,
+                    prior_only)
 
 VIEWS = ("own", "unseen", "global")
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "label_nll")
+# What a task's tables and plots read: the level metrics, the one the curves and per-client cells show,
+# and the gain metrics with their labels and unit.
+TASKS = {
+    "classification": {"levels": METRICS, "main": "accuracy", "main_label": "accuracy", "file": "accuracy",
+                       "gains": (("macro_f1", "macro-F1"), ("accuracy", "accuracy")), "gain_unit": "points"},
+    "lm": {"levels": LM_METRICS, "main": "nll_per_token", "main_label": "NLL per token", "file": "nll",
+           "gains": (("nll_per_token", "NLL per token"),), "gain_unit": "% lower"},
+}
+
+
+def task_of(results: dict) -> str:
+    return results["suite"].get("task", "classification")
 BOOTSTRAP = {"n_boot": 2000, "seed": 0}     # one fixed seed: every gain of a report is drawn alike
 
 
@@ -60,13 +79,13 @@ def run_bytes(run: dict) -> dict:
     return {"total": up + down, "upload_per_client_round": up / max(client_rounds, 1)}
 
 
-def curve(run: dict, view: str = "global") -> dict[int, float]:
-    """{round: mean over clients of the per-round eval accuracy}, for rounds every client was scored."""
+def curve(run: dict, view: str = "global", metric: str = "accuracy") -> dict[int, float]:
+    """{round: mean over clients of the per-round eval metric}, for rounds every client was scored."""
     by_round: dict[int, list[float]] = defaultdict(list)
     for c in run["clients"]:
         for r in c["rounds"]:
             if r.get("eval") and view in r["eval"]:
-                by_round[r["round"]].append(r["eval"][view]["accuracy"])
+                by_round[r["round"]].append(r["eval"][view][metric])
     n = len(run["clients"])
     return {rnd: float(np.mean(v)) for rnd, v in sorted(by_round.items()) if len(v) == n}
 
@@ -76,12 +95,13 @@ def summarize(results: dict) -> dict:
     runs_by = defaultdict(lambda: defaultdict(list))
     for run in results["runs"]:
         runs_by[run["setting"]][run["method"]].append(run)
+    task = TASKS[task_of(results)]
     out = {}
     for setting, setting_spec in results["suite"]["settings"].items():
         entry = {"methods": {}, "clients": [c["id"] for c in setting_spec["clients"]], "zero_shot": {}}
         zs = results.get("zero_shot", {}).get(setting, {})
         for view in VIEWS:
-            for metric in METRICS:
+            for metric in task["levels"]:
                 vals = []
                 for per_client in zs.values():
                     xs = [m[view].get(metric) for m in per_client.values() if view in m]
@@ -93,23 +113,26 @@ def summarize(results: dict) -> dict:
                 continue
             m = {"seeds": [r["seed"] for r in runs], "description": spec.get("description", "")}
             for view in VIEWS:
-                for metric in METRICS:
+                for metric in task["levels"]:
                     m[f"{view}.{metric}"] = mean_std([run_metric(r, view, metric) for r in runs])
             m["first_round_cos"] = mean_std([(r.get("first_round_cosine") or {}).get("mean") for r in runs])
             m["first_round_cos_dw"] = mean_std([(r.get("first_round_cosine") or {}).get("dw_mean") for r in runs])
             b = [run_bytes(r) for r in runs]
             m["bytes_total"] = mean_std([x["total"] for x in b])
             m["bytes_upload_per_client_round"] = mean_std([x["upload_per_client_round"] for x in b])
-            curves = [curve(r) for r in runs]
+            curves = [curve(r, metric=task["main"]) for r in runs]
             rounds = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
             m["curve"] = {rnd: mean_std([c[rnd] for c in curves]) for rnd in rounds}
             m["per_client"] = {}
             for cid in entry["clients"]:
                 finals = [next((c["final"] for c in r["clients"] if c["id"] == cid), None) for r in runs]
-                m["per_client"][cid] = {v: mean_std([f[v]["accuracy"] if f and v in f else None for f in finals])
+                m["per_client"][cid] = {v: mean_std([f[v][task["main"]] if f and v in f else None for f in finals])
                                         for v in VIEWS}
             entry["methods"][spec["name"]] = m
-        _add_gains(entry, runs_by[setting], setting_spec["methods"])
+        if task_of(results) == "lm":
+            _add_lm_gains(entry, runs_by[setting], setting_spec["methods"])
+        else:
+            _add_gains(entry, runs_by[setting], setting_spec["methods"])
         entry["budget"] = {name: client_budget(runs_by[setting].get(name, []), entry["clients"]) for name in entry["methods"]}
         out[setting] = entry
     return out
@@ -167,22 +190,34 @@ def _add_gains(entry: dict, runs_by_method: dict[str, list[dict]], specs: list[d
         entry["shares"][name] = prior_shares(gain, entry["gains"][prior_name(control)])
 
 
-def _empty_gain(control: str, clients: list[str]) -> dict:
+def _add_lm_gains(entry: dict, runs_by_method: dict[str, list[dict]], specs: list[dict]) -> None:
+    """entry["gains"] of an LM suite: each method's % lower NLL per token than its local-only control,
+    with bootstrap intervals. No prior-only control (no labels), so no transfer or shares."""
+    controls = {s["name"]: local_control(s, specs) for s in specs if s["name"] in entry["methods"]}
+    controls = {n: c for n, c in controls.items() if c and c in entry["methods"]}
+    outcomes = {name: run_outcomes(runs_by_method.get(name, [])) for name in entry["methods"]}
+    entry["priors"], entry["transfer"], entry["shares"] = {}, {}, {}
+    entry["gains"] = {name: interval_gain(outcomes[name], outcomes[control], entry["clients"], control, LM_GAINS)
+                      for name, control in controls.items()}
+
+
+def _empty_gain(control: str, clients: list[str], metrics=CLASS_METRICS) -> dict:
     return {"control": control, "seeds": [], "bootstrap": False,
-            "mean": {v: {k: None for k in CLASS_METRICS} for v in VIEWS},
-            "per_client": {c: {v: {k: None for k in CLASS_METRICS} for v in VIEWS} for c in clients}}
+            "mean": {v: {k: None for k in metrics} for v in VIEWS},
+            "per_client": {c: {v: {k: None for k in metrics} for v in VIEWS} for c in clients}}
 
 
-def interval_gain(method: dict, control: dict, clients: list[str], control_name: str) -> dict:
-    """Gain of one arm over another ({seed: Outcomes} each) with 95% paired bootstrap intervals, mean
-    over clients and per client, per view and class metric; all None where they share no seed."""
-    out = _empty_gain(control_name, clients)
+def interval_gain(method: dict, control: dict, clients: list[str], control_name: str, metrics=CLASS_METRICS) -> dict:
+    """Gain of one arm over another ({seed: Outcomes} each; LMOutcomes with metrics=LM_GAINS) with 95%
+    paired bootstrap intervals, mean over clients and per client, per view and gain metric; all None
+    where they share no seed."""
+    out = _empty_gain(control_name, clients, metrics)
     boot = paired_bootstrap(method, control, **BOOTSTRAP)
     if boot is None:
         return out
     out.update(seeds=boot.seeds, bootstrap=True)
     for view in VIEWS:
-        for k in CLASS_METRICS:
+        for k in metrics:
             out["mean"][view][k] = boot.interval(k, view)
             for c in clients:
                 out["per_client"][c][view][k] = boot.interval(k, view, c)
@@ -271,18 +306,20 @@ def _mb(stat: tuple) -> str:
     return "–" if m is None else ("0" if m == 0 else f"{m / 1e6:.3f}")
 
 
-def _points(x: float) -> str:
-    """A fraction as signed percentage points, one decimal; float dust below zero reads +0.0, not -0.0."""
-    return f"{round(x * 100, 1) + 0.0:+.1f}"
+def _points(x: float, digits: int = 1) -> str:
+    """A fraction as signed percentage points (or %), `digits` decimals; float dust below zero reads +0.0,
+    not -0.0."""
+    return f"{round(x * 100, digits) + 0.0:+.{digits}f}"
 
 
-def _interval(g: Interval | None) -> str:
-    """A gain in percentage points: "+3.2 [-1.0, +7.5]" (95% interval), "+3.2 [–]" without one."""
+def _interval(g: Interval | None, digits: int = 1) -> str:
+    """A gain in percentage points: "+3.2 [-1.0, +7.5]" (95% interval), "+3.2 [–]" without one. The
+    LM task's relative reductions (fractions too) print as % the same way, with 2 digits: they are small."""
     if g is None:
         return "–"
     if g.low is None:
-        return f"{_points(g.point)} [–]"
-    return f"{_points(g.point)} [{_points(g.low)}, {_points(g.high)}]"
+        return f"{_points(g.point, digits)} [–]"
+    return f"{_points(g.point, digits)} [{_points(g.low, digits)}, {_points(g.high, digits)}]"
 
 
 def _share(x: float | None) -> str:
@@ -389,6 +426,81 @@ def _per_client_tables(entry: dict) -> list[str]:
     return lines
 
 
+# -- the LM task's tables --------------------------------------------------------------------------------
+
+def _lm_data_lines(results: dict, setting: str) -> list[str]:
+    """Train and test sizes of the first seed's LM split (lm_data.LMSplit.summary)."""
+    splits = results.get("splits", {}).get(setting)
+    if not splits:
+        return []
+    seed = sorted(splits, key=int)[0]
+    sp = splits[seed]
+    corpus = sp.get("corpus", {})
+    return [f"Data (seed {seed}; other seeds draw other documents with the same sizes), from `{corpus.get('path', '?')}` "
+            f"(sha256 {str(corpus.get('fingerprint', '?'))[:12]}…): train per client (records / documents / characters): "
+            + "; ".join(f"`{c['id']}` {c['train']['records']} / {c['train']['docs']} / {c['train']['chars']:,}"
+                        for c in sp["clients"])
+            + ". Test per domain (records / documents): "
+            + "; ".join(f"{d} {v['records']} / {v['docs']}" for d, v in sp["test"].items()) + ".", ""]
+
+
+def _lm_level_row(name: str, stats: dict, seeds="") -> str:
+    return f"| {name} | " + " | ".join(fmt(stats.get(f"{v}.{k}", (None, None, 0))) for k in LM_METRICS for v in VIEWS) \
+        + f" | {seeds} |"
+
+
+def _lm_tables(entry: dict) -> list[str]:
+    """Levels (NLL per token and per byte by view), communication, gains over local-only with intervals,
+    per-client gains and levels."""
+    lines = ["Held-out NLL on the final test sets (lower is better): nats per token (comparable between "
+             "backbones with the same tokenizer only) and nats per UTF-8 byte (comparable across tokenizers); "
+             "per client the ratio of sums over the view's records, then the mean over clients; mean ± std over "
+             "seeds. Own: the client's domain; unseen: the other clients' domains; global: all of them.", "",
+             "| method | own NLL/token | unseen NLL/token | global NLL/token | own NLL/byte | unseen NLL/byte "
+             "| global NLL/byte | seeds |", "|---|" + "---:|" * 6 + "---|",
+             _lm_level_row("backbone zero-shot", entry["zero_shot"])]
+    lines += [_lm_level_row(name, m, m["seeds"]) for name, m in entry["methods"].items()]
+    lines += ["", "First-round cosine between clients' updates, mean over comparable pairs (as in the classification "
+              "report); communication (MB uploaded per client and round, mean over clients; total up + down).", "",
+              "| method | 1st-round cos | 1st-round cos dW | MB up / client-round | total MB |", "|---|---:|---:|---:|---:|"]
+    for name, m in entry["methods"].items():
+        lines.append(f"| {name} | {fmt(m['first_round_cos'])} | {fmt(m['first_round_cos_dw'])} "
+                     f"| {_mb(m['bytes_upload_per_client_round'])} | {_mb(m['bytes_total'])} |")
+    gains = entry.get("gains", {})
+    lines += ["", "Gain over training alone: % lower held-out NLL per token than the local-only control (the same "
+              "adapters and lr, nothing federated), per client then mean over clients, paired by seed and test "
+              "record; mean over seeds [95% bootstrap interval: seeds resampled, then test records within each "
+              "domain, the same records for both arms]. Positive: the method predicts held-out text better. Per "
+              "byte the % is the same (each pair is one client: same tokenizer, same records). No prior-only "
+              "control: it re-fits label priors, and the LM task has no labels."]
+    if not gains:
+        return lines + ["", "No method has a local-only control in this suite."] + _lm_per_client(entry)
+    lines += ["", "| method | control | own Δ% | unseen Δ% | global Δ% | seeds |", "|---|---|---:|---:|---:|---|"]
+    for name, g in gains.items():
+        lines.append(f"| {name} | {g['control']} | "
+                     + " | ".join(_interval(g["mean"][v]["nll_per_token"], 2) for v in VIEWS) + f" | {g['seeds']} |")
+    return lines + _lm_per_client(entry)
+
+
+def _lm_per_client(entry: dict) -> list[str]:
+    clients, gains = entry["clients"], entry.get("gains", {})
+    lines = []
+    if gains:
+        lines += ["", "Per client, % lower NLL per token than the local-only control (own | unseen) "
+                  "[95% bootstrap intervals]:", "",
+                  "| method | " + " | ".join(f"`{c}`" for c in clients) + " |", "|---|" + "---|" * len(clients)]
+        for name, g in gains.items():
+            pc = g["per_client"]
+            lines.append(f"| {name} | " + " | ".join(
+                f"{_interval(pc[c]['own']['nll_per_token'], 2)} \\| {_interval(pc[c]['unseen']['nll_per_token'], 2)}"
+                for c in clients) + " |")
+    lines += ["", "Per client, global NLL per token:", "",
+              "| method | " + " | ".join(f"`{c}`" for c in clients) + " |", "|---|" + "---:|" * len(clients)]
+    for name, m in entry["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(fmt(m["per_client"][c]["global"]) for c in clients) + " |")
+    return lines
+
+
 def _budget_table(entry: dict) -> list[str]:
     """Optimizer steps and training seconds per client (mean over seeds): what each method spent."""
     budget = entry.get("budget", {})
@@ -424,6 +536,8 @@ def markdown(results: dict, summary: dict | None = None) -> str:
              suite.get("description", ""), "",
              *(["**Scored on the validation split** (`data.score: val`): every \"test\" below is a val set; "
                 "the test sets were not read.", ""] if (suite.get("data") or {}).get("score") == "val" else []),
+             *(["**Scored on the validation split** (`lm_data.score: val`): every \"test\" below is a val set; "
+                "the test sets were not read.", ""] if (suite.get("lm_data") or {}).get("score") == "val" else []),
              "## Testbed", "",
              "| backbone | kind | layers | hidden | params | how it was made | held-out LM loss (public text) |",
              "|---|---|---:|---:|---:|---|---|"]
@@ -443,13 +557,16 @@ def markdown(results: dict, summary: dict | None = None) -> str:
         params = f"{rep['params'] / 1e6:.1f}M" if rep.get("params") else "–"
         lines.append(f"| {name} | {rep.get('kind')} | {rep.get('num_layers', '–')} | {rep.get('hidden_size', '–')} "
                      f"| {params} | {made} | {loss} |")
+    lm = task_of(results) == "lm"
     for setting, entry in summary.items():
         spec = suite["settings"][setting]
-        lines += ["", f"## Setting {setting}: {spec.get('description', '')}", ""] + _data_lines(results, setting) + ["Clients: " + "; ".join(
-            f"`{c['id']}` = {c['backbone']} on {', '.join(c['topics'])}" + (f" (LoRA rank {c['rank']})" if 'rank' in c else "")
+        data_lines = _lm_data_lines(results, setting) if lm else _data_lines(results, setting)
+        lines += ["", f"## Setting {setting}: {spec.get('description', '')}", ""] + data_lines + ["Clients: " + "; ".join(
+            f"`{c['id']}` = {c['backbone']} on {', '.join(c['domains'] if lm else c['topics'])}"
+            + (f" (LoRA rank {c['rank']})" if 'rank' in c else "")
             for c in spec["clients"]) + ".", "",
-            ] + _headline_table(entry) + _nll_comm_table(entry) + _gain_tables(entry) + _per_client_tables(entry) \
-            + _budget_table(entry)
+            ] + (_lm_tables(entry) if lm else _headline_table(entry) + _nll_comm_table(entry) + _gain_tables(entry)
+                 + _per_client_tables(entry)) + _budget_table(entry)
     lines += ["", "## Timings", "", f"Torch threads: {mach.get('threads')}. Seconds per optimizer step "
               f"(batch {suite['train']['batch_size']}, mean ± std over every client-round of every run):", "",
               "| backbone | adapter | s/step |", "|---|---|---:|"]
@@ -485,7 +602,9 @@ def markdown(results: dict, summary: dict | None = None) -> str:
 def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str]:
     """accuracy_per_round.png, accuracy_vs_bytes.png, per_client_accuracy.png, first_round_cosine.png,
     gain_over_local.png and gain_over_prior.png (macro-F1 and accuracy gains with their bootstrap
-    intervals). Colours from tab20 (suites have more than 10 methods); DeMA dashed."""
+    intervals). Colours from tab20 (suites have more than 10 methods); DeMA dashed. LM suites:
+    nll_per_round.png, nll_vs_bytes.png, per_client_nll.png (NLL per token), first_round_cosine.png
+    and gain_over_local.png (% lower NLL per token with its bootstrap interval)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -495,6 +614,8 @@ def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str
     settings = list(summary)
     out_dir = Path(out_dir)
     files = []
+    task = TASKS[task_of(results)]
+    main, label, stem = task["main"], task["main_label"], task["file"]
 
     def grid():
         fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.5), squeeze=False)
@@ -517,29 +638,29 @@ def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str
             rounds = sorted(m["curve"])             # round 0 = the frozen backbone (zero-shot)
             ys = [m["curve"][r][0] for r in rounds]
             ax.plot(rounds, ys, marker="o", label=name, color=color(i), ls="--" if name.startswith("dema") else "-")
-        ax.set_title(f"setting {setting}: global accuracy (per-round eval subset)")
+        ax.set_title(f"setting {setting}: global {label} (per-round eval subset)")
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_ylabel("accuracy (mean over clients and seeds)")
+        ax.set_ylabel(f"{label} (mean over clients and seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    save(fig, "accuracy_per_round.png")
+    save(fig, f"{stem}_per_round.png")
 
     fig, axes = grid()
     for ax, setting in zip(axes, settings):
         for name, m in summary[setting]["methods"].items():
-            x, y = m["bytes_total"][0], m["global.accuracy"][0]
+            x, y = m["bytes_total"][0], m[f"global.{main}"][0]
             if x is None or y is None:
                 continue
-            err = m["global.accuracy"][1] or 0.0
+            err = m[f"global.{main}"][1] or 0.0
             ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=3, label=name)
             ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
         ax.set_xscale("symlog", linthresh=1e3)
-        ax.set_title(f"setting {setting}: final global accuracy vs bytes communicated")
+        ax.set_title(f"setting {setting}: final global {label} vs bytes communicated")
         ax.set_xlabel("total bytes, up + down, all rounds and clients (symlog; 0 = no federation)")
-        ax.set_ylabel("global accuracy")
+        ax.set_ylabel(f"global {label}")
         ax.grid(alpha=0.3)
-    save(fig, "accuracy_vs_bytes.png")
+    save(fig, f"{stem}_vs_bytes.png")
 
     fig, axes = grid()
     for ax, setting in zip(axes, settings):
@@ -554,11 +675,11 @@ def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str
                    color=color(j))
         ax.set_xticks(np.arange(len(clients)))
         ax.set_xticklabels(clients, rotation=15, fontsize=7)
-        ax.set_title(f"setting {setting}: final global accuracy per client")
-        ax.set_ylabel("accuracy (mean ± std over seeds)")
+        ax.set_title(f"setting {setting}: final global {label} per client")
+        ax.set_ylabel(f"{label} (mean ± std over seeds)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
-    save(fig, "per_client_accuracy.png")
+    save(fig, f"per_client_{stem}.png")
 
     def paired_bars(ax, ticklabels, series, title, ylabel, **tick_kw):
         """Two bars per tick, one per (label, [(mean, std, n)]) series, with std error bars."""
@@ -587,18 +708,19 @@ def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str
     def interval_bars(ax, names, gains, metric, title):
         """Three bars per row (own / unseen / global), each with its 95% bootstrap interval as an
         asymmetric error bar (none where the runs stored no per-record scores)."""
+        views = "domains" if task_of(results) == "lm" else "topics"
         x = np.arange(len(names))
         for offset, view in zip((-0.27, 0.0, 0.27), VIEWS):
             cells = [gains[n]["mean"][view][metric] for n in names]
             ys = np.array([c.point * 100 if c is not None else np.nan for c in cells])
             err = np.array([[(c.point - c.low) * 100, (c.high - c.point) * 100] if c is not None and c.low is not None
                             else [np.nan, np.nan] for c in cells]).T.reshape(2, len(cells))   # NaN: no bar
-            ax.bar(x + offset, ys, 0.27, yerr=err, capsize=2, label=f"{view} topics")
+            ax.bar(x + offset, ys, 0.27, yerr=err, capsize=2, label=f"{view} {views}")
         ax.set_xticks(x)
         ax.set_xticklabels([f"{n}\n(vs {gains[n]['control']})" for n in names], rotation=25, fontsize=7, ha="right")
         ax.axhline(0, color="black", lw=0.8)
         ax.set_title(title, fontsize=9)
-        ax.set_ylabel("points, paired by seed and record\n(error bars: 95% bootstrap interval)")
+        ax.set_ylabel(f"{task['gain_unit']}, paired by seed and record\n(error bars: 95% bootstrap interval)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
 
@@ -606,13 +728,14 @@ def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str
                             ("transfer", "gain_over_prior.png", "over the prior-only control")):
         if not any(g["seeds"] for st in settings for g in summary[st].get(key, {}).values()):
             continue            # nothing to plot (runs that predate per-record scores have no transfer)
-        fig, axes = plt.subplots(2, len(settings), figsize=(7 * len(settings), 9), squeeze=False)
+        fig, axes = plt.subplots(len(task["gains"]), len(settings), figsize=(7 * len(settings), 4.5 * len(task["gains"])),
+                                 squeeze=False)
         for col, setting in enumerate(settings):
             entry = summary[setting]
-            for row, (metric, label) in enumerate((("macro_f1", "macro-F1"), ("accuracy", "accuracy"))):
+            for row, (metric, gain_label) in enumerate(task["gains"]):
                 rows = [n for n in _gain_rows(entry) if entry[key][n]["seeds"]
                         and not (key == "transfer" and n in entry["priors"])]     # a control over itself: 0
                 interval_bars(axes[row][col], rows, entry[key], metric,
-                              f"setting {setting}: {label} gain {what}")
+                              f"setting {setting}: {gain_label} gain {what}")
         save(fig, name)
     return files

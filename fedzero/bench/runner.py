@@ -18,6 +18,11 @@ taken over), so each run is done once; `--settings B A` sets the order a worker 
 A finished run is kept while its method trains the same thing (same_run: a DeMA method by its
 resolved DeMAConfig, so a changed default redoes the runs that relied on it).
 A last invocation finds every run done and writes the whole report.
+
+An LM suite (task "lm", docs/lm_task.md) reads the fortunes corpus before anything else (so a
+machine without it fails in a second, with the install command), splits it per seed with
+lm_data.lm_split, checks that every record fits train.max_length for every client's tokenizer, and
+stores per-record held-out NLL where classification stores label scores.
 """
 
 from __future__ import annotations
@@ -29,13 +34,13 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .backbones import prepare_backbone
 from .comm_table import comm_rows
 from .data import DataSettings, load_records, split_tweets
-from .methods import RunContext, run_method, view_metrics, zero_shot_scores
+from .lm_data import LMDataSettings, LMSplit, load_corpus, lm_split
+from .methods import RunContext, run_method, zero_shot_metrics, zero_shot_scores
 from .peakmem import measure_all
 from .report import markdown, plots, summarize
 from .suites import check_suite, load_suite
@@ -134,6 +139,24 @@ def _check_resume(out: Path, suite: dict) -> None:
     _write_json(path, suite)
 
 
+def check_lm_lengths(split: LMSplit, clients: list[dict], backbones: dict, max_length: int) -> None:
+    """Refuse, before any training, a split whose records do not fit train.max_length under some client's
+    tokenizer: training would silently cut them and scoring refuses them (lm_data.score_records)."""
+    from fedzero.data import load_tokenizer
+
+    texts = {r["text"] for recs in split.test.values() for r in recs}
+    texts |= {r["text"] for c in split.clients for r in c.train}
+    for name in dict.fromkeys(c["backbone"] for c in clients):
+        b = backbones[name]
+        tok = load_tokenizer(b.tokenizer_source, b.spec.path)
+        room = max_length - 1 - (tok.bos_token_id is not None)
+        longest = max(len(tok.encode(t)) for t in texts)
+        if longest > room:
+            raise ValueError(f"train.max_length {max_length} holds {room} text tokens besides bos/eos, but backbone "
+                             f"{name!r} makes {longest} of a record of the split: raise train.max_length or lower "
+                             "lm_data.max_chars")
+
+
 def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | None = None,
               threads: int | None = None, cache_dir: str | Path | None = None, memory: bool = True,
               settings: list[str] | None = None, command: str = "", log=print) -> dict:
@@ -161,6 +184,10 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
     torch.set_num_threads(threads)
     machine = machine_info(threads)
     log(f"[bench] suite {spec['name']!r} -> {out}; {threads} torch thread(s); load average {machine['load_start']}")
+    lm = spec.get("task") == "lm"
+    if lm:      # before the backbones (minutes): without the corpus this fails now, naming the install command
+        lm_settings = LMDataSettings.from_dict(spec["lm_data"])
+        load_corpus(lm_settings.source)
 
     used = list(dict.fromkeys(c["backbone"] for s in selected.values() for c in s["clients"]))
     if spec.get("memory") and memory:
@@ -169,14 +196,23 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
     backbones = {name: prepare_backbone(name, spec["backbones"][name], cache_dir, log=log) for name in used}
     backbone_seconds = time.time() - t0
 
-    data_settings = DataSettings.from_dict(spec["data"])
-    records = load_records(data_settings)
+    if lm:
+        def make_split(setting: dict, seed: int) -> LMSplit:
+            split = lm_split(lm_settings, seed, {c["id"]: c["domains"] for c in setting["clients"]})
+            check_lm_lengths(split, setting["clients"], backbones, int(spec["train"]["max_length"]))
+            return split
+    else:
+        data_settings = DataSettings.from_dict(spec["data"])
+        records = load_records(data_settings)
+
+        def make_split(setting: dict, seed: int):
+            return split_tweets(records, setting["clients"], data_settings, seed)
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)
     splits, zero_shot, ran = {}, {}, 0
     for sname, setting in selected.items():
         for seed in spec["seeds"]:
-            split = split_tweets(records, setting["clients"], data_settings, seed)
+            split = make_split(setting, seed)
             splits.setdefault(sname, {})[str(seed)] = split.summary()
             ctx = RunContext(sname, seed, setting["clients"], backbones, split, int(spec["rounds"]),
                              dict(spec["train"]), dict(spec["lr"]), int(spec.get("eval_every", 1)), log=log)
@@ -187,9 +223,7 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
                 t = time.time()
                 ctx.zero_shot = zero_shot_scores(ctx)
                 _write_json(zpath, {"scores": ctx.zero_shot, "seconds": round(time.time() - t, 1)})
-            zero_shot.setdefault(sname, {})[str(seed)] = {
-                cid: view_metrics({t: np.asarray(s) for t, s in sc.items()}, split, cid)
-                for cid, sc in ctx.zero_shot.items()}
+            zero_shot.setdefault(sname, {})[str(seed)] = zero_shot_metrics(ctx)
             for method in setting["methods"]:
                 path = runs_dir / f"{sname}-{method['name']}-seed{seed}.json"
                 if path.exists():
@@ -211,8 +245,9 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
                 finally:
                     lock.unlink(missing_ok=True)
                 ran += 1
-                g = [c["final"]["global"]["accuracy"] for c in result["clients"] if c.get("final")]
-                log(f"[bench] {sname} / {method['name']} / seed {seed}: global acc "
+                key = "nll_per_token" if lm else "accuracy"
+                g = [c["final"]["global"][key] for c in result["clients"] if c.get("final")]
+                log(f"[bench] {sname} / {method['name']} / seed {seed}: global {'NLL/token' if lm else 'acc'} "
                     f"{sum(g) / max(len(g), 1):.3f} (mean over clients), {result['wall_seconds']:.0f} s")
 
     mem_rows = None

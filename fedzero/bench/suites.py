@@ -5,6 +5,7 @@
     fedzero bench --suite tune  --out runs/bench-tune       # gate temperature x DeMA lr, scored on val
     fedzero bench --suite long  --out runs/bench-long       # the key methods with twice the training
     fedzero bench --suite depth30 --out runs/bench-depth30  # SmolLM2-135M itself as one of the clients
+    fedzero bench --suite hetero-lm --out runs/bench-hetero-lm   # the LM task (docs/lm_task.md)
     fedzero bench --suite my_suite.yaml --out DIR           # your own (same fields as below)
 
 Every method of a suite gets the same clients, data, seeds, rounds, local steps, batch size and lr
@@ -22,6 +23,11 @@ Settings (issue 5):
 
 DeMA's lr and gate temperature were chosen by the tune suite on the val split (data.score "val"),
 never on the test sets; LoRA's lr is a common value, not tuned.
+
+Tasks: a suite classifies tweet sentiment by topic unless it says "task": "lm": then it models the
+language of per-client domains of the Debian fortunes corpus (docs/lm_task.md) and takes "lm_data"
+(fedzero.bench.lm_data.LMDataSettings fields) in place of "data", and clients take "domains" in
+place of "topics". Distillation exchanges label predictions, so an LM suite refuses it.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ import yaml
 
 from .backbones import check_backbone_spec
 from .data import DataSettings
+from .lm_data import FORTUNES_DOMAINS, LMDataSettings
 from .methods import check_method
 
-SUITE_FIELDS = {"name", "description", "seeds", "backbones", "data", "rounds", "train", "lr", "eval_every",
-                "settings", "memory"}
+SUITE_FIELDS = {"name", "description", "task", "seeds", "backbones", "data", "lm_data", "rounds", "train", "lr",
+                "eval_every", "settings", "memory"}
+TASKS = ("classification", "lm")
 SETTING_FIELDS = {"description", "clients", "methods"}
 MEMORY_METHODS = ("full", "lora", "dema", "dema-side")
 
@@ -309,11 +317,64 @@ def _hetero_quick() -> dict:
             "train": {**QUICK["train"]}}
 
 
+# The LM task on the hetero testbed (docs/lm_task.md): the same backbones and client layout (two on
+# the healed 10-layer SmolLM2, one on the 384-wide GPT-NeoX layout, one on the 256-wide LLaMA), one
+# fortunes domain each. Records of at most 192 characters are at most 127 SmolLM2 tokens over the
+# four domains' whole corpus (every seed and side), so max_length 136 refuses and cuts none. Scoring
+# is most of a run's cost (the LM head over a 49k vocabulary at every position): 90 test documents
+# per domain (~620 records, ~21k tokens) took one run's final scoring (2 x smol10 + neox384 +
+# small256, 1 thread, a loaded 2-core machine) about 115 s, measured at 100 documents as 128 s.
+HETERO_LM_CLIENTS = [{"id": "H-computers-smol10", "backbone": "smol10", "domains": ["computers"]},
+                     {"id": "H-definitions-smol10", "backbone": "smol10", "domains": ["definitions"]},
+                     {"id": "H-songs-poems-neox384", "backbone": "neox384", "domains": ["songs-poems"]},
+                     {"id": "H-people-small256", "backbone": "small256", "domains": ["people"]}]
+HETERO_LM_METHODS = ("lora-local", "fedit", "dema-local", "dema-fedavg", "dema-cmga", "dema-shaped-fedavg")
+
+
+def _hetero_lm() -> dict:
+    """The hetero suite's testbed, methods (distillation aside: it is label-level) and budget on the LM
+    task: held-out NLL per token and per byte on each client's own domain and on the others', 5 seeds,
+    gains as % lower NLL per token over local-only with 95% paired bootstrap intervals. Each client
+    trains on 200 documents (~240-330 records): 8 rounds x 6 steps x batch 8 read 384 records, so about
+    one pass and a half, as the hetero suite's 192 tweets are read twice."""
+    hetero = _hetero()
+    methods = [m for m in hetero["settings"]["H"]["methods"] if m["name"] in HETERO_LM_METHODS]
+    setting = {"description": "four clients, three widths, two families: two on the healed 10-layer SmolLM2 "
+                              "variant (576, LLaMA layout; a FedIT group), one on a 384-wide GPT-NeoX-layout "
+                              "model, one on the 256-wide LLaMA; one fortunes domain each",
+               "clients": copy.deepcopy(HETERO_LM_CLIENTS), "methods": methods}
+    return {"name": "hetero-lm", "task": "lm",
+            "description": "Language modelling of per-client domains (Debian fortunes) on the hetero testbed: "
+                           "held-out NLL on own and unseen domains, 90 test documents per domain, 5 seeds, "
+                           "gains over local-only with 95% paired bootstrap intervals",
+            "seeds": [0, 1, 2, 3, 4], "backbones": copy.deepcopy(HETERO_BACKBONES),
+            "lm_data": {"train_docs": 200, "test_docs": 90, "val_docs": 60, "round_eval_docs": 10, "max_chars": 192},
+            "rounds": 8, "eval_every": 2,
+            "train": {"local_steps": 6, "batch_size": 8, "max_length": 136, "schedule": "cosine",
+                      "warmup_steps": 3, "eval_batch_size": 16},
+            "lr": copy.deepcopy(hetero["lr"]), "settings": {"H": setting}, "memory": None}
+
+
+def _hetero_lm_quick() -> dict:
+    """hetero-lm at CI size: hetero-quick's toy backbones, 2 seeds, 2 rounds x 2 steps, 6 test documents
+    per domain; checks the harness, says nothing about the methods."""
+    suite = _hetero_lm()
+    setting = suite["settings"]["H"]
+    setting["methods"] = [m for m in setting["methods"] if m["name"] != "dema-cmga"]
+    return {**suite, "name": "hetero-lm-quick", "seeds": [0, 1], "backbones": _hetero_quick()["backbones"],
+            "rounds": 2, "eval_every": 1,
+            "description": "The hetero-lm suite's shape at harness-check size (toy widths, 2 rounds x 2 steps, "
+                           "6 test documents per domain); its numbers say nothing about the methods",
+            "lm_data": {"train_docs": 24, "test_docs": 6, "val_docs": 0, "round_eval_docs": 2, "max_chars": 192},
+            "train": {**QUICK["train"], "max_length": 136, "eval_batch_size": 16}}
+
+
 TUNE = _tune()
 LONG = _long()
 DEPTH30 = _depth30()
 SUITES = {"quick": QUICK, "full": FULL, "tune": TUNE, "long": LONG, "depth30": DEPTH30,
-          "hetero": _hetero(), "hetero-budget": _hetero_budget(), "hetero-quick": _hetero_quick()}
+          "hetero": _hetero(), "hetero-budget": _hetero_budget(), "hetero-quick": _hetero_quick(),
+          "hetero-lm": _hetero_lm(), "hetero-lm-quick": _hetero_lm_quick()}
 
 
 def load_suite(name_or_path: str | Path) -> dict:
@@ -338,7 +399,15 @@ def check_suite(suite: dict) -> None:
     unknown = sorted(set(suite) - SUITE_FIELDS)
     if unknown:
         raise ValueError(f"suite: unknown field(s) {unknown}; allowed {sorted(SUITE_FIELDS)}")
-    for key in ("seeds", "backbones", "data", "rounds", "train", "lr", "settings"):
+    task = suite.get("task", "classification")
+    if task not in TASKS:
+        raise ValueError(f"suite: task must be one of {list(TASKS)}, got {task!r}")
+    lm = task == "lm"
+    data_key, wrong = ("lm_data", "data") if lm else ("data", "lm_data")
+    if wrong in suite:
+        raise ValueError(f"suite {suite.get('name')!r}: a {task} suite takes {data_key!r}, not {wrong!r}"
+                         + ("" if lm else " (the LM task's data: set task 'lm')"))
+    for key in ("seeds", "backbones", data_key, "rounds", "train", "lr", "settings"):
         if key not in suite:
             raise ValueError(f"suite {suite.get('name')!r}: missing {key!r}")
     if not suite["seeds"] or any(not isinstance(s, int) for s in suite["seeds"]):
@@ -347,7 +416,9 @@ def check_suite(suite: dict) -> None:
         raise ValueError("suite: rounds and eval_every must be >= 1")
     for name, spec in suite["backbones"].items():
         check_backbone_spec(name, spec)
-    DataSettings.from_dict(suite["data"])
+    lm_settings = LMDataSettings.from_dict(suite["lm_data"]) if lm else None
+    if not lm:
+        DataSettings.from_dict(suite["data"])
     from fedzero.client import TrainSettings
     TrainSettings.from_dict({**suite["train"], "lr": 1.0})
     if "lr" in suite["train"]:
@@ -365,19 +436,50 @@ def check_suite(suite: dict) -> None:
         for c in setting["clients"]:
             if c.get("backbone") not in suite["backbones"]:
                 raise ValueError(f"setting {sname!r}, client {c.get('id')!r}: unknown backbone {c.get('backbone')!r}")
-            if not c.get("topics"):
-                raise ValueError(f"setting {sname!r}, client {c['id']!r}: needs 'topics'")
+            if lm:
+                _check_lm_client(sname, c, lm_settings)
+            elif not c.get("topics"):
+                raise ValueError(f"setting {sname!r}, client {c['id']!r}: needs 'topics'"
+                                 + (" ('domains' is for LM suites, task 'lm')" if "domains" in c else ""))
         names = [m.get("name") for m in setting["methods"]]
         if len(set(names)) != len(names) or not all(names):
             raise ValueError(f"setting {sname!r}: methods need unique names, got {names}")
         for m in setting["methods"]:
             check_method(m)
+            if lm and m.get("distill") is not None:
+                raise ValueError(f"setting {sname!r}, method {m['name']!r}: 'distill' exchanges label predictions "
+                                 "(classification only); an LM suite cannot run it")
             if m.get("rank") == "client" and any(not isinstance(c.get("rank"), int) for c in setting["clients"]):
                 raise ValueError(f"setting {sname!r}, method {m['name']!r}: rank 'client' needs a 'rank' per client")
     memory = suite.get("memory")
+    if memory and lm:
+        raise ValueError("suite: 'memory' (peak memory per method) is measured by classification suites; set it "
+                         "to null in an LM suite")
     if memory:
         if memory.get("backbone") not in suite["backbones"]:
             raise ValueError(f"memory: unknown backbone {memory.get('backbone')!r}")
         bad = [m for m in memory.get("methods", MEMORY_METHODS) if m not in MEMORY_METHODS]
         if bad:
             raise ValueError(f"memory: unknown method(s) {bad}; known {MEMORY_METHODS}")
+
+
+def _check_lm_client(setting: str, client: dict, settings: LMDataSettings) -> None:
+    """An LM suite's client: 'domains' (a non-empty list without repeats), known to the fortunes corpus
+    when that is the source, and scored (in lm_data.domains when that is given)."""
+    where = f"setting {setting!r}, client {client.get('id')!r}"
+    if "topics" in client:
+        raise ValueError(f"{where}: an LM suite's clients take 'domains', not 'topics'")
+    domains = client.get("domains")
+    if (not isinstance(domains, list) or not domains or len(set(domains)) != len(domains)
+            or not all(isinstance(d, str) and d for d in domains)):
+        raise ValueError(f"{where}: 'domains' must be a non-empty list of distinct domain names "
+                         f"(e.g. ['computers']), got {domains!r}")
+    if settings.source == "fortunes":
+        unknown = [d for d in domains if d not in FORTUNES_DOMAINS]
+        if unknown:
+            raise ValueError(f"{where}: unknown domain(s) {unknown} in 'domains'; the fortunes corpus has "
+                             f"{list(FORTUNES_DOMAINS)}")
+    if settings.domains is not None:
+        unscored = [d for d in domains if d not in settings.domains]
+        if unscored:
+            raise ValueError(f"{where}: 'domains' {unscored} missing from lm_data.domains {settings.domains}")
