@@ -277,7 +277,7 @@ def _hetero() -> dict:
                            "gains with 95% paired bootstrap intervals and the prior-only control",
             "seeds": [0, 1, 2, 3, 4], "backbones": copy.deepcopy(HETERO_BACKBONES),
             "data": {"train_per_client": 192, "test_per_topic": 300, "val_per_topic": 60,
-                     "round_eval_per_topic": 30, "max_chars": 120},
+                     "round_eval_per_topic": 15, "max_chars": 120},
             "rounds": 8, "eval_every": 2,
             "train": {"local_steps": 6, "batch_size": 8, "max_length": 64, "schedule": "cosine",
                       "warmup_steps": 3, "eval_batch_size": 40},
