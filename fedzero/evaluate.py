@@ -105,6 +105,8 @@ def _shared_prompt_scores(model, prompts: list[list[int]], completions: list[lis
         mask[row, width - len(p):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    name = _cache_argument(model)
+    prompt_cache = out[name]
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)             # [B, V]
     lengths = mask.sum(-1, keepdim=True)
     columns = []
@@ -113,13 +115,23 @@ def _shared_prompt_scores(model, prompts: list[list[int]], completions: list[lis
         rest = len(completion) - 1
         if rest:
             tokens = torch.tensor(completion, dtype=torch.long).expand(len(prompts), -1)
-            cache = copy.deepcopy(out.past_key_values)       # each label continues the prompt's own cache
+            cache = copy.deepcopy(prompt_cache)       # each label continues the prompt's own cache
             logits = model(input_ids=tokens[:, :-1], attention_mask=torch.cat([mask, torch.ones_like(tokens[:, 1:])], 1),
-                           position_ids=lengths + torch.arange(rest), past_key_values=cache, use_cache=True).logits
+                           position_ids=lengths + torch.arange(rest), use_cache=True, **{name: cache}).logits
             logp = torch.log_softmax(logits.float(), dim=-1).gather(2, tokens[:, 1:, None])[..., 0]
             score = score + logp.double().sum(1)
         columns.append(score)
     return torch.stack(columns, dim=1)
+
+
+def _cache_argument(model) -> str:
+    """The name under which this model's forward takes and returns its KV cache: "cache" from
+    transformers 5.2x on ("past_key_values" is deprecated there and goes in 5.40), "past_key_values"
+    before. Read from the wrapped model's signature (a PEFT model forwards **kwargs)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _per_label_scores(model, tokenizer, records, labels, max_length: int, batch_size: int) -> np.ndarray:
