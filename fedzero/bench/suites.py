@@ -321,9 +321,9 @@ def _hetero_quick() -> dict:
 # the healed 10-layer SmolLM2, one on the 384-wide GPT-NeoX layout, one on the 256-wide LLaMA), one
 # fortunes domain each. Records of at most 192 characters are at most 127 SmolLM2 tokens over the
 # four domains' whole corpus (every seed and side), so max_length 136 refuses and cuts none. Scoring
-# is most of a run's cost (the LM head over a 49k vocabulary at every position): 90 test documents
-# per domain (~620 records, ~21k tokens) took one run's final scoring (2 x smol10 + neox384 +
-# small256, 1 thread, a loaded 2-core machine) about 115 s, measured at 100 documents as 128 s.
+# is most of a run's cost (the LM head over a 49k vocabulary at every position): with 90 test
+# documents per domain (579-618 records, ~21k tokens) one run's final scoring (2 x smol10 + neox384 +
+# small256) took 105 s on 1 thread of a loaded 2-core machine (docs/lm_task.md, "Speed").
 HETERO_LM_CLIENTS = [{"id": "H-computers-smol10", "backbone": "smol10", "domains": ["computers"]},
                      {"id": "H-definitions-smol10", "backbone": "smol10", "domains": ["definitions"]},
                      {"id": "H-songs-poems-neox384", "backbone": "neox384", "domains": ["songs-poems"]},
@@ -335,8 +335,9 @@ def _hetero_lm() -> dict:
     """The hetero suite's testbed, methods (distillation aside: it is label-level) and budget on the LM
     task: held-out NLL per token and per byte on each client's own domain and on the others', 5 seeds,
     gains as % lower NLL per token over local-only with 95% paired bootstrap intervals. Each client
-    trains on 200 documents (~240-330 records): 8 rounds x 6 steps x batch 8 read 384 records, so about
-    one pass and a half, as the hetero suite's 192 tweets are read twice."""
+    trains on 200 documents (228-476 records over the seeds; long documents in computers and
+    songs-poems): 8 rounds x 6 steps x batch 8 read 384 records, 0.8 to 1.7 passes (the hetero
+    suite reads its 192 tweets twice)."""
     hetero = _hetero()
     methods = [m for m in hetero["settings"]["H"]["methods"] if m["name"] in HETERO_LM_METHODS]
     setting = {"description": "four clients, three widths, two families: two on the healed 10-layer SmolLM2 "
