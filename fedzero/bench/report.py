@@ -34,7 +34,7 @@ VIEWS = ("own", "unseen", "global")
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "label_nll")
 # What a task's tables and plots read: the level metrics, the one the curves and per-client cells show,
 # and the gain metrics with their labels and unit.
-TASKS = {
+TASK_METRICS = {
     "classification": {"levels": METRICS, "main": "accuracy", "main_label": "accuracy", "file": "accuracy",
                        "gains": (("macro_f1", "macro-F1"), ("accuracy", "accuracy")), "gain_unit": "points"},
     "lm": {"levels": LM_METRICS, "main": "nll_per_token", "main_label": "NLL per token", "file": "nll",
@@ -95,7 +95,7 @@ def summarize(results: dict) -> dict:
     runs_by = defaultdict(lambda: defaultdict(list))
     for run in results["runs"]:
         runs_by[run["setting"]][run["method"]].append(run)
-    task = TASKS[task_of(results)]
+    task = TASK_METRICS[task_of(results)]
     out = {}
     for setting, setting_spec in results["suite"]["settings"].items():
         entry = {"methods": {}, "clients": [c["id"] for c in setting_spec["clients"]], "zero_shot": {}}
@@ -614,7 +614,7 @@ def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str
     settings = list(summary)
     out_dir = Path(out_dir)
     files = []
-    task = TASKS[task_of(results)]
+    task = TASK_METRICS[task_of(results)]
     main, label, stem = task["main"], task["main_label"], task["file"]
 
     def grid():
