@@ -57,21 +57,24 @@ def label_scores(model, tokenizer, records, labels, *, max_length: int, batch_si
     (prompt, " label") pairs. The prompt is run once per record, not once per label: its key/value
     cache is continued with each label's tokens (scoring is most of a benchmark's compute). A prompt
     that `build_examples` would cut differently for different labels (it does not fit max_length
-    with the longest completion) is scored the plain way, one sequence per label."""
+    with the longest completion) is scored the plain way, one sequence per label; so is every prompt
+    of a model whose forward takes no KV cache or no position ids (RWKV's recurrent state; Bloom's
+    and MPT's ALiBi), where a continued cache or left padding is not known to give the same scores."""
     import torch
 
     prompts, completions = _tokenized_candidates(tokenizer, records, labels, max_length)
     scores = np.zeros((len(records), len(labels)))
     longest = max(len(c) for c in completions)
-    fits = [i for i, p in enumerate(prompts) if len(p) + longest <= max_length]
-    cut = [i for i, p in enumerate(prompts) if len(p) + longest > max_length]
+    cache_name = _cache_argument(model)
+    fits = [i for i, p in enumerate(prompts) if cache_name is not None and len(p) + longest <= max_length]
+    cut = sorted(set(range(len(prompts))) - set(fits))
     model.eval()
     with torch.no_grad():
         order = sorted(fits, key=lambda i: len(prompts[i]))          # similar lengths: little padding
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             scores[rows] = _shared_prompt_scores(model, [prompts[i] for i in rows], completions,
-                                                 tokenizer.pad_token_id).numpy()
+                                                 tokenizer.pad_token_id, cache_name).numpy()
         if cut:
             scores[cut] = _per_label_scores(model, tokenizer, [records[i] for i in cut], labels, max_length, batch_size)
     return scores
@@ -89,7 +92,8 @@ def _tokenized_candidates(tokenizer, records, labels, max_length: int) -> tuple[
     return [head + list(tokenizer.encode(r["prompt"])) for r in records], completions
 
 
-def _shared_prompt_scores(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int):
+def _shared_prompt_scores(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                          name: str):
     """[B, C] float64 log-likelihoods of every completion after every prompt, the prompts run once.
     Prompts are left-padded so that all end in the last column and each label continues the cache at
     the same step; position ids follow each row's real tokens, so padding changes nothing."""
@@ -105,7 +109,6 @@ def _shared_prompt_scores(model, prompts: list[list[int]], completions: list[lis
         mask[row, width - len(p):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    name = _cache_argument(model)
     prompt_cache = out[name]
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)             # [B, V]
     lengths = mask.sum(-1, keepdim=True)
@@ -124,14 +127,18 @@ def _shared_prompt_scores(model, prompts: list[list[int]], completions: list[lis
     return torch.stack(columns, dim=1)
 
 
-def _cache_argument(model) -> str:
+def _cache_argument(model) -> str | None:
     """The name under which this model's forward takes and returns its KV cache: "cache" from
     transformers 5.2x on ("past_key_values" is deprecated there and goes in 5.40), "past_key_values"
-    before. Read from the wrapped model's signature (a PEFT model forwards **kwargs)."""
+    before; None if its forward takes neither, or no position_ids. Read from the wrapped model's
+    signature (a PEFT model forwards **kwargs)."""
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    parameters = inspect.signature(base.forward).parameters
+    if "position_ids" not in parameters:
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
 def _per_label_scores(model, tokenizer, records, labels, max_length: int, batch_size: int) -> np.ndarray:

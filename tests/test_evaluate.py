@@ -72,3 +72,20 @@ def test_label_scores_refuse_a_label_that_cannot_fit():
     with pytest.raises(ValueError, match="do not fit max_length"):
         label_scores(tiny_llama(vocab=259), ByteTokenizer(), [{"prompt": "a"}], ["yes", "a much longer label"],
                      max_length=8)
+
+
+def test_label_scores_of_a_model_without_a_kv_cache_score_each_label():
+    """RWKV's layout fits, but its forward takes a recurrent state, no KV cache to continue (nor
+    position ids, so left padding would reach its state): its prompts are scored per label."""
+    from fedzero.backbones import BackboneSpec, load_backbone
+    from fedzero.evaluate import _per_label_scores
+
+    config = {"model_type": "rwkv", "hidden_size": 32, "num_hidden_layers": 2, "attention_hidden_size": 32,
+              "intermediate_size": 64, "vocab_size": 259, "bos_token_id": 256, "eos_token_id": 257}
+    model, _ = load_backbone(BackboneSpec(model_config=config, init_seed=3, tokenizer="byte"))
+    tok, labels = ByteTokenizer(), ["negative", "ok", "positive"]
+    records = [{"prompt": f"Tweet: {'abc ' * i}\nSentiment:"} for i in range(5)]
+    scores = label_scores(model, tok, records, labels, max_length=48, batch_size=4)
+    with torch.no_grad():
+        reference = _per_label_scores(model, tok, records, labels, 48, 32)
+    np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-6)
