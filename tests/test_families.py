@@ -267,3 +267,24 @@ def test_simulate_federates_clients_of_two_families(tmp_path):
     assert [c["num_layers"] for c in summary["clients"]] == [2, 3]
     assert len({c["fingerprint"] for c in summary["clients"]}) == 2
     assert all(np.isfinite(c["train_loss"]) for c in summary["rounds"][0]["clients"])
+
+
+def test_a_multimodal_checkpoints_text_decoder_takes_dema():
+    """AutoModelForCausalLM builds a model_type 'gemma3' checkpoint (Gemma 3 4B and up) as
+    Gemma3ForConditionalGeneration: its config keeps the text sizes in text_config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    text = {**COMMON, **GQA, "head_dim": 16, "vocab_size": 300}
+    vision = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+              "image_size": 28, "patch_size": 14}
+    config = AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                  boi_token_index=297, eoi_token_index=298, image_token_index=299)
+    for placement in ("parallel", "side"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():
+            reference = model(input_ids=x).logits
+        handle = inject_dema(model, DeMAConfig(**DEMA, placement=placement))
+        assert handle.hidden_size == 32 and handle.num_layers == 2
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=x).logits, reference)

@@ -45,7 +45,7 @@ class DeMAModel:
         self.private = private
         self.side_stream = side_stream
         self.num_layers = num_layers
-        self.hidden_size = model.config.hidden_size
+        self.hidden_size = model.config.get_text_config().hidden_size
 
     # -- what trains and what travels ------------------------------------------------------------
     def shared_parameters(self) -> dict[str, nn.Parameter]:
@@ -147,7 +147,7 @@ def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = to
     if config.uses_anchors and tokenizer is None:
         raise ValueError(f"projector {config.projector!r} needs the backbone's tokenizer (inject_dema(..., tokenizer=))")
     layers = layout.layers
-    num_layers, hidden = len(layers), model.config.hidden_size
+    num_layers, hidden = len(layers), model.config.get_text_config().hidden_size
     model.requires_grad_(False)
     shape_matched = config.shares_projectors
     slots = [config.slot_of_layer(l, num_layers) for l in range(num_layers)]
