@@ -174,7 +174,13 @@ def fingerprint(config, identity: str | None = None) -> str:
     arch = {key: cfg.get(key) for key in _ARCH_FIELDS}
     arch["identity"] = identity
     if cfg.get("model_type") not in _LEGACY_MODEL_TYPES:
-        arch["architecture"] = _causal_lm_class(cfg.get("model_type"))
+        if hasattr(config, "get_text_config"):
+            # The decoder's sizes under their standard names, wherever the family keeps them: in
+            # text_config (multimodal checkpoints), or under its own names (GPT-2's n_embd, n_layer).
+            text = config.get_text_config()
+            arch.update({key: getattr(text, key, None) for key in _ARCH_FIELDS if key != "model_type"})
+            cfg = text.to_dict()
+        arch["architecture"] = _causal_lm_class(arch["model_type"])
         arch.update({key: cfg[key] for key in _FAMILY_FIELDS if key in cfg})
     blob = json.dumps(arch, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

@@ -288,3 +288,18 @@ def test_a_multimodal_checkpoints_text_decoder_takes_dema():
         assert handle.hidden_size == 32 and handle.num_layers == 2
         with torch.no_grad():
             assert torch.equal(model(input_ids=x).logits, reference)
+
+
+def test_fingerprints_read_sizes_under_each_familys_own_names_and_in_text_config():
+    """GPT-2 keeps its width and depth as n_embd and n_layer, MPT as d_model and n_layers, Bloom its
+    depth as n_layer; a multimodal Gemma 3 keeps them in text_config: backbones of different sizes
+    must not share a fingerprint (FedIT federates, CMGA groups, clients by it)."""
+    from transformers import AutoConfig
+
+    pairs = [({"model_type": "gpt2", "n_embd": 768, "n_layer": 12}, {"model_type": "gpt2", "n_embd": 1024, "n_layer": 24}),
+             ({"model_type": "mpt", "d_model": 256, "n_layers": 2}, {"model_type": "mpt", "d_model": 512, "n_layers": 2}),
+             ({"model_type": "bloom", "n_layer": 2}, {"model_type": "bloom", "n_layer": 4}),
+             ({"model_type": "gemma3", "text_config": {"hidden_size": 32}},
+              {"model_type": "gemma3", "text_config": {"hidden_size": 64}})]
+    for a, b in pairs:
+        assert fingerprint(AutoConfig.for_model(**a)) != fingerprint(AutoConfig.for_model(**b)), a
