@@ -136,16 +136,19 @@ def _children(module: nn.Module) -> str:
 
 
 def attention_projections(model: nn.Module) -> tuple[str, ...]:
-    """The LoRA baselines' default targets: the nn.Linear modules inside each decoder layer's attention
-    block, as PEFT target names '<attention>.<linear>' (LLaMA: self_attn.q_proj, …k_proj, …v_proj,
-    …o_proj; GPT-NeoX: attention.query_key_value, attention.dense; Phi-3: self_attn.qkv_proj, …o_proj).
-    Qualified by the block's name, so a feed-forward Linear of the same name is never caught."""
+    """The LoRA baselines' default targets: the nn.Linear modules (and transformers' Conv1D, GPT-2's)
+    inside each decoder layer's attention block, as PEFT target names '<attention>.<linear>' (LLaMA:
+    self_attn.q_proj, …k_proj, …v_proj, …o_proj; GPT-NeoX: attention.query_key_value, attention.dense;
+    Phi-3: self_attn.qkv_proj, …o_proj; GPT-2: attn.c_attn, attn.c_proj). Qualified by the block's
+    name, so a feed-forward Linear of the same name is never caught."""
+    from transformers.pytorch_utils import Conv1D
+
     layout = decoder_layout(model)
     attention = layout.attention(layout.layers[0])
-    names = [f"{layout.attention_name}.{n}" for n, m in attention.named_modules() if isinstance(m, nn.Linear)]
+    names = [f"{layout.attention_name}.{n}" for n, m in attention.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
     if not names:
         raise ValueError(f"{layout.model_class}: its attention block {type(attention).__name__} holds no "
-                         "nn.Linear modules; give the LoRA targets explicitly")
+                         "nn.Linear or Conv1D modules; give the LoRA targets explicitly")
     return tuple(names)
 
 

@@ -303,3 +303,23 @@ def test_fingerprints_read_sizes_under_each_familys_own_names_and_in_text_config
               {"model_type": "gemma3", "text_config": {"hidden_size": 64}})]
     for a, b in pairs:
         assert fingerprint(AutoConfig.for_model(**a)) != fingerprint(AutoConfig.for_model(**b)), a
+
+
+def test_lora_baseline_on_gpt2_targets_its_conv1d_projections():
+    """GPT-2's attention projections are transformers Conv1D modules (PEFT adapts them), not nn.Linear."""
+    from fedzero.baselines import LoRAClient, LoRASettings
+    from fedzero.client.local import TrainSettings
+
+    config = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64, **BYTE_TOKENS}
+    model, fp = load_backbone(BackboneSpec(model_config=config, init_seed=1, tokenizer="byte"))
+    assert attention_projections(model) == ("attn.c_attn", "attn.c_proj")
+    ids = torch.arange(12) * 5 % 64
+    examples = [{"input_ids": ids, "labels": ids.clone()} for _ in range(4)]
+    settings = TrainSettings(local_steps=3, batch_size=2, lr=1e-2, schedule="constant")
+    client = LoRAClient("c", model, fp, examples, examples, settings, LoRASettings(rank=2), pad_id=258,
+                        seed=0, total_rounds=1)
+    before = client.lora_state()
+    assert len(before) == 2 * 2 * 2            # layers x projections x (A, B)
+    after, metrics = client.train_round()
+    assert np.isfinite(metrics["train_loss"])
+    assert any(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
