@@ -65,8 +65,11 @@ class DecoderLayout:
 
     def attention(self, layer: nn.Module) -> nn.Module:
         if self.attention_name is None:
-            raise ValueError(f"{self.model_class}: no attention block found in its decoder layers "
-                             f"(children: {_children(layer)})")
+            found = [_block(dict(each.named_children()), _ATTENTION_NAMES, "attention") for each in self.layers]
+            index = next((i for i, names in enumerate(found) if len(names) != 1 or names != found[0]), 0)
+            raise ValueError(f"{self.model_class}: no attention block found in every decoder layer (layer {index}: "
+                             f"{_children(self.layers[index])}); the LoRA baselines need their targets given: "
+                             "LoRASettings(targets=...)")
         return getattr(layer, self.attention_name)
 
 

@@ -323,3 +323,18 @@ def test_lora_baseline_on_gpt2_targets_its_conv1d_projections():
     after, metrics = client.train_round()
     assert np.isfinite(metrics["train_loss"])
     assert any(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
+
+
+def test_lora_defaults_on_a_model_without_attention_in_every_layer_say_what_to_give():
+    from fedzero.baselines import LoRAClient, LoRASettings
+    from fedzero.client.local import TrainSettings
+
+    model, fp = build("llama")
+    del decoder_layout(model).layers[1].self_attn      # as in hybrid models: some layers hold no attention
+    ids = torch.arange(12) * 5 % 64
+    examples = [{"input_ids": ids, "labels": ids.clone()}]
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM: no attention block found in every decoder layer "
+                                         r"\(layer 1: mlp \(LlamaMLP\), .*\); the LoRA baselines need their "
+                                         r"targets given: LoRASettings\(targets=\.\.\.\)"):
+        LoRAClient("c", model, fp, examples, examples, TrainSettings(local_steps=1, batch_size=1), LoRASettings(rank=2),
+                   pad_id=258, seed=0, total_rounds=1)
