@@ -43,3 +43,53 @@ def test_hetero_split_of_the_real_corpus_never_leaks(corpus, seed):
     assert len(uids) == len(set(uids))                       # test, val and every client's train disjoint
     keys = [dedup_key(corpus[u]["text"]) for u in uids]
     assert len(keys) == len(set(keys))                       # and no near-duplicate on two sides
+
+
+def test_a_replica_trains_with_other_randomness_on_the_same_records_and_is_its_noise_floor(tmp_path):
+    """A method's replica ('replica': 1) trains with another seed (adapter init, data order) on the
+    same test records; the report measures it against the method itself (the noise floor row), and a
+    resumed bench recognises the replica's finished runs."""
+    import json
+
+    import numpy as np
+
+    from fedzero.bench import run_bench
+    from fedzero.bench.methods import training_seed
+    from test_bench import _llama, synthetic_records
+
+    source = tmp_path / "records.jsonl"
+    source.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "uid"}) + "\n"
+                              for r in synthetic_records(n_per_topic=20)))
+    local = {"name": "dema-local", "runner": "dema", "strategy": "local",
+             "dema": {"rank": 4, "num_experts": 2, "num_slots": 2}}
+    suite = {"name": "tiny-replica", "seeds": [0, 1], "backbones": {"a": _llama(16, 2, 2, 1)},
+             "data": {"train_per_client": 8, "test_per_topic": 4, "val_per_topic": 0, "round_eval_per_topic": 0,
+                      "max_chars": 30, "min_confidence": None, "source": str(source)},
+             "rounds": 1, "train": {"local_steps": 2, "batch_size": 4, "max_length": 96, "eval_batch_size": 16},
+             "lr": {"dema": 1e-2, "lora": 1e-2},
+             "settings": {"A": {"clients": [{"id": "c0", "backbone": "a", "topics": ["t0"]},
+                                            {"id": "c1", "backbone": "a", "topics": ["t1"]}],
+                                "methods": [local, {**local, "name": "dema-local-replica", "replica": 1}]}}}
+    out = tmp_path / "bench"
+    results = run_bench(suite, out, threads=1, memory=False, log=lambda *_: None)
+    by = {(r["method"], r["seed"]): r for r in results["runs"]}
+    for seed in (0, 1):
+        base, replica = by[("dema-local", seed)], by[("dema-local-replica", seed)]
+        assert replica["seed"] == seed and replica["test_records"] == base["test_records"]
+        assert base["dema"]["seed"] == seed and replica["dema"]["seed"] == training_seed(seed, replica["spec"]) != seed
+        assert not np.allclose([c["rounds"][1]["train_loss"] for c in replica["clients"]],
+                               [c["rounds"][1]["train_loss"] for c in base["clients"]])
+    md = (out / "report.md").read_text()
+    assert any(line.startswith("| dema-local-replica | dema-local |") for line in md.splitlines())
+
+    logs = []
+    again = run_bench(suite, out, threads=1, memory=False, log=logs.append)
+    assert again["runs_this_invocation"] == 0 and sum("done earlier" in line for line in logs) == 4
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "1", True])
+def test_a_replica_must_be_a_non_negative_integer(bad):
+    from fedzero.bench.methods import check_method
+
+    with pytest.raises(ValueError, match="replica must be an integer"):
+        check_method({"name": "m", "runner": "dema", "strategy": "local", "replica": bad})

@@ -69,7 +69,8 @@ from .lm_data import LMSplit, score_records
 from .stats import (decode_lm_scores, encode_lm_records, encode_lm_scores, encode_records, encode_scores,
                     label_counts, lm_view_metrics)
 
-METHOD_FIELDS = {"name", "runner", "strategy", "strategy_options", "dema", "distill", "rank", "lr", "description"}
+METHOD_FIELDS = {"name", "runner", "strategy", "strategy_options", "dema", "distill", "rank", "lr", "replica",
+                 "description"}
 # A method's "distill" fields: DistillSettings' own, with its defaults (labels and template are the task's)
 DISTILL_FIELDS = {f.name: f.default for f in dataclasses.fields(DistillSettings)
                   if f.name in ("weight", "anchors", "batch_size")}
@@ -119,6 +120,9 @@ def check_method(method: dict) -> None:
     unknown = sorted(set(method) - METHOD_FIELDS)
     if unknown:
         raise ValueError(f"method {name!r}: unknown field(s) {unknown}; allowed {sorted(METHOD_FIELDS)}")
+    replica = method.get("replica", 0)
+    if not (isinstance(replica, int) and not isinstance(replica, bool) and replica >= 0):
+        raise ValueError(f"method {name!r}: replica must be an integer >= 1 (0: not a replica), got {replica!r}")
     runner = method.get("runner")
     if runner not in RUNNERS:
         raise ValueError(f"method {name!r}: runner must be one of {sorted(RUNNERS)}, got {runner!r}")
@@ -146,10 +150,20 @@ def check_method(method: dict) -> None:
         make_lora_strategy(strategy, **(method.get("strategy_options") or {}))
 
 
+def training_seed(seed: int, method: dict) -> int:
+    """The seed a run's randomness comes from (adapter init, data order, strategy): the run's seed,
+    or for a replica (a method's "replica": k) another one, so that a method against its own
+    replica measures what training randomness alone moves: the instrument's noise floor. The data
+    split, and so the test records, stay those of the run's seed."""
+    return seed + 1_000_003 * int(method.get("replica", 0))
+
+
 def run_method(method: dict, ctx: RunContext) -> dict:
     check_method(method)
     started = time.time()
-    result = RUNNERS[method["runner"]](method, ctx)
+    seed = training_seed(ctx.seed, method)
+    torch.manual_seed(seed)
+    result = RUNNERS[method["runner"]](method, dataclasses.replace(ctx, seed=seed))
     result.update({"setting": ctx.setting, "method": method["name"], "seed": ctx.seed, "spec": method,
                    "rounds": ctx.rounds, "wall_seconds": round(time.time() - started, 1),
                    "test_records": encode_lm_records(ctx.split.test) if ctx.lm

@@ -140,7 +140,13 @@ def summarize(results: dict) -> dict:
 
 def local_control(spec: dict, methods: list[dict]) -> str | None:
     """The local-only method that trains exactly like `spec` (same runner, LoRA rank, DeMA settings
-    apart from what is shared, lr) but federates nothing: what `spec`'s gain is measured against."""
+    apart from what is shared, lr) but federates nothing: what `spec`'s gain is measured against.
+    A replica (the same method, other training randomness) is measured against the method itself:
+    that gain is the instrument's noise floor."""
+    if spec.get("replica"):
+        def itself(m: dict) -> dict:
+            return {k: v for k, v in m.items() if k not in ("name", "description", "replica")}
+        return next((m["name"] for m in methods if not m.get("replica") and itself(m) == itself(spec)), None)
     if spec.get("strategy", "local") == "local" and spec.get("distill") is None:
         return None
 
@@ -149,7 +155,7 @@ def local_control(spec: dict, methods: list[dict]) -> str | None:
         return m.get("runner"), m.get("rank", 16) if m.get("runner") == "lora" else None, json.dumps(dema, sort_keys=True), m.get("lr")
 
     return next((m["name"] for m in methods if m.get("strategy") == "local" and m.get("distill") is None
-                 and trains_like(m) == trains_like(spec)), None)
+                 and not m.get("replica") and trains_like(m) == trains_like(spec)), None)
 
 
 def prior_name(control: str) -> str:

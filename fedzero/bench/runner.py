@@ -40,7 +40,7 @@ from .backbones import prepare_backbone
 from .comm_table import comm_rows
 from .data import DataSettings, load_records, split_tweets
 from .lm_data import LMDataSettings, LMSplit, load_corpus, lm_split
-from .methods import RunContext, run_method, zero_shot_metrics, zero_shot_scores
+from .methods import RunContext, run_method, training_seed, zero_shot_metrics, zero_shot_scores
 from .peakmem import measure_all
 from .report import markdown, plots, summarize
 from .suites import check_suite, load_suite
@@ -114,7 +114,7 @@ def same_run(run: dict, method: dict) -> bool:
     if method.get("runner") != "dema":
         return True
     from fedzero.adapters.dema import DeMAConfig
-    wanted = DeMAConfig.from_dict({"seed": run["seed"], **(method.get("dema") or {})}).to_dict()
+    wanted = DeMAConfig.from_dict({"seed": training_seed(run["seed"], method), **(method.get("dema") or {})}).to_dict()
     return run.get("dema") == json.loads(json.dumps(wanted))
 
 
@@ -239,7 +239,6 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
                     lock.unlink(missing_ok=True)           # another worker finished it meanwhile
                     continue
                 try:
-                    torch.manual_seed(seed)
                     result = run_method(method, ctx)
                     _write_json(path, result)
                 finally:

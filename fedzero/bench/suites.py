@@ -261,6 +261,13 @@ HETERO_CLIENTS = [{"id": "H-airlines-smol10", "backbone": "smol10", "topics": ["
                   {"id": "H-deflategate-small256", "backbone": "small256", "topics": ["deflategate"]}]
 
 
+def _replica(method: dict) -> dict:
+    """The method again with other training randomness (adapter init, data order) on the same test
+    records: its gain over the method is what noise alone moves, the instrument's noise floor."""
+    return {**method, "name": f"{method['name']}-replica", "replica": 1,
+            "description": f"{method['name']} again, other training randomness: the noise floor"}
+
+
 def _hetero() -> dict:
     """Sized to resolve a 3-point difference: 300 test tweets per topic (1,200 per global view), 5
     seeds, paired bootstrap intervals; the budget is where local-only's val curve has flattened
@@ -268,6 +275,7 @@ def _hetero() -> dict:
     keep = ("lora-local", "fedit", "dema-local", "dema-fedavg", "dema-cmga")
     methods = [m for m in _methods_a() if m["name"] in keep]
     methods += [m for m in _dema_variants() if m["name"] in ("dema-shaped-fedavg", "dema-distill-local")]
+    methods.append(_replica(next(m for m in methods if m["name"] == "dema-local")))
     setting = {"description": "four clients, three widths, two families: two on the healed 10-layer SmolLM2 "
                               "variant (576, LLaMA layout; a FedIT group), one on a 384-wide GPT-NeoX-layout "
                               "model, one on the 256-wide LLaMA; one topic each",
@@ -289,7 +297,8 @@ def _hetero_budget() -> dict:
     scored on the val split after every round (the test sets are never read)."""
     suite = _hetero()
     setting = suite["settings"]["H"]
-    setting["methods"] = [m for m in setting["methods"] if m["strategy"] == "local" and "distill" not in m]
+    setting["methods"] = [m for m in setting["methods"]
+                          if m["strategy"] == "local" and "distill" not in m and not m.get("replica")]
     return {**suite, "name": "hetero-budget", "seeds": [0, 1], "rounds": 12, "eval_every": 2,
             "description": "The hetero testbed's local-only methods for 12 rounds x 6 steps, val split (30 "
                            "tweets per topic) scored every 2 rounds: where the val curve flattens sets the "
@@ -309,7 +318,8 @@ def _hetero_quick() -> dict:
                  "small256": quick["small128"]}
     setting = suite["settings"]["H"]
     setting["methods"] = [m for m in setting["methods"]
-                          if m["name"] in ("lora-local", "fedit", "dema-local", "dema-fedavg", "dema-distill-local")]
+                          if m["name"] in ("lora-local", "fedit", "dema-local", "dema-fedavg", "dema-distill-local",
+                                           "dema-local-replica")]
     return {**suite, "name": "hetero-quick", "seeds": [0, 1], "backbones": backbones, "rounds": 2, "eval_every": 2,
             "description": "The hetero suite's shape at harness-check size (toy widths, 2 rounds x 2 steps, "
                            "12 test tweets per topic); its numbers say nothing about the methods",
@@ -328,7 +338,8 @@ HETERO_LM_CLIENTS = [{"id": "H-computers-smol10", "backbone": "smol10", "domains
                      {"id": "H-definitions-smol10", "backbone": "smol10", "domains": ["definitions"]},
                      {"id": "H-songs-poems-neox384", "backbone": "neox384", "domains": ["songs-poems"]},
                      {"id": "H-people-small256", "backbone": "small256", "domains": ["people"]}]
-HETERO_LM_METHODS = ("lora-local", "fedit", "dema-local", "dema-fedavg", "dema-cmga", "dema-shaped-fedavg")
+HETERO_LM_METHODS = ("lora-local", "fedit", "dema-local", "dema-fedavg", "dema-cmga", "dema-shaped-fedavg",
+                     "dema-local-replica")
 
 
 def _hetero_lm() -> dict:
