@@ -55,6 +55,24 @@ def test_layout_is_found_from_structure(family):
     assert attention_projections(model) == ATTENTION.get(family, default)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_final_norm_found_is_what_the_lm_head_reads(family):
+    """The side stream adds its output to the final norm's: that output must be the hidden state the LM
+    head turns into logits (Gemma 2's soft-capping, tanh, follows the head)."""
+    model, _ = build(family)
+    layout = decoder_layout(model)
+    seen = []
+    handle = layout.final_norm.register_forward_hook(lambda module, args, output: seen.append(output))
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+        direct = model.get_output_embeddings()(seen[0])
+    handle.remove()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        direct = torch.tanh(direct / cap) * cap
+    torch.testing.assert_close(logits, direct)
+
+
 @pytest.mark.parametrize("placement", ["parallel", "side"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_injection_leaves_the_forward_unchanged_and_the_adapter_trains(family, placement):
