@@ -89,3 +89,27 @@ def test_label_scores_of_a_model_without_a_kv_cache_score_each_label():
     with torch.no_grad():
         reference = _per_label_scores(model, tok, records, labels, 48, 32)
     np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family, changes", [
+    ("mistral", {"sliding_window": 6}),
+    ("gemma3_text", {"sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"]}),
+])
+def test_label_scores_continue_a_sliding_window_cache_shorter_than_the_prompt(family, changes):
+    """Left-padded prompts longer than the window: the sliding layers' cache keeps only the window (a
+    hybrid cache for Gemma 3), and each label continues it as one sequence per label sees it."""
+    from fedzero.backbones import BackboneSpec, load_backbone
+    from fedzero.evaluate import _per_label_scores
+
+    from test_families import model_config
+
+    model, _ = load_backbone(BackboneSpec(model_config=model_config(family, **changes), init_seed=3, tokenizer="byte"))
+    tok, labels = ByteTokenizer(), ["negative", "ok", "positive"]
+    records = [{"prompt": f"Tweet: {'abc ' * i}\nSentiment:"} for i in range(7)]
+    scores = label_scores(model, tok, records, labels, max_length=64, batch_size=4)
+    with torch.no_grad():
+        reference = _per_label_scores(model, tok, records, labels, 64, 32)
+        wide, _ = load_backbone(BackboneSpec(model_config=model_config(family, **{**changes, "sliding_window": 64}),
+                                             init_seed=3, tokenizer="byte"))
+    np.testing.assert_allclose(scores, reference, rtol=1e-5, atol=1e-4)
+    assert np.abs(scores - label_scores(wide, tok, records, labels, max_length=64)).max() > 1e-2   # the window acts
