@@ -66,7 +66,8 @@ def label_scores(model, tokenizer, records, labels, *, max_length: int, batch_si
     scores = np.zeros((len(records), len(labels)))
     longest = max(len(c) for c in completions)
     cache_name = _cache_argument(model)
-    fits = [i for i, p in enumerate(prompts) if cache_name is not None and len(p) + longest <= max_length]
+    # An empty prompt (no bos) has no position to predict the first label token from: scored per label.
+    fits = [i for i, p in enumerate(prompts) if cache_name is not None and 0 < len(p) <= max_length - longest]
     cut = sorted(set(range(len(prompts))) - set(fits))
     model.eval()
     with torch.no_grad():

@@ -113,3 +113,19 @@ def test_label_scores_continue_a_sliding_window_cache_shorter_than_the_prompt(fa
                                              init_seed=3, tokenizer="byte"))
     np.testing.assert_allclose(scores, reference, rtol=1e-5, atol=1e-4)
     assert np.abs(scores - label_scores(wide, tok, records, labels, max_length=64)).max() > 1e-2   # the window acts
+
+
+def test_label_scores_of_an_empty_prompt_without_bos_equal_one_sequence_per_label():
+    """Without a bos token an empty prompt leaves nothing to predict the completion's first token from:
+    build_examples' sequence does not score it, and no padding position may stand in for it."""
+    from fedzero.evaluate import _per_label_scores
+
+    class NoBos(ByteTokenizer):
+        bos_token_id = None
+
+    model, tok = tiny_llama(vocab=259, hidden=16, layers=1, heads=2, kv_heads=2), NoBos()
+    for records in ([{"prompt": ""}, {"prompt": "abc"}], [{"prompt": ""}]):
+        scores = label_scores(model, tok, records, ["yes", "no"], max_length=32)
+        with torch.no_grad():
+            np.testing.assert_allclose(scores, _per_label_scores(model, tok, records, ["yes", "no"], 32, 32),
+                                       rtol=1e-5, atol=1e-5)
