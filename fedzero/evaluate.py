@@ -67,17 +67,18 @@ def label_scores(model, tokenizer, records, labels, *, max_length: int, batch_si
     longest = max(len(c) for c in completions)
     cache_name = _cache_argument(model)
     # An empty prompt (no bos) has no position to predict the first label token from: scored per label.
-    fits = [i for i, p in enumerate(prompts) if cache_name is not None and 0 < len(p) <= max_length - longest]
-    cut = sorted(set(range(len(prompts))) - set(fits))
+    shared = [i for i, p in enumerate(prompts) if cache_name is not None and 0 < len(p) <= max_length - longest]
+    per_label = sorted(set(range(len(prompts))) - set(shared))
     model.eval()
     with torch.no_grad():
-        order = sorted(fits, key=lambda i: len(prompts[i]))          # similar lengths: little padding
+        order = sorted(shared, key=lambda i: len(prompts[i]))          # similar lengths: little padding
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             scores[rows] = _shared_prompt_scores(model, [prompts[i] for i in rows], completions,
                                                  tokenizer.pad_token_id, cache_name).numpy()
-        if cut:
-            scores[cut] = _per_label_scores(model, tokenizer, [records[i] for i in cut], labels, max_length, batch_size)
+        if per_label:
+            scores[per_label] = _per_label_scores(model, tokenizer, [records[i] for i in per_label], labels,
+                                                  max_length, batch_size)
     return scores
 
 
