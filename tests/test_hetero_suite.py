@@ -93,3 +93,19 @@ def test_a_replica_must_be_a_non_negative_integer(bad):
 
     with pytest.raises(ValueError, match="replica must be an integer"):
         check_method({"name": "m", "runner": "dema", "strategy": "local", "replica": bad})
+
+
+def test_own_curves_average_clients_then_seeds_per_round():
+    from fedzero.bench.report import own_curves
+
+    def run(method, seed, values):
+        return {"setting": "H", "method": method, "seed": seed,
+                "clients": [{"rounds": [{"round": r, "eval": {"own": {"macro_f1": v, "label_nll": 1 - v}}}
+                                        for r, v in enumerate(vals)]} for vals in values]}
+
+    results = {"runs": [run("m", 0, [[0.2, 0.4], [0.4, 0.6]]), run("m", 1, [[0.4, 0.8], [0.6, 0.8]]),
+                        run("other", 0, [[0.1, 0.1], [0.1, 0.1]])]}
+    curves = own_curves(results, "H")
+    assert curves["macro_f1"]["m"][0] == pytest.approx((0.4, 0.1 * 2 ** 0.5, 2))   # seeds' means 0.3 and 0.5
+    assert curves["macro_f1"]["m"][1][0] == pytest.approx(0.65)
+    assert curves["label_nll"]["other"][1] == (pytest.approx(0.9), None, 1)

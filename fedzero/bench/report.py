@@ -605,8 +605,46 @@ def markdown(results: dict, summary: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def own_curves(results: dict, setting: str) -> dict[str, dict[str, dict[int, tuple]]]:
+    """{metric: {method: {round: (mean, std, n) over seeds}}} of the per-round eval on the clients' own
+    topics (macro-F1, label NLL; mean over clients per run): what says when local-only training has
+    flattened (the hetero-budget suite, scored on the val split)."""
+    out = {}
+    for metric in ("macro_f1", "label_nll"):
+        by_method: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for run in results["runs"]:
+            if run["setting"] == setting:
+                for rnd, value in curve(run, "own", metric).items():
+                    by_method[run["method"]][rnd].append(value)
+        out[metric] = {m: {r: mean_std(v) for r, v in sorted(rs.items())} for m, rs in by_method.items()}
+    return out
+
+
+def _own_curves(results: dict, settings: list[str], out_dir: Path, plt, color) -> list[str]:
+    fig, axes = plt.subplots(2, len(settings), figsize=(6.5 * len(settings), 8), squeeze=False)
+    for col, setting in enumerate(settings):
+        curves = own_curves(results, setting)
+        for row, (metric, title) in enumerate((("macro_f1", "own-topic macro-F1"), ("label_nll", "own-topic label NLL"))):
+            ax = axes[row][col]
+            for i, (name, points) in enumerate(curves[metric].items()):
+                rounds = list(points)
+                ys = np.array([points[r][0] for r in rounds])
+                sd = np.array([points[r][1] or 0.0 for r in rounds])
+                ax.plot(rounds, ys, marker="o", label=name, color=color(i), ls="--" if name.startswith("dema") else "-")
+                ax.fill_between(rounds, ys - sd, ys + sd, color=color(i), alpha=0.15)
+            ax.set_title(f"setting {setting}: {title} per round (± std over seeds)")
+            ax.set_xlabel("round")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "own_per_round.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [str(path)]
+
+
 def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str]:
-    """accuracy_per_round.png, accuracy_vs_bytes.png, per_client_accuracy.png, first_round_cosine.png,
+    """accuracy_per_round.png, own_per_round.png, accuracy_vs_bytes.png, per_client_accuracy.png, first_round_cosine.png,
     gain_over_local.png and gain_over_prior.png (macro-F1 and accuracy gains with their bootstrap
     intervals). Colours from tab20 (suites have more than 10 methods); DeMA dashed. LM suites:
     nll_per_round.png, nll_vs_bytes.png, per_client_nll.png (NLL per token), first_round_cosine.png
@@ -651,6 +689,9 @@ def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     save(fig, f"{stem}_per_round.png")
+
+    if task_of(results) != "lm":
+        files.extend(_own_curves(results, settings, out_dir, plt, color))
 
     fig, axes = grid()
     for ax, setting in zip(axes, settings):
