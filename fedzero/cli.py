@@ -113,6 +113,29 @@ def _prepare(args) -> int:
     return 0
 
 
+def _align(args) -> int:
+    import dataclasses
+
+    from fedzero.adapters.dema import alignment
+    from fedzero.config import load_run_config
+
+    run = load_run_config(args.config)
+    if args.projector:
+        try:    # replace() re-validates: anchor_out without an anchor projector is refused here
+            run.dema = dataclasses.replace(run.dema, projector=args.projector)
+        except ValueError as err:
+            raise ValueError(f"--projector {args.projector}: {err}") from None
+    texts, source = alignment.measurement_texts(run.dema, args.texts, args.max_texts)
+    handles, tokenizers = alignment.build_handles(run)
+    report = alignment.alignment_report(handles, tokenizers, texts, max_length=args.max_length)
+    report.update(config=str(args.config), texts_source=source)
+    print(alignment.format_report(report))
+    print(f"\ntexts: {source}")
+    if args.out:
+        print(f"report: {alignment.write_report(report, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedzero", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (on a file system every node sees)")
     p.add_argument("--ds-config", help="DeepSpeed config for every client (default ds_configs/zero3.json)")
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("align", help="before any training: is the shared r-space aligned across the clients? "
+                                       "(per client pair and depth slot; forward passes only; docs/method.md)")
+    p.add_argument("--config", required=True, help="run config YAML (the same file `simulate` takes)")
+    p.add_argument("--texts", help="JSONL of texts ({'text': ...}, or {'prompt': ...}: the prompt is read); "
+                                   "default: the DeMA config's anchor file (the bundled public anchors)")
+    p.add_argument("--max-texts", type=int, help="use only the first N texts (at least 3)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens read per text, bos included; a longer "
+                                                               "text loses its beginning (default 256)")
+    p.add_argument("--projector", choices=["learned", "anchor", "anchor+learned"],
+                   help="override dema.projector, to compare projector kinds on one config")
+    p.add_argument("--out", help="also write the report as JSON to this file")
+    p.set_defaults(func=_align)
 
     p = sub.add_parser("split", help="split a labelled JSONL dataset non-IID across clients")
     p.add_argument("--input", required=True)

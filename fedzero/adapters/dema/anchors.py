@@ -28,24 +28,37 @@ def load_anchor_texts(path: str | Path | None, count: int, setting: str = "dema.
 
 @torch.no_grad()
 def pooled_hidden_states(model: nn.Module, tokenizer, texts: list[str], modules: list[nn.Module], *,
-                         capture: str, max_length: int = 64, batch_size: int = 16) -> list[torch.Tensor]:
-    """For each module, the anchors' hidden states there, mean-pooled over tokens: a list of [N, d].
+                         capture: str, max_length: int = 64, batch_size: int = 16,
+                         pool: str = "mean") -> list[torch.Tensor]:
+    """For each module, the texts' hidden states there, pooled over tokens: a list of [N, d].
 
     capture='input' reads each module's first input (the adapter's input x), 'output' its output.
+    pool='mean' averages the real tokens (the anchors' definition); pool='last' takes the last real
+    token, the one that predicts a label (fedzero.adapters.dema.alignment). With 'last' a long text
+    loses its beginning, not its end, so the token read is the text's own last token whatever the
+    tokenizer.
     """
     if capture not in ("input", "output"):
         raise ValueError(f"capture must be 'input' or 'output', got {capture!r}")
+    if pool not in ("mean", "last"):
+        raise ValueError(f"pool must be 'mean' or 'last', got {pool!r}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (a bos and a token), got {max_length}")
     store: list[list[torch.Tensor]] = [[] for _ in modules]
     mask_holder: dict[str, torch.Tensor] = {}
 
     def make_hook(i):
-        def pool(h):
-            mask = mask_holder["mask"].to(h.dtype).unsqueeze(-1)                     # [B, T, 1]
+        def pooled(h):
+            mask = mask_holder["mask"]
+            if pool == "last":      # right padding: the last real token sits at length - 1
+                store[i].append(h[torch.arange(h.shape[0]), mask.sum(1) - 1].float())     # [B, d]
+                return
+            mask = mask.to(h.dtype).unsqueeze(-1)                                    # [B, T, 1]
             store[i].append(((h * mask).sum(1) / mask.sum(1)).float())             # [B, d]
 
         if capture == "input":
-            return lambda mod, args, kwargs: pool(args[0] if args else kwargs["hidden_states"])
-        return lambda mod, args, out: pool(out if torch.is_tensor(out) else out[0])
+            return lambda mod, args, kwargs: pooled(args[0] if args else kwargs["hidden_states"])
+        return lambda mod, args, out: pooled(out if torch.is_tensor(out) else out[0])
 
     handles = [
         m.register_forward_pre_hook(make_hook(i), with_kwargs=True) if capture == "input"
@@ -53,11 +66,15 @@ def pooled_hidden_states(model: nn.Module, tokenizer, texts: list[str], modules:
         for i, m in enumerate(modules)
     ]
     bos = getattr(tokenizer, "bos_token_id", None)
+    was_training = model.training
     try:
-        was_training = model.training
         model.eval()
         for start in range(0, len(texts), batch_size):
-            ids = [([bos] if bos is not None else []) + tokenizer.encode(t)[: max_length - 1] for t in texts[start:start + batch_size]]
+            ids = [([bos] if bos is not None else []) + _truncated(tokenizer.encode(t), max_length - 1, pool)
+                   for t in texts[start:start + batch_size]]
+            empty = [start + row for row, x in enumerate(ids) if not x]
+            if empty:
+                raise ValueError(f"text {empty[0]} has no tokens and this tokenizer adds no bos: nothing to read")
             width = max(len(x) for x in ids)
             input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -66,8 +83,13 @@ def pooled_hidden_states(model: nn.Module, tokenizer, texts: list[str], modules:
                 mask[row, : len(x)] = 1
             mask_holder["mask"] = mask
             model(input_ids=input_ids, attention_mask=mask)
-        model.train(was_training)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     return [torch.cat(chunks) for chunks in store]
+
+
+def _truncated(ids: list[int], budget: int, pool: str) -> list[int]:
+    # Mean pooling keeps a text's beginning; last-token pooling its end (the token it reads).
+    return ids[len(ids) - budget:] if pool == "last" and len(ids) > budget else ids[:budget]
