@@ -34,6 +34,13 @@ _FAMILY_FIELDS = (
 # Child names of a decoder layer, tried before the class-name rule (…MLP, …Attention).
 _FEED_FORWARD_NAMES = ("mlp", "feed_forward", "ffn")
 _ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
+# Child names of a decoder layer for the norm applied to the feed-forward block's output before the
+# residual add (Gemma 2/3, OLMo2/3, Exaone 4: post_feedforward_layernorm; GLM-4: post_mlp_layernorm;
+# LFM: post_ffn_norm), tried before the name rule (_is_post_feed_forward_norm). Not post_attention_layernorm:
+# in LLaMA-like layers that is the norm *before* the MLP, in Gemma 2/3 and OLMo2 the attention branch's.
+_POST_FEED_FORWARD_NAMES = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_ffn_norm", "post_mlp_norm",
+                            "post_ffn_layernorm", "post_feed_forward_layernorm", "ffn_post_norm", "mlp_post_norm")
+_FEED_FORWARD_TOKENS = {"mlp", "ffn", "ffw", "ff", "feedforward"}
 
 
 # =========================================================================== layout
@@ -42,8 +49,11 @@ _ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
 class DecoderLayout:
     """Where a decoder model keeps what the adapters touch, by attribute name (so callers can swap a
     module in place): decoder.<layers_name>[i].<mlp_name> is layer i's feed-forward block (the parallel
-    adapter wraps it), decoder.<norm_name> the final norm (the side stream adds its output there),
-    layer.<attention_name> the attention block (the LoRA baselines' targets; None if not found)."""
+    adapter reads its input), layer.<post_mlp_norm_name> the norm the layer applies to that block's
+    output before adding it to the residual stream (Gemma 2/3, OLMo2: the parallel adapter adds its
+    output after it; None where no layer has one), decoder.<norm_name> the final norm (the side stream
+    adds its output there), layer.<attention_name> the attention block (the LoRA baselines' targets;
+    None if not found)."""
 
     model_class: str
     decoder: nn.Module
@@ -51,6 +61,7 @@ class DecoderLayout:
     mlp_name: str
     norm_name: str
     attention_name: str | None
+    post_mlp_norm_name: str | None = None
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -62,6 +73,11 @@ class DecoderLayout:
 
     def mlp(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.mlp_name)
+
+    def post_mlp_norm(self, layer: nn.Module) -> nn.Module | None:
+        """The norm `layer` applies to its feed-forward block's output, or None (no such norm in this
+        layer: most families; some layers of hybrid models)."""
+        return getattr(layer, self.post_mlp_norm_name, None) if self.post_mlp_norm_name is not None else None
 
     def attention(self, layer: nn.Module) -> nn.Module:
         if self.attention_name is None:
@@ -80,7 +96,10 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
     the layers. In each layer the feed-forward block is the child named mlp/feed_forward/ffn or of
     class …MLP, the attention block likewise (self_attn/attention/attn/self_attention or …Attention);
     the final norm is the decoder's one child of class …Norm registered after the layers (found by
-    class, not by a weight: OLMo's LayerNorm has none)."""
+    class, not by a weight: OLMo's LayerNorm has none). A layer's post-feed-forward norm, where it has
+    one, is its child named post_feedforward_layernorm / post_mlp_layernorm / post_ffn_norm / … (else
+    the one child whose name has the tokens 'post' and mlp/ffn/ff/feedforward and whose class is a
+    …Norm); every layer that has one must use the same name."""
     name = type(model).__name__
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "get_decoder"):
@@ -106,7 +125,35 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
     attention = _block(first, _ATTENTION_NAMES, "attention")
     every_layer = len(attention) == 1 and all(hasattr(layer, attention[0]) for layer in layers)
     attention_name = attention[0] if every_layer else None
-    return DecoderLayout(name, decoder, layers_name, mlp_name, norm_name, attention_name)
+    return DecoderLayout(name, decoder, layers_name, mlp_name, norm_name, attention_name,
+                         _post_mlp_norm_name(name, layers, mlp_name))
+
+
+def _post_mlp_norm_name(model_class: str, layers: nn.ModuleList, mlp_name: str) -> str | None:
+    """The name of the layers' post-feed-forward norm (None if no layer has one). Per layer: the child
+    named as in _POST_FEED_FORWARD_NAMES, else the one …Norm child whose name reads as a post-norm of
+    the feed-forward block; hybrid models may have it in some layers only (OLMo-Hybrid)."""
+    names = set()
+    for index, layer in enumerate(layers):
+        children = dict(layer.named_children())
+        found = [n for n in _POST_FEED_FORWARD_NAMES if n in children]
+        if not found:
+            found = [n for n, c in children.items() if n != mlp_name and _is_post_feed_forward_norm(n, c)]
+        if len(found) > 1:
+            raise ValueError(f"{model_class}: needs at most one post-feed-forward norm in decoder layer {index} "
+                             f"({type(layer).__name__}; children: {_children(layer)}); found several ({found}) "
+                             "(how layouts are found: docs/backbones.md)")
+        names.update(found)
+    if len(names) > 1:
+        raise ValueError(f"{model_class}: its decoder layers name their post-feed-forward norms differently "
+                         f"({sorted(names)}) (how layouts are found: docs/backbones.md)")
+    return names.pop() if names else None
+
+
+def _is_post_feed_forward_norm(name: str, child: nn.Module) -> bool:
+    tokens = set(name.lower().split("_"))
+    feed_forward = bool(tokens & _FEED_FORWARD_TOKENS) or {"feed", "forward"} <= tokens
+    return "post" in tokens and feed_forward and "norm" in type(child).__name__.lower()
 
 
 def _decoder(model: nn.Module, depth: int | None) -> tuple[nn.Module, list[str]]:

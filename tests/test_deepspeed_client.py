@@ -449,12 +449,14 @@ FAMILIES = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, dema", [("gpt_neox", {"projector": "anchor"}), ("gemma3_text", {"placement": "side"})])
+@pytest.mark.parametrize("family, dema", [("gpt_neox", {"projector": "anchor"}), ("gemma3_text", {"placement": "side"}),
+                                          ("gemma3_text", {"placement": "parallel"})])
 def test_plain_python_one_process_zero3_other_families(workspace, ds_ops, family, dema):
     """Backbones of other families, every parameter partitioned before their layout is found from the
     structure: GPT-NeoX (gpt_neox.layers, final_layer_norm, an untied embed_out) with anchor projectors
     computed on the partitioned backbone; Gemma3 (tied embeddings, post-feed-forward norms) with side
-    placement. The update equals LocalClient's."""
+    placement, and with parallel placement (each layer's delta is carried from its wrapped MLP past its
+    partitioned post-feed-forward norm by hooks). The update equals LocalClient's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -462,7 +464,8 @@ def test_plain_python_one_process_zero3_other_families(workspace, ds_ops, family
                                   vocab_size=259, bos_token_id=256, eos_token_id=257, pad_token_id=258,
                                   max_position_embeddings=256, initializer_range=0.1)
     AutoModelForCausalLM.from_config(config).save_pretrained(workspace / f"backbone-{family}", max_shard_size="200KB")
-    path = _client_yaml(workspace, f"fam-{family}", ds_config="zero3.json", backbone=f"backbone-{family}",
+    path = _client_yaml(workspace, f"fam-{family}-{len(list(workspace.glob('fam-*')))}", ds_config="zero3.json",
+                        backbone=f"backbone-{family}",
                         overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}}, **dema)
     ref = _reference(path, rounds=1)[0]
     rc, out = _run([sys.executable, "launch/client.py", "--config", str(path), "--store", str(path.parent / "store"),

@@ -28,6 +28,9 @@ FAMILIES = {
 }
 # What each family's layout looks like (layers, MLP, final norm, attention) and its LoRA targets.
 LAYOUTS = {"gpt_neox": ("layers", "mlp", "final_layer_norm", "attention")}
+# The layers' norm on the MLP's output (before the residual add): the parallel adapter adds after it.
+POST_MLP_NORM = {"gemma2": "post_feedforward_layernorm", "gemma3_text": "post_feedforward_layernorm",
+                 "olmo2": "post_feedforward_layernorm"}
 ATTENTION = {"phi3": ("self_attn.o_proj", "self_attn.qkv_proj"),
              "gpt_neox": ("attention.query_key_value", "attention.dense")}
 
@@ -50,9 +53,36 @@ def test_layout_is_found_from_structure(family):
     layout = decoder_layout(model)
     expected = LAYOUTS.get(family, ("layers", "mlp", "norm", "self_attn"))
     assert (layout.layers_name, layout.mlp_name, layout.norm_name, layout.attention_name) == expected
+    assert layout.post_mlp_norm_name == POST_MLP_NORM.get(family)
+    norms = [layout.post_mlp_norm(layer) for layer in layout.layers]
+    assert all((n is None) == (family not in POST_MLP_NORM) for n in norms)
     assert len(layout.layers) == 2 and "norm" in type(layout.final_norm).__name__.lower()
     default = tuple(f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     assert attention_projections(model) == ATTENTION.get(family, default)
+
+
+def test_the_post_feed_forward_norm_is_found_by_name_then_by_rule():
+    """Names first; else the one …Norm child whose name has the tokens post and mlp/ffn/ff/feedforward
+    (post_attention_layernorm never: LLaMA's is the norm before its MLP). Per layer, one name for all."""
+    model, _ = build("llama")
+    layers = decoder_layout(model).layers
+    assert decoder_layout(model).post_mlp_norm_name is None
+    layers[1].ffn_post_rmsnorm = nn.LayerNorm(32)          # only in layer 1 (as in hybrid models)
+    layers[1].post_ffn_gate = nn.Linear(32, 32)            # not a norm
+    layout = decoder_layout(model)
+    assert layout.post_mlp_norm_name == "ffn_post_rmsnorm"
+    assert layout.post_mlp_norm(layers[0]) is None and layout.post_mlp_norm(layers[1]) is layers[1].ffn_post_rmsnorm
+    layers[1].post_mlp_layernorm = nn.LayerNorm(32)        # a listed name wins over the rule
+    assert decoder_layout(model).post_mlp_norm_name == "post_mlp_layernorm"
+    layers[0].post_feedforward_layernorm = nn.LayerNorm(32)
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM: its decoder layers name their post-feed-forward norms "
+                                         r"differently \(\['post_feedforward_layernorm', 'post_mlp_layernorm'\]\)"):
+        decoder_layout(model)
+    layers[0].post_mlp_layernorm = nn.LayerNorm(32)
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM: needs at most one post-feed-forward norm in decoder layer 0 "
+                                         r"\(LlamaDecoderLayer; children: .*\); found several \(\['post_feedforward_"
+                                         r"layernorm', 'post_mlp_layernorm'\]\)"):
+        decoder_layout(model)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -100,6 +130,149 @@ def test_injection_leaves_the_forward_unchanged_and_the_adapter_trains(family, p
     assert not no_grad, f"no gradient reached {no_grad}"
     assert not any(p.requires_grad or p.grad is not None for p, _ in backbone)    # the backbone is frozen
     assert all(torch.equal(p, value) for p, value in backbone)
+
+
+def _layer0_output_change(family: str, scales) -> tuple[list[float], object, object, list]:
+    """Inject parallel DeMA, give layer 0 a random U, and return the change of layer 0's output (the
+    residual stream it hands on) for U scaled by each factor, with (model, handle, outputs)."""
+    model, _ = build(family)
+    layout = decoder_layout(model)
+    seen = []
+    layout.layers[0].register_forward_hook(lambda module, args, output: seen.append(
+        (output[0] if isinstance(output, tuple) else output).detach().clone()))
+    handle = inject_dema(model, DeMAConfig(**DEMA, share="experts-only"))
+    u = handle.private.layers[0].out_proj.weight
+    base = torch.randn(u.shape, generator=torch.Generator().manual_seed(3)) * 0.5
+    outputs = []
+    for scale in (0, *scales):
+        with torch.no_grad():
+            u.copy_(base * scale)
+            seen.clear()
+            model(input_ids=x)
+        outputs.append(seen[0])
+    return [float((o - outputs[0]).norm()) for o in outputs[1:]], model, handle, outputs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_parallel_adapters_contribution_is_linear_in_its_out_projector(family):
+    """The adapter adds to what the residual stream receives from the feed-forward branch: after the
+    post-feed-forward norm where the layer has one (Gemma 2/3, OLMo2). Added inside it, the norm would
+    rescale mlp(x) + delta and the change would saturate as U grows (Gemma3: 31.9/31.9/31.9 then)."""
+    change, *_ = _layer0_output_change(family, (1, 10, 100))
+    assert change[0] > 1e-3
+    assert change[1] == pytest.approx(10 * change[0], rel=1e-3) and change[2] == pytest.approx(100 * change[0], rel=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "olmo2"])
+def test_the_parallel_adapter_adds_its_delta_where_the_residual_stream_receives_the_feed_forward_output(family):
+    """LLaMA: the wrapped MLP returns mlp(x) + U·mixture(P·x), bit for bit as before post-norms were
+    handled. Gemma3, OLMo2: the MLP's output is untouched and layer 0 hands on exactly what it did at
+    U = 0, plus delta (x: the MLP's input, as the MLP reads it: OLMo2's is the raw residual)."""
+    model, _ = build(family)
+    layout = decoder_layout(model)
+    layer = layout.layers[0]
+    handle = inject_dema(model, DeMAConfig(**DEMA, share="experts-only"))
+    wrapped = layout.mlp(layer)
+    with torch.no_grad():
+        handle.private.layers[0].out_proj.weight.normal_(generator=torch.Generator().manual_seed(4))
+    seen = {}
+    hooks = [wrapped.register_forward_hook(lambda m, args, out: seen.update(x=args[0], mlp=out)),
+             layer.register_forward_hook(lambda m, args, out: seen.update(layer=out[0] if isinstance(out, tuple) else out))]
+    with torch.no_grad():
+        model(input_ids=x)
+        projectors, mixture = handle.private.layers[0], handle.shared.slots[0]
+        delta = projectors.out_proj(mixture(projectors.in_proj(seen["x"])))
+        base_mlp = wrapped.base_layer(seen["x"])
+        assert delta.abs().max() > 1e-2
+        if family == "llama":
+            assert layout.post_mlp_norm(layer) is None
+            assert torch.equal(seen["mlp"], base_mlp + delta)
+            return
+        assert torch.equal(seen["mlp"], base_mlp)
+        layer_with_adapter = seen["layer"]
+        projectors.out_proj.weight.zero_()
+        model(input_ids=x)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(layer_with_adapter, seen["layer"] + delta, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_the_delta_after_the_post_feed_forward_norm(reentrant):
+    """Checkpointing re-runs each layer's forward in backward; the non-reentrant kind stops once it has
+    what backward needs (inside the post-feed-forward norm, before its hook adds the delta), leaving
+    that delta pending. The gradients equal those without checkpointing, also for a second backward
+    through the same graph (a second re-run) and in the next step."""
+    grads, losses = [], []
+    for checkpointing in (False, True):
+        model, _ = build("gemma3_text")
+        handle = inject_dema(model, DeMAConfig(**DEMA, share="experts-only"))
+        with torch.no_grad():
+            for layer in handle.private.layers:
+                layer.out_proj.weight.normal_(std=0.3, generator=torch.Generator().manual_seed(5))
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": reentrant})
+        for _ in range(2):
+            model.zero_grad()
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward(retain_graph=True)
+            loss.backward()
+        losses.append(loss.item())
+        grads.append({k: p.grad.clone() for k, p in handle.private_parameters().items()})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-5, atol=1e-7)
+
+
+class PostNormLayer(nn.Module):
+    """A decoder layer with a post-feed-forward norm, calling its parts in the order given."""
+
+    def __init__(self, order: str):
+        super().__init__()
+        self.order = order
+        self.mlp = nn.Linear(8, 8)
+        self.post_feedforward_layernorm = nn.LayerNorm(8)
+
+    def forward(self, h):
+        if self.order == "norm-before-mlp":
+            return h + self.mlp(self.post_feedforward_layernorm(h))
+        if self.order == "no-norm":
+            return h + self.mlp(h)
+        return h + self.post_feedforward_layernorm(self.mlp(h))
+
+
+@pytest.mark.parametrize("order, error", [
+    ("norm-before-mlp", r"post_feedforward_layernorm \(LayerNorm\) ran without a DeMA delta pending: it is not applied "
+                        r"after the layer's feed-forward block"),
+    ("no-norm", r"PostNormLayer returned without applying its post_feedforward_layernorm after the feed-forward "
+                r"block: DeMA's delta, added after that norm, would be lost"),
+])
+def test_a_post_feed_forward_norm_not_used_as_the_layout_takes_it_is_refused(order, error):
+    from fedzero.adapters.dema.layer import DeMAParallelMLP, PostNormDelta, Projectors, SlotMixture
+
+    torch.manual_seed(0)
+    layer = PostNormLayer("mlp-then-norm")
+    projectors, mixture = Projectors(8, 4), SlotMixture(4, 2, 4, 1.0)
+    mixture.reset_parameters(torch.Generator().manual_seed(0))
+    nn.init.normal_(projectors.out_proj.weight)
+    reference = layer(torch.ones(3, 8))
+    after = PostNormDelta(layer, layer.post_feedforward_layernorm, "post_feedforward_layernorm")
+    layer.mlp = DeMAParallelMLP(layer.mlp, projectors, mixture, after)
+    assert "delta added after post_feedforward_layernorm" in repr(layer)
+    h = torch.ones(3, 8)
+    delta = projectors.out_proj(mixture(projectors.in_proj(h)))
+    torch.testing.assert_close(layer(h), reference + delta)
+    # A delta left pending outside a layer call (a forward that raised midway) is dropped, never added.
+    layer.mlp(h * 7)
+    torch.testing.assert_close(layer(h), reference + delta)
+    assert after.pending is None
+    layer.order = order
+    with pytest.raises(RuntimeError, match=error):
+        layer(h)
+    assert after.pending is None
+    layer.order = "mlp-then-norm"
+    torch.testing.assert_close(layer(h), reference + delta)
 
 
 @pytest.mark.parametrize("share", ["experts-only", "shape-matched"])

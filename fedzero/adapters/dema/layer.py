@@ -143,9 +143,18 @@ class Projectors(nn.Module):
 
 
 class DeMAParallelMLP(nn.Module):
-    """Wraps a decoder layer's MLP: returns mlp(x) + U · mixture(P · x)."""
+    """Wraps a decoder layer's MLP: the adapter reads the MLP's input x and adds
+    delta = U · mixture(P · x) to what the residual stream receives from the feed-forward branch.
 
-    def __init__(self, base_layer: nn.Module, projectors: Projectors, mixture: SlotMixture):
+    Without a post-feed-forward norm (LLaMA, GPT-NeoX, …) that is the MLP's output: returns mlp(x) + delta.
+    With one (Gemma 2/3, OLMo2: residual + post_norm(mlp(x))), adding delta to the MLP's output would
+    put it inside the norm, which rescales the sum: the adapter's effect would saturate instead of
+    growing with U. Then `after_norm` (a PostNormDelta) carries delta past the norm: the wrapper returns
+    mlp(x) unchanged and the norm's output gets delta, so the layer computes residual + post_norm(mlp(x)) + delta.
+    """
+
+    def __init__(self, base_layer: nn.Module, projectors: Projectors, mixture: SlotMixture,
+                 after_norm: "PostNormDelta | None" = None):
         super().__init__()
         self.base_layer = base_layer
         # Adapter modules are owned by the model-level containers (DeMAShared, DeMAPrivate), which
@@ -154,6 +163,7 @@ class DeMAParallelMLP(nn.Module):
         # as modules still fires ZeRO-3's gather hooks.
         object.__setattr__(self, "projectors", projectors)
         object.__setattr__(self, "mixture", mixture)
+        self.after_norm = after_norm       # not a module: holds no parameters
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -165,7 +175,67 @@ class DeMAParallelMLP(nn.Module):
         dtype = self.projectors.in_proj.weight.dtype
         z = self.projectors.in_proj(x.to(dtype))
         delta = self.projectors.out_proj(self.mixture(z))
+        if self.after_norm is not None:
+            self.after_norm.put(delta)
+            return out
         return out + delta.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"delta added after {self.after_norm.norm_name}" if self.after_norm is not None else ""
+
+
+class PostNormDelta:
+    """Carries one decoder layer's parallel-adapter delta from its MLP wrapper to the output of the
+    norm the layer applies to the MLP's output (its post-feed-forward norm), by hooks, so the backbone's
+    modules stay as they are (the norm keeps its parameter names; ZeRO-3 hooks it as before).
+
+    Within one call of the layer, the MLP wrapper puts delta and the norm's forward hook takes it (the
+    pending delta is cleared when taken: it is added once) and returns norm output + delta. Refused
+    rather than computed silently wrong: the norm called with no delta pending (it does not follow the
+    MLP), a delta still pending when the layer returns (the norm was not applied: the delta would be
+    lost), and a norm output of another shape.
+
+    A delta is never added to another call's norm output. A layer call starts with none pending, one
+    that raises drops its own, and a new put replaces any left: transformers' gradient checkpointing
+    re-runs the layer's forward in backward without the layer's own hooks, and PyTorch's non-reentrant
+    checkpointing stops that re-run, by raising, once it has what backward needs (inside the norm,
+    before its hook), so a re-run may leave its delta pending; a later re-run, or the next call,
+    computes and carries its own.
+    """
+
+    def __init__(self, layer: nn.Module, norm: nn.Module, norm_name: str):
+        self.norm_name = norm_name
+        self.pending: torch.Tensor | None = None
+        self.handles = [layer.register_forward_pre_hook(self._layer_starts),
+                        norm.register_forward_hook(self._add_after_norm),
+                        layer.register_forward_hook(self._layer_ends, always_call=True)]
+
+    def put(self, delta: torch.Tensor) -> None:
+        self.pending = delta
+
+    def _layer_starts(self, module, args) -> None:
+        self.pending = None
+
+    def _add_after_norm(self, module, args, output):
+        delta, self.pending = self.pending, None
+        if delta is None:
+            raise RuntimeError(f"{self.norm_name} ({type(module).__name__}) ran without a DeMA delta pending: it is "
+                               "not applied after the layer's feed-forward block, as the layout takes it to be")
+        if not torch.is_tensor(output) or output.shape != delta.shape:
+            raise TypeError(f"{self.norm_name} ({type(module).__name__}) returns {_described(output)}; DeMA's parallel "
+                            f"placement adds a hidden state of shape {tuple(delta.shape)} there")
+        return output + delta.to(output.dtype)
+
+    def _layer_ends(self, module, args, output) -> None:
+        # Also called when the layer's forward raised (always_call), then with output None: just drop.
+        pending, self.pending = self.pending, None
+        if pending is not None and output is not None:
+            raise RuntimeError(f"{type(module).__name__} returned without applying its {self.norm_name} after the "
+                               "feed-forward block: DeMA's delta, added after that norm, would be lost")
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _described(value) -> str:

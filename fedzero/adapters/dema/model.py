@@ -15,7 +15,8 @@ from fedzero.backbones import DecoderLayout, decoder_layout
 
 from .anchors import load_anchor_texts, pooled_hidden_states
 from .config import DeMAConfig
-from .layer import AnchorInProjector, DeMAParallelMLP, DeMAPrivate, DeMAShared, ProjectorBank, SideStream
+from .layer import (AnchorInProjector, DeMAParallelMLP, DeMAPrivate, DeMAShared, PostNormDelta, ProjectorBank,
+                    SideStream)
 
 _SLOT_KEY = re.compile(r"^slots\.(\d+)\.")
 _BANK_SLOT_KEY = re.compile(r"^proj\.h(\d+)\.slots\.(\d+)\.")
@@ -179,7 +180,11 @@ def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = to
     side = None
     if config.placement == "parallel":
         for l, layer in enumerate(layers):
-            wrapped = DeMAParallelMLP(layout.mlp(layer), layer_projectors[l], shared.slots[slots[l]])
+            # The adapter reads the MLP's input and adds to what the residual stream receives from the
+            # feed-forward branch: after the layer's post-feed-forward norm where it has one.
+            norm = layout.post_mlp_norm(layer)
+            after = PostNormDelta(layer, norm, layout.post_mlp_norm_name) if norm is not None else None
+            wrapped = DeMAParallelMLP(layout.mlp(layer), layer_projectors[l], shared.slots[slots[l]], after)
             setattr(layer, layout.mlp_name, wrapped)
     else:
         side = SideStream(layers, [p.in_proj for p in layer_projectors], [shared.slots[s] for s in slots],
