@@ -127,7 +127,20 @@ def parse_run_config(data: dict, base: Path, source: Path | None = None) -> RunC
             distill.anchor_file = str(resolve_path(distill.anchor_file, base))
             if not Path(distill.anchor_file).is_file():
                 raise FileNotFoundError(f"distill.anchor_file: no such file {distill.anchor_file}")
+        if distill.teacher_rule.needs_quality:
+            _check_held_out_data(clients, distill)
     return RunConfig(seed, dema, federation, clients, source, distill)
+
+
+def _check_held_out_data(clients: list[ClientConfig], distill: DistillSettings) -> None:
+    """teacher 'quality' and only_stronger weigh every client by its loss on its own held-out examples:
+    the first train.max_eval_examples records of its data.test (read_jsonl refuses an empty file when
+    the client loads it). Refused now, not after a round of training: a client set to use none."""
+    for c in clients:
+        if c.train.max_eval_examples is not None and int(c.train.max_eval_examples) < 1:
+            raise ValueError(f"client {c.id!r}: train.max_eval_examples is {c.train.max_eval_examples}, but "
+                             f"{distill.teacher_rule} "
+                             f"needs every client's loss on its held-out examples (data.test {c.test_data})")
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> tuple[object, Path]:

@@ -122,8 +122,11 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
                 client.distiller.set_teacher(store.read_teacher(rnd, client.client_id))
             delta, metrics = client.train_round(global_state)
             if client.distiller is not None:     # sent before the update, whose manifest closes the round
+                # its quality: the held-out loss of the model that made these predictions (trained, not yet averaged)
+                quality = client.evaluate() if client.distiller.reports_quality else None
                 sent = store.write_anchor_predictions(rnd, client.client_id,
-                                                      torch.as_tensor(client.distiller.predict(client.handle.model), dtype=torch.float32))
+                                                      torch.as_tensor(client.distiller.predict(client.handle.model), dtype=torch.float32),
+                                                      quality=quality)
                 uploaded += sent.stat().st_size
             store.write_update(rnd, client.client_id, delta, fingerprint=client.fingerprint,
                                num_samples=client.num_samples, metrics=metrics, slot_use=client.handle.slot_use())
@@ -140,7 +143,8 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
         new_state, agg = strategy.aggregate(global_state, updates, round=rnd, block_of=shared_block)
         diagnostics = {"updates": update_diagnostics(updates, shared_block)}
         store.write_server_state(rnd, strategy.server_opt.state_dict())   # as the MPI aggregator does: resumable
-        distill = publish_teachers(store, rnd, {u.client_id: u.num_samples for u in updates})
+        distill = publish_teachers(store, rnd, {u.client_id: u.num_samples for u in updates},
+                                   run.distill.teacher_rule if run.distill is not None else None)
         store.write_result(rnd, {"strategy": fed.strategy, **agg, "diagnostics": diagnostics, "distill": distill})
         store.publish_global(rnd + 1, new_state, meta={"aggregated_from_round": rnd})
 

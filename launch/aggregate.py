@@ -3,8 +3,9 @@
     mpirun -np 4 python launch/aggregate.py --store runs/demo/store --round 3 --config RUN.yaml \
         --deadline 600            # add --quorum 2 to go ahead with 2 of the clients after 600 s
 
-Strategy and server optimizer come from the YAML's `federation:` section (and `seed`); the expected
-clients are the ids under `clients:` unless --expected lists them. Exit status: 0 done (or the round
+Strategy and server optimizer come from the YAML's `federation:` section (and `seed`), the anchor
+teachers' rule from `distill.teacher` and `distill.only_stronger`; the expected clients are the ids
+under `clients:` unless --expected lists them. Exit status: 0 done (or the round
 was already complete), 2 the deadline passed below the quorum, 1 any other failure. On 1–2 cores,
 set OMP_NUM_THREADS=1. Everything else: docs/aggregator.md.
 """
@@ -19,7 +20,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True, help="federation store directory (docs/store.md)")
     p.add_argument("--round", type=int, required=True, help="round R to aggregate; publishes round R+1's global")
-    p.add_argument("--config", required=True, help="run YAML: reads seed, federation:, and the ids under clients:")
+    p.add_argument("--config", required=True,
+                   help="run YAML: reads seed, federation:, the ids under clients:, and distill.teacher/only_stronger")
     p.add_argument("--quorum", type=int, default=None,
                    help="minimum number of updates (default: every expected client; 1 without an expected list)")
     p.add_argument("--deadline", type=float, default=None,
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
         run_aggregation(args.store, args.round, strategy, quorum=args.quorum, deadline_s=args.deadline,
                         expected=args.expected or settings.client_ids, comm=comm, verify=args.verify,
                         poll_s=args.poll, cache_bytes=int(args.cache_gb * (1 << 30)),
-                        reset_server_state=args.reset_server_state)
+                        reset_server_state=args.reset_server_state, teacher_rule=settings.teacher_rule)
     except (AggregationError, ValueError, TypeError, OSError) as e:
         # Every rank raises the same error (the aggregator's collectives see to it); one prints it.
         if comm.Get_rank() == 0:

@@ -168,6 +168,45 @@ def test_predictions_sent_with_the_updates_become_the_next_rounds_teachers(tmp_p
     check_teachers(store, preds)
 
 
+# Quality-weighted teachers: a, b and c send their held-out loss with their predictions; d's predictions
+# come without one, so the quality rule leaves them out and d gets the all-clients teacher ("*").
+QUALITY = {"a": 0.9, "b": 1.4, "c": 0.6}
+
+
+def quality_rule():
+    from fedzero.strategies.distill import TeacherRule
+
+    return TeacherRule("quality")
+
+
+def write_quality_predictions(store: FederationStore, round: int) -> dict[str, torch.Tensor]:
+    preds = write_predictions(store, round, clients=("a", "b", "c", "d"))
+    for c, q in QUALITY.items():
+        store.write_anchor_predictions(round, c, preds[c], quality=q)
+    return preds
+
+
+def check_quality_teachers(store: FederationStore, preds: dict[str, torch.Tensor]) -> None:
+    """Round 1's teachers are exactly those round_teachers makes in process from the same inputs."""
+    from fedzero.strategies.distill import round_teachers
+
+    result = store.read_result(0)["distill"]
+    assert result["used"] == ["a", "b", "c"] and list(result["dropped"]) == ["d"]
+    assert result["quality"] == QUALITY and result["teacher"] == "quality" and result["without_teacher"] == []
+    used = {c: preds[c].numpy() for c in QUALITY}
+    expected = round_teachers(used, {c: CLIENTS[c][1] for c in CLIENTS}, quality_rule(), QUALITY)
+    assert sorted(expected) == ["*", "a", "b", "c"]
+    for c in ["a", "b", "c", "d"]:
+        assert torch.equal(store.read_teacher(1, c), expected.get(c, expected["*"])), c
+
+
+def test_quality_teachers_from_the_predictions_and_their_qualities(tmp_path):
+    store = build_store(tmp_path / "store", rounds=1)
+    preds = write_quality_predictions(store, 0)
+    run_aggregation(store.root, 0, strategy_for("fedavg"), comm=None, log=quiet, teacher_rule=quality_rule())
+    check_quality_teachers(store, preds)
+
+
 def test_cmga_result_reports_the_conflict_and_resolves_it(tmp_path):
     store = build_store(tmp_path / "store", rounds=1)
 

@@ -3,8 +3,8 @@
 One launch per N runs this file as the MPI program (see `_worker`): FedAvg and CMGA (with a
 conflict), two rounds with server momentum each, a fresh strategy object per round, on the full
 updates and on shape-matched ones (each client holds the experts and its own width's projector
-bank only), then a corrupted update that one rank discovers and an update holding a block only in
-part. pytest compares the published globals with the in-process `Strategy.aggregate`
+bank only), then quality-weighted anchor teachers, a corrupted update that one rank discovers and an update
+holding a block only in part. pytest compares the published globals with the in-process `Strategy.aggregate`
 (test_aggregator.reference / sm_reference) to the tolerance in docs/aggregator.md.
 """
 
@@ -38,12 +38,14 @@ def mpirun(n: int, *args: str, timeout: float = 120) -> subprocess.CompletedProc
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_sharded_equals_in_process_strategy(tmp_path, ranks):
     from test_aggregator import (SM_CLIENTS, assert_matches_reference, assert_sm_matches_reference, build_sm_store,
-                                 build_store, check_teachers, sm_delta, write_predictions)
+                                 build_store, check_quality_teachers, check_teachers, sm_delta, write_predictions,
+                                 write_quality_predictions)
 
     for name in STRATEGIES:
         build_store(tmp_path / name)
         build_sm_store(tmp_path / f"sm-{name}")
     preds = write_predictions(FederationStore(tmp_path / "fedavg"), 0)
+    quality_preds = write_quality_predictions(build_store(tmp_path / "quality", rounds=1), 0)
     build_store(tmp_path / "corrupt", rounds=1)
     partial = build_sm_store(tmp_path / "partial", rounds=1)
     delta = sm_delta("c", 0)
@@ -56,6 +58,7 @@ def test_sharded_equals_in_process_strategy(tmp_path, ranks):
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     check_teachers(FederationStore(tmp_path / "fedavg", create=False), preds)
+    check_quality_teachers(FederationStore(tmp_path / "quality", create=False), quality_preds)
 
     for name in STRATEGIES:
         store = FederationStore(tmp_path / name, create=False)
@@ -109,7 +112,7 @@ def _worker(work: str) -> None:
     from mpi4py import MPI
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_aggregator import _corrupt, strategy_for
+    from test_aggregator import _corrupt, quality_rule, strategy_for
 
     from fedzero.aggregator import AggregationError, run_aggregation
     from fedzero.store import FederationStore
@@ -120,6 +123,7 @@ def _worker(work: str) -> None:
         for store in (name, f"sm-{name}"):
             for r in range(2):   # a fresh strategy per round, as separate launches would have
                 run_aggregation(work / store, r, strategy_for(name), comm=comm)
+    run_aggregation(work / "quality", 0, strategy_for("fedavg"), comm=comm, teacher_rule=quality_rule())
     if comm.Get_rank() == 0:
         store = FederationStore(work / "corrupt", create=False)
         _corrupt(store.update_path(0, "d"))   # hashed by rank 3 % N: the error starts away from rank 0 for N=2

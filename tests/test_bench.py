@@ -183,7 +183,8 @@ def test_report_markdown_and_plots(tmp_path):
     results = _fake_results()
     results["plots"] = report.plots(results, tmp_path)
     assert sorted(p.split("/")[-1] for p in results["plots"]) == [
-        "accuracy_per_round.png", "accuracy_vs_bytes.png", "first_round_cosine.png", "per_client_accuracy.png"]
+        "accuracy_per_round.png", "accuracy_vs_bytes.png", "first_round_cosine.png", "own_per_round.png",
+        "per_client_accuracy.png"]
     assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in results["plots"])
     md = report.markdown(results)
     # headline: macro-F1 (a / 2 here), balanced accuracy (these runs predate it: "–"), accuracy, per view
@@ -632,3 +633,82 @@ def test_lm_suites_load_and_lm_mistakes_are_refused_naming_the_key():
     suite["settings"]["H"]["clients"][0] = {"id": "x", "backbone": "smol10", "domains": ["computers"]}
     with pytest.raises(ValueError, match="'domains' is for LM suites"):
         check_suite(suite)
+
+
+# -- in-domain anchors for output distillation (distill.anchor_source) -------------------------------
+
+def test_topic_anchors_come_from_a_topic_no_client_holds_disjoint_from_every_split_record():
+    from fedzero.bench.data import topic_anchor_texts
+
+    records = synthetic_records()
+    extra = [{**records[0], "topic": "t2", "text": "RT @a: " + records[0]["text"]},   # a t0 tweet filed under t2
+             {**records[-3], "text": records[-3]["text"] + " http://t.co/x"}]        # a t2 near-duplicate
+    records = records + [{**r, "uid": len(records) + i} for i, r in enumerate(extra)]
+    clients = [{"id": "c0", "topics": ["t0"]}, {"id": "c1", "topics": ["t1"]}]
+    split = split_tweets(records, clients, SETTINGS, seed=0)
+    anchors = topic_anchor_texts(records, "t2", 30, clients=clients, seed=0, max_chars=SETTINGS.max_chars)
+    assert len(anchors) == 30 and all(records[a["uid"]]["topic"] == "t2" for a in anchors)
+    keys = [dedup_key(a["text"]) for a in anchors]
+    assert len(set(keys)) == 30                                           # no two near-duplicates
+    held = [r["uid"] for c in split.clients for r in c.train] + [r["uid"] for part in (split.test, split.val)
+                                                                for recs in part.values() for r in recs]
+    assert not set(keys) & {dedup_key(records[u]["text"]) for u in held}
+    assert records[-2]["uid"] not in {a["uid"] for a in anchors}          # the t0 tweet in t2 never is one
+    assert all(len(a["text"]) <= SETTINGS.max_chars for a in anchors)
+    # the split's seed picks them from t2's 40 texts (its two duplicates left out), the same for the same seed
+    assert topic_anchor_texts(records, "t2", 30, clients=clients, seed=0, max_chars=60) == anchors
+    assert topic_anchor_texts(records, "t2", 30, clients=clients, seed=1, max_chars=60) != anchors
+    with pytest.raises(ValueError, match=r"anchor topic 't0' is held by client\(s\) \['c0'\]"):
+        topic_anchor_texts(records, "t0", 5, clients=clients, seed=0, max_chars=60)
+    with pytest.raises(ValueError, match=r"'t2' has 40 usable texts, 50 are needed.*no client holds: \['t2'\]"):
+        topic_anchor_texts(records, "t2", 50, clients=clients, seed=0, max_chars=60)
+
+
+def test_anchor_source_is_a_checked_optional_distill_field():
+    from fedzero.bench.methods import check_method
+
+    base = {"name": "d", "runner": "dema", "strategy": "local"}
+    check_method({**base, "distill": {"weight": 1.0}})
+    check_method({**base, "distill": {"anchor_source": "topic:claritin"}})
+    for bad in ("claritin", "topic:", 3):
+        with pytest.raises(ValueError, match="anchor_source must be 'topic:<name>'"):
+            check_method({**base, "distill": {"anchor_source": bad}})
+
+
+def test_bench_distills_on_anchors_of_a_topic_no_client_holds(tmp_path):
+    """End to end on tiny models: "anchor_source": "topic:t2" trains on t2's texts as anchors (named in the
+    run); the same method without it keeps its record as before (no anchor fields); a setting where a
+    client holds t2 is refused, naming the client."""
+    from fedzero.bench import run_bench
+    from fedzero.bench.data import topic_anchor_texts
+
+    records = synthetic_records(n_per_topic=20)
+    source = tmp_path / "records.jsonl"
+    source.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "uid"}) + "\n" for r in records))
+    suite = tiny_suite(source)
+    suite["seeds"] = [0]
+    suite["train"]["local_steps"] = 3        # Adam's first step moves by lr * sign(gradient) alone
+    distill = {"weight": 1.0, "anchors": 6, "batch_size": 2}
+    clients = [c for c in suite["settings"]["A"]["clients"] if c["id"] != "c2"]      # t0 and t1: t2 is free
+    suite["settings"]["A"].update(clients=clients, methods=[
+        {"name": "distill", "runner": "dema", "strategy": "local", "dema": {"rank": 4, "num_experts": 2, "num_slots": 2},
+         "distill": distill},
+        {"name": "distill-t2", "runner": "dema", "strategy": "local", "dema": {"rank": 4, "num_experts": 2, "num_slots": 2},
+         "distill": {**distill, "anchor_source": "topic:t2"}}])
+    results = run_bench(suite, tmp_path / "bench", threads=1, memory=False, log=lambda _: None)
+    by = {r["method"]: r for r in results["runs"]}
+    assert by["distill"]["distill"] == distill and "distill_anchors" not in by["distill"]
+    anchors = topic_anchor_texts(records, "t2", 6, clients=clients, seed=0, max_chars=30)
+    assert by["distill-t2"]["distill_anchors"] == {"source": "topic:t2", "uids": [a["uid"] for a in anchors]}
+    # other anchors, other teachers: round 2 trains otherwise (round 1 had no teacher yet)
+    losses = {m: [c["rounds"][2]["train_loss"] for c in by[m]["clients"]] for m in by}
+    assert [c["rounds"][1]["train_loss"] for c in by["distill"]["clients"]] == \
+        [c["rounds"][1]["train_loss"] for c in by["distill-t2"]["clients"]]
+    assert losses["distill"] != losses["distill-t2"]
+
+    held = tiny_suite(source)
+    held["seeds"] = [0]
+    held["settings"]["A"]["methods"] = [{**suite["settings"]["A"]["methods"][1]}]
+    with pytest.raises(ValueError, match=r"setting 'A': distill.anchor_source: anchor topic 't2' is held by "
+                                         r"client\(s\) \['c2'\]"):
+        run_bench(held, tmp_path / "held", threads=1, memory=False, log=lambda _: None)

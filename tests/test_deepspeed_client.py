@@ -273,8 +273,8 @@ def _client_yaml(workspace, name, *, ds_config, overrides=None, accumulation=1, 
                       "gradient_accumulation_steps": accumulation, "checkpoint_every": checkpoint_every},
         "state_dir": "state", "wait": {"timeout": 60, "poll": 0.2},
     }
-    if distill:
-        data["distill"] = DISTILL
+    if distill:     # True: DISTILL; a dict: DISTILL with these changes
+        data["distill"] = {**DISTILL, **(distill if isinstance(distill, dict) else {})}
     path = folder / "client.yaml"
     path.write_text(yaml.safe_dump(data))
     store = FederationStore(folder / "store")
@@ -291,6 +291,7 @@ def _reference(config_path: Path, rounds: int) -> list[dict]:
     one-client FedAvg). Publishes only round 0; `_publish_next` plays the aggregator."""
     from fedzero.backbones import load_backbone
     from fedzero.client import LocalClient
+    from fedzero.client.local import mean_token_loss
     from fedzero.data import build_examples, load_tokenizer, read_jsonl
 
     cfg = load_client_config(config_path)
@@ -303,6 +304,7 @@ def _reference(config_path: Path, rounds: int) -> list[dict]:
                  if cfg.distill is not None else None)
     client = LocalClient("c1", handle, fp, examples, examples[:2], cfg.client.train, pad_id=tok.pad_token_id,
                          seed=cfg.seed, total_rounds=cfg.total_rounds, distiller=distiller)
+    held_out = build_examples(read_jsonl(cfg.client.test_data), tok, cfg.client.train.max_length)   # 8 records
     out = []
     g, _ = store.read_global(0)
     for rnd in range(rounds):
@@ -312,7 +314,10 @@ def _reference(config_path: Path, rounds: int) -> list[dict]:
         delta, metrics = client.train_round(g)
         out.append({"global": g, "delta": delta, "fingerprint": fp, "private": handle.private_state_dict(),
                     "slot_use": handle.slot_use(), **metrics,
-                    "predictions": distiller.predict(model) if distiller is not None else None})
+                    "predictions": distiller.predict(model) if distiller is not None else None,
+                    "quality": mean_token_loss(model, held_out, batch_size=cfg.client.train.eval_batch_size,
+                                               pad_id=tok.pad_token_id)
+                    if distiller is not None and distiller.reports_quality else None})
         g = {k: g[k] + delta[k] for k in g}
     return out
 
@@ -339,8 +344,11 @@ def _check_update(config_path: Path, rnd: int, ref: dict, world: int, stage: int
     private, _ = read_part(config_path.parent / "state" / "private" / f"r{rnd:06d}.safetensors")
     assert sorted(private) == sorted(ref["private"])
     assert all(float((private[k] - ref["private"][k]).abs().max()) < TOL for k in private)
-    sent = store.read_anchor_predictions(rnd, "c1")
+    sent, quality = store.read_anchor_predictions_with_quality(rnd, "c1") or (None, None)
     assert (sent is None) == (ref["predictions"] is None)
+    assert (quality is None) == (ref["quality"] is None)
+    if quality is not None:     # the held-out loss of the model that made the predictions
+        assert abs(quality - ref["quality"]) < 1e-5, f"round {rnd}: quality {quality} vs LocalClient's {ref['quality']}"
     if sent is not None:
         assert sent.dtype == torch.float32 and sent.shape == (8, 3)
         gap = float((sent.double() - torch.as_tensor(ref["predictions"])).abs().max())
@@ -424,6 +432,24 @@ def test_torchrun_two_processes_with_accumulation(workspace, ds_ops, ds_config, 
     assert "batch 4 = micro 1 x 2 processes x 2 accumulation steps" in out
     update = _check_update(path, 0, ref, world=2, stage=stage)
     assert any(k.startswith("proj.h64.") for k in update["keys"]) == (dema.get("share") == "shape-matched")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
+def test_torchrun_two_processes_send_their_quality_with_the_predictions(workspace, ds_ops, ds_config):
+    """distill.teacher 'quality': the client sends, with its anchor predictions, its mean loss on its
+    held-out examples (data.test), measured on the trained model under ZeRO-2 (rank 0) or ZeRO-3 (every
+    rank: the forward is collective): equal to LocalClient's, as are the update and the predictions."""
+    stage = 2 if ds_config == "zero2.json" else 3
+    path = _client_yaml(workspace, f"q{stage}", ds_config=ds_config, distill={"teacher": "quality"},
+                        overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}} if stage == 3 else None)
+    ref = _reference(path, rounds=1)[0]
+    assert ref["quality"] is not None
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    rc, out = _run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "launch/client.py",
+                    "--config", str(path), "--store", str(path.parent / "store"), "--round", "0"], _env())
+    assert rc == 0, out[-3000:]
+    _check_update(path, 0, ref, world=2, stage=stage)
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
-"""Output distillation on public anchors: the server's leave-one-out teachers, the KL term, the
-client's label distributions (one-token and whole-completion routes) on tiny hand-made cases, the
-anchor order, the run config's `distill:` section, and the store files that carry predictions and
-teachers (the simulator, DeepSpeed client and MPI aggregator paths are tested in their own files)."""
+"""Output distillation on public anchors: the server's leave-one-out teachers (mean, quality-weighted,
+only from stronger clients), the KL term, the client's label distributions (one-token and
+whole-completion routes) on tiny hand-made cases, the anchor order, the run config's `distill:`
+section, and the store files that carry predictions (with their quality) and teachers (the
+simulator, DeepSpeed client and MPI aggregator paths are tested in their own files)."""
 
 import numpy as np
 import pytest
@@ -211,3 +212,189 @@ def test_malformed_or_foreign_predictions_are_left_out_not_fatal(tmp_path):
     assert "checksum" in out["dropped"]["corrupt"] and "(2, 3)" in out["dropped"]["other-labels"]
     torch.testing.assert_close(store.read_teacher(1, "a"), 1 - good)
     torch.testing.assert_close(store.read_teacher(1, "nan"), 0.5 * good + 0.5 * (1 - good))   # the "*" mean
+
+
+# -- teacher rules: quality-weighted teachers and only_stronger (issue 12) ---------------------------
+
+def _first_version_teachers(predictions, weights):
+    """leave_one_out_teachers and round_teachers' "*" as first written: the "mean" rule must stay this, bit for bit."""
+    out = {}
+    for k in predictions:
+        others = [c for c in predictions if c != k and weights.get(c, 0) > 0]
+        total = sum(weights[c] for c in others)
+        if total > 0:
+            out[k] = sum(weights[c] * np.asarray(predictions[c], dtype=np.float64) for c in others) / total
+    weighted = [c for c in predictions if weights.get(c, 0) > 0]
+    if len(weighted) >= 2:
+        total = sum(weights[c] for c in weighted)
+        out["*"] = sum(weights[c] * np.asarray(predictions[c], dtype=np.float64) for c in weighted) / total
+    return out
+
+
+def _random_predictions(clients, n=5, c=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: rng.dirichlet(np.ones(c), size=n) for k in clients}
+
+
+def test_mean_teacher_is_the_first_version_bit_for_bit():
+    from fedzero.strategies.distill import TeacherRule
+
+    p = _random_predictions("abcd", seed=1)
+    w = {"a": 7, "b": 3, "c": 0, "d": 11}
+    first = _first_version_teachers(p, w)
+    for rule in (None, TeacherRule(), TeacherRule("mean", False)):
+        got = leave_one_out_teachers(p, w, rule)
+        assert sorted(got) == ["a", "b", "c", "d"] and all(np.array_equal(got[k], first[k]) for k in got)
+        published = round_teachers(p, w, rule)
+        assert all(torch.equal(published[k], torch.as_tensor(first[k], dtype=torch.float32)) for k in published)
+        assert sorted(published) == sorted(first)
+
+
+# three clients, two anchors, two labels; sample weights 1 and held-out losses 0, ln 2, ln 4: q = 1, 1/2, 1/4
+HAND_P = {"a": np.array([[0.8, 0.2], [0.5, 0.5]]),
+          "b": np.array([[0.4, 0.6], [1.0, 0.0]]),
+          "c": np.array([[0.5, 0.5], [0.2, 0.8]])}
+HAND_L = {"a": 0.0, "b": float(np.log(2)), "c": float(np.log(4))}
+
+
+def test_quality_teacher_on_a_hand_made_case():
+    from fedzero.strategies.distill import TeacherRule, quality_weights
+
+    t = leave_one_out_teachers(HAND_P, {"a": 1, "b": 1, "c": 1}, TeacherRule("quality"), HAND_L)
+    # a's teacher, w_jn = q_j * max_c P_j[n]: anchor 0: b 1/2 * 0.6 = 0.3, c 1/4 * 0.5 = 0.125;
+    #                                         anchor 1: b 1/2 * 1.0 = 0.5, c 1/4 * 0.8 = 0.2
+    np.testing.assert_allclose(t["a"], [[(0.3 * 0.4 + 0.125 * 0.5) / 0.425, (0.3 * 0.6 + 0.125 * 0.5) / 0.425],
+                                        [(0.5 * 1.0 + 0.2 * 0.2) / 0.7, (0.5 * 0.0 + 0.2 * 0.8) / 0.7]], rtol=1e-12)
+    # c's teacher: anchor 0: a 1 * 0.8, b 0.3; anchor 1: a 1 * 0.5, b 0.5
+    np.testing.assert_allclose(t["c"], [[(0.8 * 0.8 + 0.3 * 0.4) / 1.1, (0.8 * 0.2 + 0.3 * 0.6) / 1.1],
+                                        [(0.5 * 0.5 + 0.5 * 1.0) / 1.0, (0.5 * 0.5 + 0.5 * 0.0) / 1.0]], rtol=1e-12)
+    # sample weights multiply in: 1, 2, 4 cancel q = 1, 1/2, 1/4 exactly, leaving the confidences
+    alpha = quality_weights(HAND_P, {"a": 1, "b": 2, "c": 4}, HAND_L)
+    conf = np.array([[0.8, 0.5], [0.6, 1.0], [0.5, 0.8]])
+    np.testing.assert_allclose(alpha, conf / conf.sum(axis=0), rtol=1e-12)
+    # only differences between losses count: the same weights 700 nats further up (exp(-700) alone underflows)
+    np.testing.assert_allclose(quality_weights(HAND_P, {"a": 1, "b": 2, "c": 4}, {k: v + 700 for k, v in HAND_L.items()}),
+                               alpha, rtol=1e-12)
+
+
+def test_only_stronger_the_strongest_gets_no_teacher_the_weakest_gets_the_others():
+    from fedzero.strategies.distill import TeacherRule
+
+    w = {"a": 1, "b": 3, "c": 1}
+    mean = leave_one_out_teachers(HAND_P, w, TeacherRule("mean", only_stronger=True), HAND_L)
+    assert sorted(mean) == ["b", "c"]                                       # a has the lowest loss
+    np.testing.assert_array_equal(mean["b"], HAND_P["a"])                   # b learns from a alone
+    np.testing.assert_allclose(mean["c"], (1 * HAND_P["a"] + 3 * HAND_P["b"]) / 4)
+    quality = leave_one_out_teachers(HAND_P, w, TeacherRule("quality", only_stronger=True), HAND_L)
+    assert sorted(quality) == ["b", "c"]
+    np.testing.assert_array_equal(quality["b"], HAND_P["a"])
+    # c is the weakest: every other client is stronger, so its teacher is the plain quality teacher
+    np.testing.assert_array_equal(quality["c"], leave_one_out_teachers(HAND_P, w, TeacherRule("quality"), HAND_L)["c"])
+    # equal losses teach neither way; no "*" teacher, which the strongest would fall back to
+    tied = leave_one_out_teachers(HAND_P, w, TeacherRule(only_stronger=True), {"a": 1.0, "b": 1.0, "c": 2.0})
+    assert sorted(tied) == ["c"]
+    assert sorted(round_teachers(HAND_P, w, TeacherRule(only_stronger=True), HAND_L)) == ["b", "c"]
+
+
+def test_quality_teachers_sum_to_one_and_never_hold_the_clients_own_predictions():
+    from fedzero.strategies.distill import TeacherRule, quality_weights
+
+    p = _random_predictions("abcd", n=7, c=4, seed=2)
+    w, losses = {"a": 5, "b": 1, "c": 2, "d": 9}, {"a": 0.3, "b": 2.5, "c": 1.1, "d": 0.9}
+    rule = TeacherRule("quality")
+    np.testing.assert_allclose(quality_weights(p, w, losses).sum(axis=0), np.ones(7), atol=1e-12)
+    teachers = leave_one_out_teachers(p, w, rule, losses)
+    published = round_teachers(p, w, rule, losses)
+    assert sorted(published) == ["*", "a", "b", "c", "d"]
+    for k, t in teachers.items():
+        np.testing.assert_allclose(t.sum(axis=1), np.ones(7), atol=1e-12)
+        changed = {**p, k: _random_predictions("x", n=7, c=4, seed=9)["x"]}     # k's own predictions change ...
+        np.testing.assert_array_equal(leave_one_out_teachers(changed, w, rule, losses)[k], t)   # ... its teacher not
+        np.testing.assert_allclose(leave_one_out_teachers(changed, w, rule, {**losses, k: 50.0})[k], t, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"held-out loss.*\['b'\]"):
+        leave_one_out_teachers(p, w, rule, {**losses, "b": float("nan")})
+    with pytest.raises(ValueError, match=r"held-out loss.*\['d'\]"):
+        leave_one_out_teachers(p, w, TeacherRule(only_stronger=True), {k: v for k, v in losses.items() if k != "d"})
+
+
+def test_teacher_rule_settings_are_checked_once_for_clients_and_aggregator():
+    from fedzero.aggregator import aggregator_settings
+    from fedzero.strategies.distill import TeacherRule
+
+    base = {"labels": ["a", "b"], "template": "{text}"}
+    s = DistillSettings.from_dict({**base, "teacher": "quality", "only_stronger": True})
+    assert s.teacher_rule == TeacherRule("quality", True) and s.teacher_rule.needs_quality
+    assert not DistillSettings.from_dict(base).teacher_rule.needs_quality
+    for bad, match in ((dict(teacher="best"), "distill.teacher must be one of"),
+                       (dict(only_stronger="yes"), "only_stronger must be true or false")):
+        with pytest.raises(ValueError, match=match):
+            DistillSettings.from_dict({**base, **bad})
+        with pytest.raises(ValueError, match=match):
+            aggregator_settings({"distill": {**base, **bad}})
+    assert aggregator_settings({}).teacher_rule == TeacherRule()
+    assert aggregator_settings({"distill": {**base, "teacher": "quality"}}).teacher_rule == TeacherRule("quality")
+    # the client reports its quality exactly when the rule needs it
+    tok = ByteTokenizer()
+    assert s.make_distiller(tok, max_length=64, seed=0, texts=["x", "y", "z"] * 22).reports_quality
+    assert not DistillSettings.from_dict(base).make_distiller(tok, max_length=64, seed=0).reports_quality
+
+
+def test_quality_teacher_needs_every_client_to_have_held_out_examples(tmp_path):
+    from fedzero.config import parse_run_config
+
+    (tmp_path / "d.jsonl").write_text('{"prompt": "x:", "completion": " good"}\n')
+    client = {"backbone": {"llama_config": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                            "num_key_value_heads": 2, "intermediate_size": 32, "vocab_size": 259}},
+              "data": {"train": "d.jsonl", "test": "d.jsonl"}}
+    cfg = {"clients": [{"id": "a", **client}, {"id": "b", **client, "train": {"max_eval_examples": 0}}],
+           "distill": {"labels": ["good", "bad"], "template": "{text}", "teacher": "quality"}}
+    with pytest.raises(ValueError, match=r"client 'b': train.max_eval_examples is 0, but distill.teacher 'quality'"):
+        parse_run_config(cfg, tmp_path)
+    cfg["distill"] = {**cfg["distill"], "teacher": "mean"}
+    parse_run_config(cfg, tmp_path)                        # the mean teacher needs no held-out loss
+
+
+def test_store_round_trips_the_quality_and_refuses_a_bad_one_naming_client_and_file(tmp_path):
+    import json
+
+    store = FederationStore(tmp_path / "store")
+    p = torch.tensor([[0.9, 0.1], [0.5, 0.5]])
+    store.write_anchor_predictions(0, "a", p, quality=0.75)
+    store.write_anchor_predictions(0, "old", p)                       # no quality: as files before the field
+    got, quality = store.read_anchor_predictions_with_quality(0, "a")
+    torch.testing.assert_close(got, p)
+    assert quality == 0.75 and store.read_anchor_predictions_with_quality(0, "old")[1] is None
+    torch.testing.assert_close(store.read_anchor_predictions(0, "a"), p)
+    assert store.read_anchor_predictions_with_quality(0, "nobody") is None
+    for bad in (float("nan"), float("inf"), -0.1, True, "1.0"):
+        with pytest.raises(ValueError, match="client a in round 0: quality must be a finite number >= 0"):
+            store.write_anchor_predictions(0, "a", p, quality=bad)
+    mpath = store.round_dir(0) / "updates" / "old" / "anchor_predictions.manifest.json"
+    manifest = json.loads(mpath.read_text())
+    mpath.write_text(json.dumps({**manifest, "quality": -1.0}))
+    with pytest.raises(StoreIntegrityError, match=r"client old in round 0 \(.*anchor_predictions.manifest.json\): "
+                                                  r"manifest field 'quality'"):
+        store.read_anchor_predictions_with_quality(0, "old")
+
+
+def test_publish_teachers_under_the_quality_rule_drops_predictions_without_quality(tmp_path):
+    from fedzero.strategies.distill import TeacherRule
+
+    store = FederationStore(tmp_path / "store")
+    for c in "abc":
+        store.write_anchor_predictions(0, c, torch.as_tensor(HAND_P[c], dtype=torch.float32), quality=HAND_L[c])
+    store.write_anchor_predictions(0, "noq", torch.as_tensor(HAND_P["a"], dtype=torch.float32))
+    weights = {"a": 1, "b": 1, "c": 1, "noq": 1}
+    rule = TeacherRule("quality", only_stronger=True)
+    out = publish_teachers(store, 0, weights, rule)
+    assert out["used"] == ["a", "b", "c"] and list(out["dropped"]) == ["noq"]
+    assert "sent no quality" in out["dropped"]["noq"] and "distill.teacher 'quality'" in out["dropped"]["noq"]
+    assert out["teacher"] == "quality" and out["only_stronger"] and out["without_teacher"] == ["a"]
+    assert out["quality"] == pytest.approx(HAND_L, rel=1e-12)
+    expected = round_teachers({c: store.read_anchor_predictions(0, c).numpy() for c in "abc"}, weights, rule,
+                              out["quality"])
+    assert store.read_teacher(1, "a") is None and store.read_teacher(1, "newcomer") is None   # no "*" fallback
+    for c in "bc":
+        assert torch.equal(store.read_teacher(1, c), expected[c])
+    # the mean rule ignores qualities and keeps its result fields
+    assert publish_teachers(store, 0, weights) == {"used": ["a", "b", "c", "noq"], "dropped": {}}

@@ -63,3 +63,29 @@ def test_federate_runs_rounds_through_the_launchers_and_matches_the_strategy(tmp
     # Rerunning into the same directory resumes: everything is done, nothing is retrained.
     assert main(["federate", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.count("already complete") == 2
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None and not (Path(__import__("sys").executable).parent / "mpirun").exists(),
+                    reason="mpirun not installed (pip install mpich)")
+def test_federate_quality_teachers_only_from_stronger_clients(tmp_path):
+    """`distill.teacher: quality` with `only_stronger` through the launchers: each DeepSpeed client sends
+    its held-out loss with its predictions, and the MPI aggregator, reading the rule from the run
+    config, gives the client with the higher loss the other's predictions and the stronger one none."""
+    run = {"seed": 0, "dema": {"rank": 4, "num_experts": 2, "num_slots": 2},
+           "federation": {"rounds": 1, "strategy": "fedavg"},
+           "train": {"local_steps": 2, "batch_size": 4, "lr": 0.01, "max_length": 64, "max_eval_examples": 8},
+           "clients": [_client("a", 16, 2, 1, "airlines"), _client("b", 24, 1, 2, "apple")],
+           "distill": {"labels": ["negative", "neutral", "positive"], "template": "Tweet: {text}\nSentiment:",
+                       "anchors": 6, "batch_size": 2, "teacher": "quality", "only_stronger": True}}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(run))
+    assert main(["federate", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 0
+    store = FederationStore(tmp_path / "out" / "store", create=False)
+    sent = {c: store.read_anchor_predictions_with_quality(0, c) for c in ("a", "b")}
+    quality = {c: q for c, (_, q) in sent.items()}
+    assert all(q is not None and 0 < q < 20 for q in quality.values()) and quality["a"] != quality["b"]
+    strong, weak = sorted(quality, key=quality.get)
+    result = store.read_result(0)["distill"]
+    assert result["quality"] == quality and result["without_teacher"] == [strong] and result["dropped"] == {}
+    assert store.read_teacher(1, strong) is None
+    torch.testing.assert_close(store.read_teacher(1, weak), sent[strong][0])

@@ -252,6 +252,40 @@ def test_output_distillation_through_the_store(tmp_path):
     assert all(0 < e < 1000 for e in extra)             # two 6 x 2 predictions files, not weights
 
 
+def test_quality_teachers_only_from_stronger_clients_through_the_store(tmp_path):
+    """`distill.teacher: quality` with `only_stronger`: each client sends its held-out loss with its
+    predictions; of the two clients, the one with the lower loss gets no teacher, the other distils from
+    its predictions. Measuring the loss changes nothing else: round 0 is the mean teacher's run's."""
+    from fedzero.strategies.distill import TeacherRule, round_teachers
+
+    cfg = yaml.safe_load(tiny_run(tmp_path, strategy="fedavg").read_text())
+    cfg["distill"] = {"labels": ["good", "bad"], "template": "item {text}:", "anchors": 6, "batch_size": 2,
+                      "weight": 2.0, "max_chars": 40}
+    simulate(parse_run_config(cfg, tmp_path), tmp_path / "mean", progress=False)
+    cfg["distill"].update(teacher="quality", only_stronger=True)
+    summary = simulate(parse_run_config(cfg, tmp_path), tmp_path / "quality", progress=False)
+    assert summary["distill"]["teacher"] == "quality" and summary["distill"]["only_stronger"] is True
+    mean = FederationStore(tmp_path / "mean" / "store", create=False)
+    store = FederationStore(tmp_path / "quality" / "store", create=False)
+    for cid in ("a", "b"):
+        assert mean.read_anchor_predictions_with_quality(0, cid)[1] is None      # the mean rule sends none
+        d0, d0_mean = store.read_update(0, cid)[0], mean.read_update(0, cid)[0]
+        assert all(torch.equal(d0[k], d0_mean[k]) for k in d0)
+        assert torch.equal(store.read_anchor_predictions(0, cid), mean.read_anchor_predictions(0, cid))
+    for rnd in (0, 1):
+        sent = {c: store.read_anchor_predictions_with_quality(rnd, c) for c in ("a", "b")}
+        quality = {c: q for c, (_, q) in sent.items()}
+        assert all(0 < q < 10 for q in quality.values()) and quality["a"] != quality["b"]
+        result = store.read_result(rnd)["distill"]
+        strong, weak = sorted(quality, key=quality.get)
+        assert result["quality"] == quality and result["without_teacher"] == [strong] and result["dropped"] == {}
+        assert store.read_teacher(rnd + 1, strong) is None
+        torch.testing.assert_close(store.read_teacher(rnd + 1, weak), sent[strong][0])
+        expected = round_teachers({c: p.numpy() for c, (p, _) in sent.items()}, {"a": 12, "b": 12},
+                                  TeacherRule("quality", True), quality)
+        assert sorted(expected) == [weak] and torch.equal(store.read_teacher(rnd + 1, weak), expected[weak])
+
+
 def test_server_momentum_state_is_in_the_store_as_an_aggregator_writes_it(tmp_path):
     cfg = yaml.safe_load(tiny_run(tmp_path, strategy="fedavg", rounds=1).read_text())
     cfg["federation"].update(server_lr=0.5, server_momentum=0.9)

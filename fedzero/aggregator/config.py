@@ -1,4 +1,5 @@
-"""The aggregator's slice of a run YAML: `seed`, the `federation:` section and the client ids.
+"""The aggregator's slice of a run YAML: `seed`, the `federation:` section, the client ids, and the
+teacher rule of the `distill:` section (its `teacher` and `only_stronger` keys).
 
 `fedzero.config.parse_run_config` builds whole clients (backbones, data); the aggregator needs none
 of that, so it reads just these keys and leaves the rest of the file to its owners.
@@ -12,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from fedzero.strategies import Strategy, make_strategy
+from fedzero.strategies.distill import TeacherRule
 
 _FEDERATION_KEYS = {"rounds", "strategy", "strategy_options", "server_lr", "server_momentum"}
 
@@ -24,6 +26,7 @@ class AggregatorSettings:
     server_momentum: float = 0.0
     seed: int = 0
     client_ids: list[str] | None = None        # ids listed under `clients:`, if any
+    teacher_rule: TeacherRule = field(default_factory=TeacherRule)   # how anchor teachers are mixed (distill:)
 
     def make_strategy(self) -> Strategy:
         return make_strategy(self.strategy, seed=self.seed, server_lr=self.server_lr,
@@ -52,7 +55,8 @@ def aggregator_settings(data: dict) -> AggregatorSettings:
     return AggregatorSettings(strategy=str(fed.get("strategy", "cmga")), strategy_options=dict(options),
                               server_lr=float(fed.get("server_lr", 1.0)),
                               server_momentum=float(fed.get("server_momentum", 0.0)),
-                              seed=int(data.get("seed", 0)), client_ids=ids)
+                              seed=int(data.get("seed", 0)), client_ids=ids,
+                              teacher_rule=TeacherRule.from_config(data.get("distill")))
 
 
 def load_aggregator_settings(path: str | Path) -> AggregatorSettings:

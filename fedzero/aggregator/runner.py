@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 from fedzero.store import FederationStore, StoreError
 from fedzero.strategies import Strategy
-from fedzero.strategies.distill import publish_teachers
+from fedzero.strategies.distill import TeacherRule, publish_teachers
 
 from .mpi import AggregationError, QuorumError, all_ok, gather_small, on_root, rank_of, size_of
 from .sharded import aggregate_sharded, make_plan, verify_files
@@ -108,7 +108,8 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
                     expected: Sequence[str] | None = None, comm=None,
                     block_of: Callable[[str], str] = _default_block_of, verify: str = "sha256",
                     poll_s: float = 1.0, cache_bytes: int = 8 << 30, chunk_bytes: int = 64 << 20,
-                    reset_server_state: bool = False, log: Callable[[str], None] | None = None) -> dict:
+                    reset_server_state: bool = False, teacher_rule: TeacherRule | None = None,
+                    log: Callable[[str], None] | None = None) -> dict:
     """Aggregate round `round` of the store and publish the global of round+1. Collective.
 
     quorum: minimum number of updates (default: all expected clients, or 1 without an expected list).
@@ -120,6 +121,8 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
     verify: "sha256" (every file hashed once, by one rank) or "size" (manifest sizes and headers only).
     cache_bytes: keep this rank's slices in memory between the two passes if they fit; else read twice.
     reset_server_state: with momentum, start afresh when round-1 left no server state (else an error).
+    teacher_rule: how clients' anchor predictions become teachers (output distillation; None: the
+      sample-weighted mean; the run YAML's distill.teacher / only_stronger, AggregatorSettings.teacher_rule).
     log: where rank 0 writes its progress lines (default: print to stdout, flushed).
 
     Returns the result dict written to rounds/r<round>/aggregate/result.json (on every rank). If the
@@ -221,7 +224,7 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
         }
         store.write_server_state(round, res.buffers)
         # output distillation: the anchor predictions sent with these updates become round+1's teachers
-        result["distill"] = publish_teachers(store, round, result["num_samples"])
+        result["distill"] = publish_teachers(store, round, result["num_samples"], teacher_rule)
         store.write_result(round, result)
         store.publish_global(round + 1, res.state, meta={"aggregated_from_round": round, "strategy": strategy.name,
                                                           "clients": arrivals.clients})

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedzero.data import LABELS, TOPICS, load_tweets, read_jsonl, to_prompt
+from fedzero.data import LABELS, TOPICS, load_tweets, prompt_text, read_jsonl, to_prompt
 from fedzero.fields import from_known_fields
 
 _RT = re.compile(r"^\s*rt\s+@\w+:?", re.IGNORECASE)
@@ -181,3 +181,34 @@ def clients_topics(clients: list[dict], client_id: str) -> list[str]:
 
 def _prompt(record: dict, settings: DataSettings) -> dict:
     return {**to_prompt(record, settings.max_chars), "uid": record["uid"]}
+
+
+def topic_anchor_texts(records: list[dict], topic: str, count: int, *, clients: list[dict], seed: int,
+                       max_chars: int | None) -> list[dict]:
+    """In-domain public anchors for output distillation: `count` texts of a corpus topic that no client
+    holds (clients: [{"id", "topics"}], as for split_tweets; a client holding it is refused), as
+    [{"uid", "text"}], each text cut to `max_chars` like the task's prompts. Disjoint from every train,
+    val and test record by construction: those come only from the clients' topics, and a text whose
+    dedup_key occurs anywhere in those topics (a retweet, the same tweet filed under two topics) is left
+    out, as are near-duplicates among the anchors themselves. A seeded shuffle of the rest, depending
+    only on (seed, topic), as a split's cut does."""
+    holders = [c["id"] for c in clients if topic in c["topics"]]
+    if holders:
+        raise ValueError(f"anchor topic {topic!r} is held by client(s) {holders}: its anchors would overlap their "
+                         "data; choose a topic no client of the setting holds")
+    held = {t for c in clients for t in c["topics"]}
+    held_keys = {dedup_key(r["text"]) for r in records if r.get("topic") in held}
+    seen, pool = set(), []
+    for r in records:
+        key = dedup_key(r["text"])
+        if r.get("topic") != topic or not key or key in held_keys or key in seen:
+            continue
+        seen.add(key)
+        pool.append(r)
+    if len(pool) < count:
+        free = sorted({r.get("topic") for r in records} - held)
+        raise ValueError(f"anchor topic {topic!r} has {len(pool)} usable texts, {count} are needed (distill.anchors); "
+                         f"topics no client holds: {free}")
+    rng = np.random.default_rng([seed, zlib.crc32(f"anchors:{topic}".encode())])
+    return [{"uid": pool[i]["uid"], "text": prompt_text(pool[i]["text"], max_chars)}
+            for i in rng.permutation(len(pool))[:count]]

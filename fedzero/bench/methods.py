@@ -17,7 +17,11 @@ A method is a dict from the suite (see suites.py), run by one of two runners:
 Common optional fields: "lr" (overrides the suite's lr for the runner), "description".
 DeMA only: "distill": {"weight", "anchors", "batch_size"} adds output distillation on the first
 `anchors` public anchor texts framed as task prompts (fedzero.strategies.distill), on top of the
-weight strategy (which may be "local": then only anchor predictions travel).
+weight strategy (which may be "local": then only anchor predictions travel). Its optional
+"anchor_source": "topic:<name>" takes the anchors from that corpus topic in place of the bundled
+public texts: in-domain but unlabelled, a topic no client of the setting holds (refused otherwise),
+disjoint from every train/val/test record (data.topic_anchor_texts); the result's "distill_anchors"
+names them (uids). Without it the method runs exactly as before.
 The dema dict is passed to DeMAConfig.from_dict as is, so new DeMA options become suite entries
 without touching this file (the run seed is DeMAConfig.seed unless the dict sets it).
 
@@ -64,7 +68,7 @@ from fedzero.strategies import STRATEGIES, ClientUpdate, make_strategy
 from fedzero.strategies.distill import leave_one_out_teachers
 
 from .backbones import Backbone
-from .data import Split
+from .data import Split, topic_anchor_texts
 from .lm_data import LMSplit, score_records
 from .stats import (decode_lm_scores, encode_lm_records, encode_lm_scores, encode_records, encode_scores,
                     label_counts, lm_view_metrics)
@@ -74,6 +78,10 @@ METHOD_FIELDS = {"name", "runner", "strategy", "strategy_options", "dema", "dist
 # A method's "distill" fields: DistillSettings' own, with its defaults (labels and template are the task's)
 DISTILL_FIELDS = {f.name: f.default for f in dataclasses.fields(DistillSettings)
                   if f.name in ("weight", "anchors", "batch_size")}
+# ... and optional ones without a default: in a run's "distill" only when its method sets them, so a method
+# without them has the record (and, runs being keyed by their method dicts, the runs) it had before they existed
+DISTILL_OPTIONS = {"anchor_source"}
+ANCHOR_TOPIC = "topic:"           # anchor_source "topic:<name>": the anchors are texts of that corpus topic
 
 
 @dataclass
@@ -90,6 +98,8 @@ class RunContext:
     lr: dict                                  # {"dema": float, "lora": float}
     eval_every: int = 1
     zero_shot: dict = field(default_factory=dict)   # client id -> {topic: [N, C] scores} on the test sets
+    corpus: list[dict] = field(default_factory=list)   # the records the split was cut from (distill.anchor_source)
+    max_chars: int | None = None                    # data.max_chars: prompts' texts are cut to it
     log: object = print
     _tokenizers: dict = field(default_factory=dict)
 
@@ -131,12 +141,18 @@ def check_method(method: dict) -> None:
     if strategy not in valid:
         raise ValueError(f"method {name!r}: strategy must be one of {valid} for runner {runner!r}, got {strategy!r}")
     if method.get("distill") is not None:
-        bad = sorted(set(method["distill"]) - set(DISTILL_FIELDS)) if isinstance(method["distill"], dict) else ["?"]
+        allowed = set(DISTILL_FIELDS) | DISTILL_OPTIONS
+        bad = sorted(set(method["distill"]) - allowed) if isinstance(method["distill"], dict) else ["?"]
         if runner != "dema" or bad:
-            raise ValueError(f"method {name!r}: 'distill' is a DeMA option with fields {sorted(DISTILL_FIELDS)}")
+            raise ValueError(f"method {name!r}: 'distill' is a DeMA option with fields {sorted(allowed)}")
         d = {**DISTILL_FIELDS, **method["distill"]}
         if not (d["weight"] > 0 and int(d["anchors"]) >= 1 and int(d["batch_size"]) >= 1):
             raise ValueError(f"method {name!r}: distill needs weight > 0, anchors >= 1, batch_size >= 1")
+        source = d.get("anchor_source")
+        if source is not None and not (isinstance(source, str) and source.startswith(ANCHOR_TOPIC)
+                                       and source[len(ANCHOR_TOPIC):]):
+            raise ValueError(f"method {name!r}: distill.anchor_source must be '{ANCHOR_TOPIC}<name>' (a corpus topic "
+                             f"no client holds), got {source!r}")
     if runner == "dema":
         DeMAConfig.from_dict({"seed": 0, **(method.get("dema") or {})})
         if strategy == "local" and method.get("strategy_options"):
@@ -364,6 +380,7 @@ def run_dema(method: dict, ctx: RunContext) -> dict:
     distill_settings = (DistillSettings(labels=list(LABELS), template=PROMPT_TEMPLATE, weight=float(distill["weight"]),
                                         anchors=int(distill["anchors"]), batch_size=int(distill["batch_size"]))
                         if distill else None)
+    anchors = distill_anchors(method, distill, ctx) if distill and distill.get("anchor_source") else None
 
     clients, records = [], []
     for i, c in enumerate(ctx.clients):
@@ -371,7 +388,8 @@ def run_dema(method: dict, ctx: RunContext) -> dict:
         tok = ctx.tokenizer(c["backbone"])
         handle = inject_dema(model, config, tokenizer=tok)     # anchor projectors run the backbone on anchors
         train = build_examples(ctx.split.client(c["id"]).train, tok, settings.max_length)
-        distiller = (distill_settings.make_distiller(tok, max_length=settings.max_length, seed=ctx.client_seed(i))
+        distiller = (distill_settings.make_distiller(tok, max_length=settings.max_length, seed=ctx.client_seed(i),
+                                                     texts=[a["text"] for a in anchors] if anchors else None)
                      if distill else None)
         client = LocalClient(c["id"], handle, f"{c['backbone']}:{fp}", train, [], settings, pad_id=tok.pad_token_id,
                              seed=ctx.client_seed(i), total_rounds=ctx.rounds, distiller=distiller)
@@ -429,8 +447,26 @@ def run_dema(method: dict, ctx: RunContext) -> dict:
         _log_round(ctx, method, rnd + 1, records)
     for client, rec in zip(clients, records):
         rec["gate_entropy"] = gate_entropy(client.handle, collate(client._probe, client.pad_id))
-    return {"runner": "dema", "strategy": method["strategy"], "dema": config.to_dict(), "distill": distill, "clients": records,
-            "comm": comm, "first_round_cosine": first, "aggregation": aggregation, "diagnostics": diagnostics}
+    out = {"runner": "dema", "strategy": method["strategy"], "dema": config.to_dict(), "distill": distill, "clients": records,
+           "comm": comm, "first_round_cosine": first, "aggregation": aggregation, "diagnostics": diagnostics}
+    if anchors:
+        out["distill_anchors"] = {"source": distill["anchor_source"], "uids": [a["uid"] for a in anchors]}
+    return out
+
+
+def distill_anchors(method: dict, distill: dict, ctx: RunContext) -> list[dict]:
+    """The anchors of a method's distill.anchor_source "topic:<name>": that topic's texts (data.topic_anchor_texts:
+    no client of the setting may hold it), chosen by the split's seed, so a method and its replica (another
+    training seed) distil on the same anchors, as they are tested on the same records."""
+    topic = distill["anchor_source"][len(ANCHOR_TOPIC):]
+    if not ctx.corpus:
+        raise ValueError(f"method {method['name']!r}: distill.anchor_source {distill['anchor_source']!r} needs the "
+                         "corpus the split was cut from (RunContext.corpus)")
+    try:
+        return topic_anchor_texts(ctx.corpus, topic, int(distill["anchors"]), clients=ctx.clients,
+                                  seed=ctx.split.seed, max_chars=ctx.max_chars)
+    except ValueError as err:
+        raise ValueError(f"method {method['name']!r}, setting {ctx.setting!r}: distill.anchor_source: {err}") from None
 
 
 def run_lora(method: dict, ctx: RunContext) -> dict:

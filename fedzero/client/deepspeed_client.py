@@ -40,7 +40,7 @@ from fedzero.adapters.dema import DeMAConfig, DeMAModel, inject_dema
 from fedzero.adapters.dema.io import read_part, save_part
 from fedzero.backbones import BackboneSpec, decoder_layout, fingerprint, load_backbone
 from fedzero.client.distill import DistillSettings
-from fedzero.client.local import lr_factor, token_loss_sums
+from fedzero.client.local import lr_factor, mean_token_loss, token_loss_sums
 from fedzero.config import ClientConfig, _only, parse_run_config, read_yaml, resolve_path
 from fedzero.data import batches, build_examples, load_tokenizer, read_jsonl
 from fedzero.ds_config import complete_ds_config, precision_of, zero_stage
@@ -419,6 +419,12 @@ class DeepSpeedClient:
                           if cfg.distill is not None else None)
         if self.distiller is not None:
             self.distiller.device = self.device
+        # The quality sent with the predictions: the loss on the client's held-out examples, as
+        # fedzero simulate measures it (the first max_eval_examples records of data.test).
+        self.eval_examples = []
+        if self.distiller is not None and self.distiller.reports_quality:
+            self.eval_examples = build_examples(read_jsonl(cfg.client.test_data)[: settings.max_eval_examples],
+                                                tokenizer, settings.max_length)
         if self.rank == 0:
             print(self.describe(), flush=True)
         self._stream = None
@@ -681,6 +687,9 @@ class DeepSpeedClient:
         # ZeRO-3's forward is collective: every rank scores the anchors; otherwise rank 0 alone.
         scores = self.distiller is not None and (self.stage == 3 or self.rank == 0)
         predictions = self.distiller.predict(self.engine) if scores else None
+        quality = (mean_token_loss(self.engine, self.eval_examples, batch_size=settings.eval_batch_size,
+                                   pad_id=self.pad_id, device=self.device)
+                   if scores and self.distiller.reports_quality else None)
         metrics = {"train_loss": sum(losses) / len(losses), "steps": settings.local_steps,
                    "resumed_at_step": start, "world_size": self.world, "zero_stage": self.stage,
                    "precision": self.precision, "seconds": round(seconds, 3),
@@ -689,7 +698,8 @@ class DeepSpeedClient:
         if self.rank == 0:
             delta = {k: trained[k] - global_state[k] for k in trained}
             if predictions is not None:     # before the update: its manifest marks the round complete
-                self.store.write_anchor_predictions(rnd, cid, torch.as_tensor(predictions, dtype=torch.float32))
+                self.store.write_anchor_predictions(rnd, cid, torch.as_tensor(predictions, dtype=torch.float32),
+                                                    quality=quality)
             # The store commits the tensor file first and the manifest last: a crash here never
             # leaves a visible half-written update.
             self.store.write_update(rnd, cid, delta, fingerprint=self.fingerprint,

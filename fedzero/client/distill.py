@@ -7,6 +7,8 @@ the summed log-likelihoods of the whole completions (C forwards per anchor). Dif
 
 A run config turns it on with a `distill:` section (DistillSettings); every client of a federation
 must use the same anchors, template and labels (the aggregator leaves out predictions of other shapes).
+With `teacher: quality` or `only_stronger`, a client also reports its quality with its predictions:
+its mean loss on its own held-out examples (fedzero.client.local.mean_token_loss).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from fedzero.client.local import completion_logprob_sums
 from fedzero.data import build_examples, collate, prompt_text
 from fedzero.fields import from_known_fields
-from fedzero.strategies.distill import kl_to_teacher
+from fedzero.strategies.distill import TEACHERS, TeacherRule, kl_to_teacher
 
 
 @dataclass
@@ -31,6 +33,8 @@ class DistillSettings:
     batch_size: int = field(default=4, metadata={"help": "anchors in the distillation term of one optimizer step"})
     anchor_file: str | None = field(default=None, metadata={"help": "JSONL of public texts ({'text': ...}); default: the bundled set"})
     max_chars: int | None = field(default=None, metadata={"help": "cut anchor texts to this many characters (None: prompts are cut to train.max_length tokens, keeping their end)"})
+    teacher: str = field(default="mean", metadata={"help": f"how the others' predictions make a client's teacher: one of {list(TEACHERS)} ('quality' also weighs each by its held-out loss and its confidence per anchor; docs/method.md)"})
+    only_stronger: bool = field(default=False, metadata={"help": "distil only from clients whose held-out loss is lower than one's own"})
 
     def __post_init__(self):
         if not isinstance(self.labels, list) or len(self.labels) < 2 or len(set(self.labels)) != len(self.labels) \
@@ -41,6 +45,11 @@ class DistillSettings:
         if not self.weight > 0 or int(self.anchors) < 1 or int(self.batch_size) < 1 \
                 or (self.max_chars is not None and int(self.max_chars) < 1):
             raise ValueError("distill: weight must be > 0 and anchors, batch_size, max_chars >= 1")
+        TeacherRule(self.teacher, self.only_stronger)    # refuses bad values: the aggregator's check too
+
+    @property
+    def teacher_rule(self) -> TeacherRule:
+        return TeacherRule(self.teacher, self.only_stronger)
 
     @classmethod
     def from_dict(cls, data: dict) -> "DistillSettings":
@@ -48,15 +57,23 @@ class DistillSettings:
             raise ValueError("distill: needs 'labels' (the label words) and 'template' (a prompt with {text})")
         return from_known_fields(cls, data, "distill setting")
 
-    def prompts(self) -> list[str]:
+    def prompts(self, texts: list[str] | None = None) -> list[str]:
+        """The first `anchors` anchor texts framed by the template: those of anchor_file, or of
+        `texts` when given (the benchmark carves in-domain anchors from a corpus topic)."""
         from fedzero.adapters.dema.anchors import load_anchor_texts
 
-        return [self.template.replace("{text}", prompt_text(t, self.max_chars))
-                for t in load_anchor_texts(self.anchor_file, int(self.anchors), "distill.anchors")]
+        n = int(self.anchors)
+        if texts is not None and len(texts) < n:
+            raise ValueError(f"{len(texts)} anchor texts given; {n} are needed (distill.anchors)")
+        texts = texts[:n] if texts is not None else load_anchor_texts(self.anchor_file, n, "distill.anchors")
+        return [self.template.replace("{text}", prompt_text(t, self.max_chars)) for t in texts]
 
-    def make_distiller(self, tokenizer, *, max_length: int, seed: int) -> "AnchorDistiller":
-        return AnchorDistiller(tokenizer, self.prompts(), list(self.labels), weight=self.weight,
-                               batch_size=int(self.batch_size), max_length=max_length, seed=seed)
+    def make_distiller(self, tokenizer, *, max_length: int, seed: int,
+                       texts: list[str] | None = None) -> "AnchorDistiller":
+        distiller = AnchorDistiller(tokenizer, self.prompts(texts), list(self.labels), weight=self.weight,
+                                    batch_size=int(self.batch_size), max_length=max_length, seed=seed)
+        distiller.reports_quality = self.teacher_rule.needs_quality
+        return distiller
 
 
 def label_branch(tokenizer, labels: list[str]) -> tuple[list[int], list[int]] | None:
@@ -115,6 +132,8 @@ class AnchorDistiller:
         self.pad_id = tokenizer.pad_token_id
         self.weight, self.batch_size = float(weight), int(batch_size)
         self.teacher: torch.Tensor | None = None
+        # The client sends its held-out loss with its predictions (the teacher rule weighs clients by it).
+        self.reports_quality = False
         self.device: torch.device | None = None   # where the model's inputs go (the DeepSpeed client sets it)
         self._rng = np.random.default_rng(seed)
         self._epochs: list[np.ndarray] = []       # the anchor order: one seeded permutation per epoch

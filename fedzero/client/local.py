@@ -132,15 +132,25 @@ class LocalClient:
         delta = {k: trained[k].float() - global_state[k].float() for k in trained}   # own keys only
         return delta, {"train_loss": sum(losses) / len(losses)}
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean token loss on the client's held-out examples (labelled tokens only)."""
         model = self.handle.model
         model.eval()
-        total, count = 0.0, 0
-        bs = self.settings.eval_batch_size
-        for i in range(0, len(self.eval_examples), bs):
-            s, n = token_loss_sums(model, collate(self.eval_examples[i:i + bs], self.pad_id))
-            total += float(s)
-            count += n
-        return total / max(count, 1)
+        return mean_token_loss(model, self.eval_examples, batch_size=self.settings.eval_batch_size,
+                               pad_id=self.pad_id)
+
+
+@torch.no_grad()
+def mean_token_loss(model, examples, *, batch_size: int, pad_id: int, device=None) -> float:
+    """Mean next-token loss over the labelled tokens of `examples` (0.0 for none), in batches of
+    `batch_size`, moved to `device` if given. A client's held-out loss: its eval metric, and the
+    quality it sends with its anchor predictions (LocalClient and the DeepSpeed client alike)."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size], pad_id)
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+        s, n = token_loss_sums(model, batch)
+        total += float(s)
+        count += n
+    return total / max(count, 1)

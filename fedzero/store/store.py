@@ -62,6 +62,7 @@ __all__ = [
     "FederationStore",
     "validate_client_id",
     "round_dirname",
+    "is_valid_quality",
 ]
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,12 @@ def _require(manifest: dict, field: str, types: tuple, where: str, allow_none: b
             f"{where}: manifest field {field!r} has bad type {type(v).__name__}"
         )
     return v
+
+
+def is_valid_quality(value: Any) -> bool:
+    """A client's quality (its held-out loss, sent with its anchor predictions): a real number,
+    finite and >= 0 (a bool is not one). The store and the teachers (fedzero.strategies.distill) check it."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 # =========================================================================== the store
@@ -704,27 +711,52 @@ class FederationStore:
 
     # ------------------------------------------------------------------ output distillation
 
-    def write_anchor_predictions(self, round: int, client_id: str, probs: torch.Tensor) -> Path:
+    def write_anchor_predictions(self, round: int, client_id: str, probs: torch.Tensor, *,
+                                 quality: float | None = None) -> Path:
         """The client's label distribution on the public anchor prompts after training ``round``
-        ([N, C], fedzero.client.distill). Written *before* the client's update: the update's
+        ([N, C], fedzero.client.distill), and optionally its quality: its mean loss on its own
+        held-out examples (nats per labelled token; finite, >= 0; lower is better), which the
+        quality-weighted teachers need. Written *before* the client's update: the update's
         manifest marks the client's whole round complete."""
         round = _validate_round(round)
         validate_client_id(client_id)
         if not isinstance(probs, torch.Tensor) or probs.dim() != 2:
             raise ValueError(f"anchor predictions must be a 2-d tensor [anchors, labels], got {probs!r:.80}")
+        extra = {}
+        if quality is not None:
+            if not is_valid_quality(quality):
+                raise ValueError(f"anchor predictions of client {client_id} in round {round}: quality must be a "
+                                 f"finite number >= 0 (the client's held-out loss), got {quality!r}")
+            extra["quality"] = float(quality)
         path = self._predictions_path(round, client_id)
         return self._write_side_file(path, self._side_manifest_path(path), round,
-                                     _prepare_tensors({"probs": probs}, "anchor predictions"))
+                                     _prepare_tensors({"probs": probs}, "anchor predictions"), extra)
 
     def read_anchor_predictions(self, round: int, client_id: str) -> torch.Tensor | None:
         """A client's verified anchor predictions of ``round``, or ``None`` if it sent none."""
+        found = self.read_anchor_predictions_with_quality(round, client_id)
+        return None if found is None else found[0]
+
+    def read_anchor_predictions_with_quality(self, round: int, client_id: str
+                                             ) -> tuple[torch.Tensor, float | None] | None:
+        """(predictions, quality) of a client in ``round`` from one read of the manifest (quality
+        None: the client sent none, as files written before the field existed), or ``None`` if it
+        sent no predictions. A quality that is not a finite number >= 0 is refused."""
         round = _validate_round(round)
         path = self._predictions_path(round, client_id)
+        mpath = self._side_manifest_path(path)
         what = f"anchor predictions of client {client_id} in round {round}"
-        found = self._read_side_file(path, self._side_manifest_path(path), round, what)
-        if found is not None and list(found) != ["probs"]:
-            raise StoreIntegrityError(f"{what}: expected one tensor 'probs', found {sorted(found)}")
-        return None if found is None else found["probs"]
+        found = self._read_side_file_and_manifest(path, mpath, round, what)
+        if found is None:
+            return None
+        tensors, manifest = found
+        if list(tensors) != ["probs"]:
+            raise StoreIntegrityError(f"{what}: expected one tensor 'probs', found {sorted(tensors)}")
+        quality = manifest.get("quality")
+        if quality is not None and not is_valid_quality(quality):
+            raise StoreIntegrityError(f"{what} ({mpath}): manifest field 'quality' must be a finite number >= 0 "
+                                      f"(the client's held-out loss), got {quality!r}")
+        return tensors["probs"], None if quality is None else float(quality)
 
     def write_teachers(self, round: int, teachers: Mapping[str, torch.Tensor]) -> Path:
         """The anchor teachers clients distil from in ``round`` ({client id or ALL_CLIENTS: [N, C]}),
@@ -760,9 +792,10 @@ class FederationStore:
 
     # ------------------------------------------------------------------ small tensor files beside the main ones
 
-    def _write_side_file(self, path: Path, mpath: Path, round: int, tensors: dict[str, torch.Tensor]) -> Path:
+    def _write_side_file(self, path: Path, mpath: Path, round: int, tensors: dict[str, torch.Tensor],
+                         extra: dict | None = None) -> Path:
         """Tensor file, then its manifest (removed first when replacing, so a reader never pairs
-        a new file with an old manifest)."""
+        a new file with an old manifest). `extra`: more manifest fields (JSON values)."""
         ensure_dir(path.parent)
         if mpath.exists():
             remove_quietly(mpath)
@@ -774,14 +807,20 @@ class FederationStore:
             "bytes": size,
             "keys": sorted(tensors),
             "created": _now_iso(),
+            **(extra or {}),
         })
         return path
 
     def _read_side_file(self, path: Path, mpath: Path, round: int, what: str) -> dict[str, torch.Tensor] | None:
+        found = self._read_side_file_and_manifest(path, mpath, round, what)
+        return None if found is None else found[0]
+
+    def _read_side_file_and_manifest(self, path: Path, mpath: Path, round: int, what: str
+                                     ) -> tuple[dict[str, torch.Tensor], dict] | None:
         try:
             manifest = self._load_manifest(mpath, what)
         except StoreNotFoundError:
             return None
         self._check_common(manifest, round, what, mpath)
         data = self._read_verified_bytes(path, manifest, what)
-        return self._load_tensors(data, path, manifest, what)
+        return self._load_tensors(data, path, manifest, what), manifest

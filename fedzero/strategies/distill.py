@@ -5,52 +5,164 @@ Outputs always do: every client scores the same public anchor prompts over the s
 their predictions are comparable whatever the backbone, its width or its vocabulary. Each round
 
     client k -> P_k [N, C]   its adapted model's label distribution on the N anchor prompts
-    server   -> T_k = sum_{j != k} w_j P_j / sum_{j != k} w_j     (w_j: client j's sample count)
+                (and L_k, its mean loss on its own held-out examples, when the teacher rule needs it)
+    server   -> T_k[n] = sum_{j != k} w_jn P_j[n] / sum_{j != k} w_jn
+                    teacher "mean":    w_jn = s_j                            (s_j: client j's sample count)
+                    teacher "quality": w_jn = s_j * exp(-L_j) * max_c P_j[n, c]
+                    only_stronger:     only clients j with L_j < L_k
     client k    trains on  task loss + lambda * KL(T_k || P_k(student))  over a few anchors per step
 
-A client never distils from itself, and no private data or weights leave it (N x C floats travel:
-64 anchors x 3 labels = 768 B per client-round). It composes with any weight strategy (local,
-fedavg, cmga): the client side is fedzero.client.distill.AnchorDistiller.
+A client never distils from itself, and no private data or weights leave it (N x C floats and one
+loss travel: 64 anchors x 3 labels = 768 B per client-round). It composes with any weight strategy
+(local, fedavg, cmga): the client side is fedzero.client.distill.AnchorDistiller. Every path that
+publishes teachers (fedzero simulate, the MPI aggregator, the benchmark) calls leave_one_out_teachers.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+TEACHERS = ("mean", "quality")
 
-def leave_one_out_teachers(predictions: dict[str, np.ndarray], weights: dict[str, float]) -> dict[str, np.ndarray]:
-    """{client: [N, C] probabilities} -> {client: weighted mean of the *other* clients' predictions}.
-    A client with no other client (or only zero-weight ones) gets no teacher."""
+
+@dataclass(frozen=True)
+class TeacherRule:
+    """How the other clients' predictions are mixed into a client's teacher: the run config's
+    `distill.teacher` and `distill.only_stronger` (fedzero.client.distill.DistillSettings holds them
+    for the clients; the MPI aggregator reads just these two keys of the same section)."""
+
+    teacher: str = "mean"          # "mean": sample-weighted; "quality": also by held-out loss and confidence
+    only_stronger: bool = False    # distil only from clients whose held-out loss is lower than one's own
+
+    def __post_init__(self):
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"distill.teacher must be one of {list(TEACHERS)}, got {self.teacher!r}")
+        if not isinstance(self.only_stronger, bool):
+            raise ValueError(f"distill.only_stronger must be true or false, got {self.only_stronger!r}")
+
+    @property
+    def needs_quality(self) -> bool:
+        """Whether clients must send their held-out loss with their predictions."""
+        return self.teacher == "quality" or self.only_stronger
+
+    def __str__(self) -> str:
+        """The config keys that set the rule, for messages: "distill.teacher 'quality'", ..."""
+        parts = ([f"distill.teacher {self.teacher!r}"] if self.teacher != "mean" or not self.only_stronger else []) \
+            + (["distill.only_stronger"] if self.only_stronger else [])
+        return " with ".join(parts)
+
+    @classmethod
+    def from_config(cls, distill) -> "TeacherRule":
+        """From a run config's `distill:` mapping (None: no distillation, the default rule); the
+        section's other keys belong to the clients (DistillSettings checks them)."""
+        if distill is None:
+            return cls()
+        if not isinstance(distill, dict):
+            raise ValueError(f"config: 'distill' must be a mapping, got {type(distill).__name__}")
+        return cls(distill.get("teacher", "mean"), distill.get("only_stronger", False))
+
+
+def check_val_losses(val_losses: dict[str, float] | None, clients) -> dict[str, float]:
+    """{client: held-out loss} for these clients, each a finite number >= 0, or a ValueError naming
+    the clients without one."""
+    from fedzero.store.store import is_valid_quality
+
+    val_losses = val_losses or {}
+    bad = sorted(c for c in clients if not is_valid_quality(val_losses.get(c)))
+    if bad:
+        raise ValueError(f"teacher rule needs every client's held-out loss (finite, >= 0); missing or invalid "
+                         f"for {bad}: {[val_losses.get(c) for c in bad]}")
+    return {c: float(val_losses[c]) for c in clients}
+
+
+def quality_weights(predictions: dict[str, np.ndarray], weights: dict[str, float],
+                    val_losses: dict[str, float]) -> np.ndarray:
+    """[J, N] mixing weights of the quality teacher over the J clients given (in their order), each
+    column summing to 1: w_jn = s_j * q_j * c_jn normalised over j, with
+
+        s_j = weights[j]                  the sample weight, as for the mean teacher (> 0)
+        q_j = exp(-val_losses[j])         the geometric-mean probability client j's model gives the
+                                          held-out truth (val loss in nats): one nat lower loss weighs e
+                                          times more; no scale to tune, and it is never 0
+        c_jn = max_c P_j[n, c]            client j's confidence on anchor n, in [1/C, 1]: a confident
+                                          client counts up to C times an undecided one, never less than
+                                          1/C of it, so confidence scales quality and cannot veto it
+                                          (1 - normalised entropy would be 0 for a uniform row, and a
+                                          teacher of undecided clients would be 0/0)
+
+    Computed in log space (a softmax over j): exp(-L) of a large loss would underflow to 0 for every
+    client alike, though only the differences between losses matter."""
+    ids = list(predictions)
+    if any(not weights.get(c, 0) > 0 for c in ids):
+        raise ValueError("quality weights need a sample weight > 0 for every client given")
+    losses = check_val_losses(val_losses, ids)
+    probs = np.stack([np.asarray(predictions[c], dtype=np.float64) for c in ids])          # [J, N, C]
+    confidence = probs.max(axis=2)                                                          # [J, N]
+    log_w = (np.log([float(weights[c]) for c in ids]) - np.array([losses[c] for c in ids]))[:, None] \
+        + np.log(np.maximum(confidence, np.finfo(np.float64).tiny))
+    log_w -= log_w.max(axis=0, keepdims=True)
+    w = np.exp(log_w)
+    return w / w.sum(axis=0, keepdims=True)
+
+
+def _mixture(predictions: dict[str, np.ndarray], weights: dict[str, float], clients: list[str], teacher: str,
+             val_losses: dict[str, float] | None) -> np.ndarray:
+    """The teacher made of `clients` (each with weight > 0) under rule `teacher`: [N, C] float64."""
+    if teacher == "mean":      # exactly the expression of the first version: "mean" teachers stay bit for bit
+        total = sum(weights[c] for c in clients)
+        return sum(weights[c] * np.asarray(predictions[c], dtype=np.float64) for c in clients) / total
+    alpha = quality_weights({c: predictions[c] for c in clients}, weights, val_losses)     # [J, N]
+    probs = np.stack([np.asarray(predictions[c], dtype=np.float64) for c in clients])      # [J, N, C]
+    return np.einsum("jn,jnc->nc", alpha, probs)
+
+
+def leave_one_out_teachers(predictions: dict[str, np.ndarray], weights: dict[str, float],
+                           rule: TeacherRule | None = None,
+                           val_losses: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """{client: [N, C] probabilities} -> {client: the mixture of the *other* clients' predictions}
+    (the module doc's T_k; rule None: the "mean" teacher). val_losses {client: held-out loss} is
+    needed by teacher "quality" and by only_stronger. A client with no other client (or only
+    zero-weight ones, or under only_stronger none with a lower loss) gets no teacher."""
+    rule = rule or TeacherRule()
     ids = list(predictions)
     shapes = {np.asarray(predictions[c]).shape for c in ids}
     if len(shapes) > 1:
         raise ValueError(f"anchor predictions of different shapes {sorted(shapes)}: clients scored different anchors")
     if any(weights.get(c, 0) < 0 for c in ids):
         raise ValueError("distillation weights must be >= 0")
+    losses = check_val_losses(val_losses, ids) if rule.needs_quality else None
     teachers = {}
     for k in ids:
-        others = [c for c in ids if c != k and weights.get(c, 0) > 0]
-        total = sum(weights[c] for c in others)
-        if total > 0:
-            teachers[k] = sum(weights[c] * np.asarray(predictions[c], dtype=np.float64) for c in others) / total
+        # only_stronger: strictly lower loss, so two equally good clients do not teach each other
+        others = [c for c in ids if c != k and weights.get(c, 0) > 0
+                  and (not rule.only_stronger or losses[c] < losses[k])]
+        if others and sum(weights[c] for c in others) > 0:
+            teachers[k] = _mixture(predictions, weights, others, rule.teacher, losses)
     return teachers
 
 
-def round_teachers(predictions: dict[str, np.ndarray], weights: dict[str, float]) -> dict[str, torch.Tensor]:
+def round_teachers(predictions: dict[str, np.ndarray], weights: dict[str, float], rule: TeacherRule | None = None,
+                   val_losses: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """What the aggregator publishes for the next round (fedzero.store's teachers file): every
-    predicting client's leave-one-out teacher, and under ALL_CLIENTS the weighted mean of all of
-    them, for a client that sent no predictions this round (it joined late). ALL_CLIENTS only
+    predicting client's leave-one-out teacher, and under ALL_CLIENTS the mixture of all of them
+    (same rule), for a client that sent no predictions this round (it joined late). ALL_CLIENTS only
     when two or more clients carry weight: else it would be one client's own predictions, and a
-    predicting client without a teacher of its own would fall back to it."""
+    predicting client without a teacher of its own would fall back to it. Never under only_stronger:
+    there a predicting client may be left without a teacher on purpose (no client is stronger), and
+    the mixture of all would hand it its own predictions; a late client's loss is unknown anyway."""
     from fedzero.store.store import ALL_CLIENTS
 
-    teachers = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in leave_one_out_teachers(predictions, weights).items()}
+    rule = rule or TeacherRule()
+    teachers = {k: torch.as_tensor(v, dtype=torch.float32)
+                for k, v in leave_one_out_teachers(predictions, weights, rule, val_losses).items()}
     weighted = [c for c in predictions if weights.get(c, 0) > 0]
-    if len(weighted) >= 2:
-        total = sum(weights[c] for c in weighted)
-        mean = sum(weights[c] * np.asarray(predictions[c], dtype=np.float64) for c in weighted) / total
-        teachers[ALL_CLIENTS] = torch.as_tensor(mean, dtype=torch.float32)
+    if len(weighted) >= 2 and not rule.only_stronger:
+        mixture = _mixture(predictions, weights, weighted, rule.teacher,
+                           check_val_losses(val_losses, weighted) if rule.needs_quality else None)
+        teachers[ALL_CLIENTS] = torch.as_tensor(mixture, dtype=torch.float32)
     return teachers
 
 
@@ -67,39 +179,51 @@ def check_predictions(probs: torch.Tensor) -> str | None:
     return None
 
 
-def publish_teachers(store, rnd: int, num_samples: dict[str, int]) -> dict:
+def publish_teachers(store, rnd: int, num_samples: dict[str, int], rule: TeacherRule | None = None) -> dict:
     """The aggregator's step (simulator and MPI aggregator alike): the anchor predictions sent with
-    round rnd's aggregated updates ({client: num_samples}) become round rnd+1's teachers, written
-    before that round's global, whose publication marks the round ready. A client whose predictions
-    cannot be read, are malformed, or are shaped unlike the majority's (other anchors or labels) is
-    left out, not fatal. Returns {"used": [clients], "dropped": {client: reason}} for the result."""
+    round rnd's aggregated updates ({client: num_samples}) become round rnd+1's teachers under `rule`
+    (None: the "mean" teacher), written before that round's global, whose publication marks the round
+    ready. A client whose predictions cannot be read, are malformed, are shaped unlike the majority's
+    (other anchors or labels), or, when the rule needs it, came without a quality (held-out loss) is
+    left out, not fatal. Returns {"used": [clients], "dropped": {client: reason}} for the result; a
+    rule that needs qualities adds "teacher", "only_stronger", "quality" ({client: held-out loss})
+    and "without_teacher" (used clients that got none: under only_stronger, the strongest)."""
     from fedzero.store import StoreError
 
-    predictions, dropped = {}, {}
+    rule = rule or TeacherRule()
+    predictions, qualities, dropped = {}, {}, {}
     for c in sorted(num_samples):
         try:
-            p = store.read_anchor_predictions(rnd, c)
+            found = store.read_anchor_predictions_with_quality(rnd, c)
         except StoreError as err:
             dropped[c] = f"unreadable: {err}"
             continue
-        if p is None:
+        if found is None:
             continue
+        p, quality = found
         reason = check_predictions(p)
+        if not reason and rule.needs_quality and quality is None:
+            reason = f"sent no quality (its held-out loss), which {rule} needs"
         if reason:
             dropped[c] = reason
         else:
-            predictions[c] = p.numpy()
+            predictions[c], qualities[c] = p.numpy(), quality
     shapes = [p.shape for p in predictions.values()]
     if shapes:
         common = max(set(shapes), key=lambda s: (shapes.count(s), s))
         for c in [c for c, p in predictions.items() if p.shape != common]:
             dropped[c] = f"shape {predictions.pop(c).shape}, the others' is {common} (other anchors or labels)"
-    teachers = round_teachers(predictions, num_samples) if predictions else {}
+    val_losses = {c: qualities[c] for c in predictions} if rule.needs_quality else None
+    teachers = round_teachers(predictions, num_samples, rule, val_losses) if predictions else {}
     if teachers:
         store.write_teachers(rnd + 1, teachers)
     else:
         store.clear_teachers(rnd + 1)
-    return {"used": sorted(predictions), "dropped": dropped}
+    out = {"used": sorted(predictions), "dropped": dropped}
+    if rule.needs_quality:
+        out.update(teacher=rule.teacher, only_stronger=rule.only_stronger, quality=val_losses,
+                   without_teacher=sorted(c for c in predictions if c not in teachers))
+    return out
 
 
 def kl_to_teacher(student_logp: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
