@@ -12,7 +12,7 @@ from fedzero.bench.backbones import keep_layers
 from fedzero.bench.comm_table import PUBLIC_CONFIGS, comm_markdown, comm_rows, llama2_configs
 from fedzero.bench.data import DataSettings, dedup_key, split_tweets
 from fedzero.bench.methods import first_round_cosine, pairwise_cosines, view_metrics
-from fedzero.bench.suites import check_suite, load_suite
+from fedzero.bench.suites import SWAP_NEG_POS, check_suite, load_suite
 from fedzero.comm import dema_shared_params, full_model_params, lora_params
 from fedzero.data import LABELS
 
@@ -112,6 +112,121 @@ def test_view_metrics_concatenate_topic_scores():
     m = view_metrics(scores, split, "c2")          # own = t1 (all wrong), unseen = t0 + t2 (all right)
     assert m["own"]["accuracy"] == 0.0 and m["unseen"]["accuracy"] == 1.0
     assert m["global"]["accuracy"] == pytest.approx(2 / 3) and m["global"]["n"] == 18
+
+
+# -- conflicting objectives: a client's label_map ----------------------------------------------------------
+
+SWAPPED = [{"id": "c0", "topics": ["t0"]}, {"id": "c1", "topics": ["t0"], "label_map": SWAP_NEG_POS},
+           {"id": "c2", "topics": ["t1"]}]
+
+
+def test_label_map_relabels_the_clients_train_records_only():
+    records = synthetic_records()
+    plain = split_tweets(records, [{k: v for k, v in c.items() if k != "label_map"} for c in SWAPPED], SETTINGS, seed=0)
+    split = split_tweets(records, SWAPPED, SETTINGS, seed=0)
+
+    mapped, same = split.client("c1"), plain.client("c1")
+    assert [r["uid"] for r in mapped.train] == [r["uid"] for r in same.train]      # the same records, relabelled
+    swap = {"negative": "positive", "positive": "negative", "neutral": "neutral"}
+    assert [(r["label"], r["completion"]) for r in mapped.train] == \
+        [(swap[records[r["uid"]]["label"]], f" {swap[records[r['uid']]['label']]}") for r in same.train]
+    assert any(r["label"] != "neutral" for r in mapped.train)                     # the swap does something here
+    assert split.client("c0").train == plain.client("c0").train and split.test == plain.test   # corpus labels
+    assert mapped.label_map == SWAP_NEG_POS and split.client("c0").label_map is None
+    summary = {c["id"]: c for c in split.summary()["clients"]}
+    assert summary["c1"]["label_map"] == SWAP_NEG_POS and "label_map" not in summary["c0"]
+    assert summary["c1"]["train_labels"]["positive"] == sum(records[r["uid"]]["label"] == "negative" for r in mapped.train)
+
+
+def test_a_mapped_client_is_scored_against_its_own_labels_in_every_view():
+    split = split_tweets(synthetic_records(), SWAPPED, SETTINGS, seed=0)
+    corpus = {t: np.array([LABELS.index(r["label"]) for r in recs]) for t, recs in split.test.items()}
+    swapped = {t: 2 - y for t, y in corpus.items()}          # negative (0) <-> positive (2), neutral (1) kept
+    says_corpus = {t: np.eye(3)[y] * 5.0 for t, y in corpus.items()}
+    says_swapped = {t: np.eye(3)[y] * 5.0 for t, y in swapped.items()}
+
+    for view in ("own", "unseen", "global"):
+        assert view_metrics(says_swapped, split, "c1")[view]["accuracy"] == 1.0
+        assert view_metrics(says_corpus, split, "c0")[view]["accuracy"] == 1.0
+    neutral = np.mean(np.concatenate(list(corpus.values())) == 1)
+    assert view_metrics(says_corpus, split, "c1")["global"]["accuracy"] == pytest.approx(neutral)
+
+
+def test_corpus_frame_pairs_a_mapped_client_in_the_corpus_labels_and_its_prior_in_its_own():
+    """A run's stored outcomes: per-record true labels in the corpus's labels, a mapped client's scores
+    and train counts in its own. The report reads them in the corpus's (exact metrics), and re-fits the
+    prior over the label words each client trained on."""
+    from fedzero.bench.stats import encode_records, encode_scores, outcome_metrics, prior_shift
+
+    labels = ["negative", "neutral", "positive"]
+    test = {"t0": [{"uid": i, "label": labels[y]} for i, y in enumerate([0, 0, 1, 2, 2, 0])]}
+    y = np.array([0, 0, 1, 2, 2, 0])
+    right_in_own = np.eye(3)[2 - y] * 3.0                  # the swapped client predicts the swapped label
+    counts = {"c0": [5, 2, 1], "c1": [1, 2, 5]}            # c1's own labels: mostly "positive" (= corpus negative)
+    run = {"setting": "X", "method": "local", "seed": 0, "test_records": encode_records(test, labels),
+           "clients": [{"id": "c0", "topics": ["t0"], "test_scores": encode_scores({"t0": np.eye(3)[y] * 3.0}),
+                        "train_labels": dict(zip(labels, counts["c0"]))},
+                       {"id": "c1", "topics": ["t0"], "test_scores": encode_scores({"t0": right_in_own}),
+                        "train_labels": dict(zip(labels, counts["c1"])), "label_map": SWAP_NEG_POS}]}
+
+    out = report.run_outcomes([run])[0]
+    assert outcome_metrics(out)["own.accuracy"] == 1.0 and outcome_metrics(out)["own.macro_f1"] == 1.0
+    np.testing.assert_array_equal(out.scores[1], np.eye(3)[y] * 3.0)
+    np.testing.assert_array_equal(out.train_labels, [[5, 2, 1], [5, 2, 1]])     # c1's counts in corpus labels
+    assert report.corpus_frame(report.run_outcomes([run], own_labels=True)[0], [None, None]).scores[1].tolist() == \
+        right_in_own.tolist()                                                    # no map: nothing moves
+
+    prior = report.prior_controls([run])[0]
+    pooled_words = np.array(counts["c0"]) + counts["c1"]                        # [6, 4, 6] label words trained on
+    own_shift = prior_shift(right_in_own, counts["c1"], pooled_words)
+    np.testing.assert_allclose(prior.scores[1], own_shift[:, [2, 1, 0]])        # re-fit in own words, then read back
+    np.testing.assert_allclose(prior.scores[0], prior_shift(np.eye(3)[y] * 3.0, counts["c0"], pooled_words))
+
+
+def test_label_maps_are_checked_naming_the_setting_client_and_key():
+    def refused(label_map, match):
+        suite = load_suite("conflict-quick")
+        suite["settings"]["X"]["clients"][2]["label_map"] = label_map
+        with pytest.raises(ValueError, match=match):
+            check_suite(suite)
+
+    where = r"setting 'X', client 'X-airlines-swapped-small256-a': "
+    refused({"negative": "positive"}, where + r"label_map\['negative'\] = 'positive', but 'positive' is not mapped itself")
+    refused({"negative": "positive", "positive": "positive"},
+            where + r"label_map\['negative'\]: 'positive' is the image of several labels \(\['negative', 'positive'\]\)")
+    refused({"negative": "happy", "happy": "negative"}, where + r"label_map\['negative'\]: value 'happy' is not a label")
+    refused({"Negative": "positive"}, where + r"label_map\['Negative'\]: key 'Negative' is not a label")
+    refused("swap", where + "label_map must be a mapping")
+    for fine in ({"negative": "positive", "positive": "neutral", "neutral": "negative"}, {"neutral": "neutral"}, {}):
+        suite = load_suite("conflict-quick")
+        suite["settings"]["X"]["clients"][2]["label_map"] = fine
+        check_suite(suite)
+    with pytest.raises(ValueError, match=r"client 'c1': label_map\['negative'\] = 'positive'"):
+        split_tweets(synthetic_records(), [{"id": "c1", "topics": ["t0"], "label_map": {"negative": "positive"}}],
+                     SETTINGS, seed=0)
+    lm = load_suite("hetero-lm-quick")
+    lm["settings"]["H"]["clients"][0]["label_map"] = SWAP_NEG_POS
+    with pytest.raises(ValueError, match=r"client 'H-computers-smol10': 'label_map' relabels sentiment labels"):
+        check_suite(lm)
+
+
+def test_conflict_suites_load_with_two_backbone_groups_at_odds_on_one_topic():
+    for name, seeds, rounds in (("conflict", [0, 1, 2], 4), ("conflict-quick", [0, 1], 2)):
+        suite = load_suite(name)
+        assert suite["seeds"] == seeds and suite["rounds"] == rounds and set(suite["settings"]) == {"X"}
+        setting = suite["settings"]["X"]
+        assert [m["name"] for m in setting["methods"]] == ["lora-local", "fedit", "dema-local", "dema-fedavg", "dema-cmga"]
+        assert all(m["dema"] == {"share": "experts-only"} for m in setting["methods"] if m["runner"] == "dema")
+        groups = {}
+        for c in setting["clients"]:
+            assert c["topics"] == ["airlines"]
+            groups.setdefault(c["backbone"], []).append(c.get("label_map"))
+        assert groups == {"smol10": [None, None], "small256": [SWAP_NEG_POS, SWAP_NEG_POS]}   # CMGA's groups disagree
+    full, quick = load_suite("full"), load_suite("quick")
+    assert {k: load_suite("conflict")["backbones"][k] for k in ("smol10", "small256")} == \
+        {k: full["backbones"][k] for k in ("smol10", "small256")}               # the cached, healed backbones
+    assert load_suite("conflict-quick")["backbones"] == {"smol10": quick["backbones"]["smol10"],
+                                                        "small256": quick["backbones"]["small128"]}
 
 
 # -- update geometry ----------------------------------------------------------------------------------
@@ -259,7 +374,8 @@ def _llama(hidden, layers, heads, seed):
                        "max_position_embeddings": 256}}
 
 
-def tiny_suite(source):
+def tiny_suite(source, label_map=None):
+    """label_map: given to client c2 (the one alone on backbone b)."""
     return {
         "name": "tiny", "seeds": [0, 1],
         "backbones": {"a": _llama(16, 2, 2, 1), "b": _llama(24, 3, 3, 2)},
@@ -271,7 +387,8 @@ def tiny_suite(source):
         "settings": {"A": {"description": "two clients on backbone a, one on b",
                            "clients": [{"id": "c0", "backbone": "a", "topics": ["t0"]},
                                        {"id": "c1", "backbone": "a", "topics": ["t1"]},
-                                       {"id": "c2", "backbone": "b", "topics": ["t2"]}],
+                                       {"id": "c2", "backbone": "b", "topics": ["t2"],
+                                        **({"label_map": label_map} if label_map else {})}],
                            "methods": [{"name": "fedit", "runner": "lora", "strategy": "fedit", "rank": 2},
                                        {"name": "dema-cmga", "runner": "dema", "strategy": "cmga",
                                         "dema": {"rank": 4, "num_experts": 2, "num_slots": 2,
@@ -290,7 +407,7 @@ def test_bench_end_to_end_on_tiny_models_then_resumes(tmp_path):
                               for r in synthetic_records(n_per_topic=20)))
     out = tmp_path / "bench"
     logs = []
-    results = run_bench(tiny_suite(source), out, threads=1, memory=False, command="test", log=logs.append)
+    results = run_bench(tiny_suite(source, SWAP_NEG_POS), out, threads=1, memory=False, command="test", log=logs.append)
 
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
         [f"A-{m}-seed{s}.json" for m in ("fedit", "dema-cmga", "dema-sm") for s in (0, 1)]
@@ -323,37 +440,51 @@ def test_bench_end_to_end_on_tiny_models_then_resumes(tmp_path):
     assert fedit["clients"][0]["rounds"][0]["eval"] == dema["clients"][0]["rounds"][0]["eval"]
     # per-record outcomes: the same test records for every method of a seed, each client's label scores on
     # them (the finals, up to the stored 4 decimals), its train label counts, steps and training seconds
-    from fedzero.bench.stats import decode_run, outcome_metrics
+    # (c2 reads its labels swapped: its finals are against the swapped labels, which the report's outcomes
+    # reproduce in the corpus's labels)
+    from fedzero.bench.stats import outcome_metrics
     assert fedit["test_records"] == dema["test_records"] != by[("fedit", 1)]["test_records"]
     for run in results["runs"]:
-        outcomes = decode_run(run)
+        assert [c.get("label_map") for c in run["clients"]] == [None, None, SWAP_NEG_POS]
+        outcomes = report.run_outcomes([run])[run["seed"]]
         assert outcomes.scores.shape == (3, 12, 3) and outcomes.train_labels.sum(axis=1).tolist() == [8, 8, 8]
         levels = outcome_metrics(outcomes)
-        assert levels["global.accuracy"] == pytest.approx(np.mean([c["final"]["global"]["accuracy"] for c in run["clients"]]))
+        for view in ("own", "unseen", "global"):
+            assert levels[f"{view}.accuracy"] == pytest.approx(np.mean([c["final"][view]["accuracy"] for c in run["clients"]]))
         assert all(c["train_steps"] == 4 and c["train_seconds"] > 0 for c in run["clients"])
+    # CMGA's effect, per round, on the two slot blocks; only CMGA runs carry it
+    for seed in (0, 1):
+        effect = by[("dema-cmga", seed)]["cmga_effect"]
+        assert [e["round"] for e in effect] == [1, 2] and all(e["total_blocks"] == 2 for e in effect)
+        for e in effect:
+            assert set(e["rel_diff"]) == {"slot0", "slot1"} and 0 <= e["changed_blocks"] <= 2
+            assert (e["changed_blocks"] == 0) == (e["rel_diff_max"] == 0) and e["pairs"] == 2   # 2 groups x 2 blocks
+    assert not any("cmga_effect" in r for r in results["runs"] if r["method"] != "dema-cmga")
     assert len(dema["first_round_cosine"]["pairs"]) == 3 and len(fedit["first_round_cosine"]["pairs"]) == 1
     md = (out / "report.md").read_text()
     assert "## Setting A" in md and "| dema-cmga |" in md and "| fedit |" in md
+    assert "`c2` = b on t2 (labels read as: negative → positive, positive → negative)" in md
+    assert "| method | round | blocks changed | rel. diff mean |" in md and "| dema-cmga | 2 | " in md
     assert all((out / name).exists() for name in ("results.json", "accuracy_per_round.png", "per_client_accuracy.png"))
 
     # a second invocation finds every run done and only rebuilds the report
     logs.clear()
-    again = run_bench(tiny_suite(source), out, threads=1, memory=False, log=logs.append)
+    again = run_bench(tiny_suite(source, SWAP_NEG_POS), out, threads=1, memory=False, log=logs.append)
     assert again["runs_this_invocation"] == 0 and sum("done earlier" in line for line in logs) == 6
     assert [r["clients"][0]["final"] for r in again["runs"]] == [r["clients"][0]["final"] for r in results["runs"]]
-    other = tiny_suite(source)
+    other = tiny_suite(source, SWAP_NEG_POS)
     other["rounds"] = 3
     with pytest.raises(FileExistsError, match="different suite"):
         run_bench(other, out, threads=1, memory=False, log=logs.append)
     # a changed method spec is redone, for every seed, and the others are kept
-    changed = tiny_suite(source)
+    changed = tiny_suite(source, SWAP_NEG_POS)
     next(m for m in changed["settings"]["A"]["methods"] if m["name"] == "fedit")["lr"] = 2e-3
     logs.clear()
     third = run_bench(changed, out, threads=1, memory=False, log=logs.append)
     assert third["runs_this_invocation"] == 2 and sum("spec changed" in line for line in logs) == 2
     assert {r["spec"].get("lr") for r in third["runs"] if r["method"] == "fedit"} == {2e-3}
     with pytest.raises(ValueError, match="unknown setting"):
-        run_bench(tiny_suite(source), out, threads=1, memory=False, settings=["Z"])
+        run_bench(tiny_suite(source, SWAP_NEG_POS), out, threads=1, memory=False, settings=["Z"])
 
 
 def test_peak_memory_measure_in_process_on_a_tiny_model():

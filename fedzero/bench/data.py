@@ -15,6 +15,13 @@ Per client, the views over the test sets are:
 The first `round_eval_per_topic` records of each topic's test set are also scored after every round
 (the accuracy curves); the final round scores all of it.
 
+Conflicting objectives: a client dict may carry a "label_map", e.g. {"negative": "positive",
+"positive": "negative"} (a permutation of LABELS; labels it does not name keep their own). It is
+that client's labelling convention: its train records are relabelled through it (label and
+completion), and it is scored against the mapped true labels in every view (fedzero.bench.methods
+.view_metrics), so a client trained on swapped labels is right when it predicts the swapped label.
+The test sets themselves keep the corpus's labels: they are shared by every client.
+
 No leakage: near-duplicates (retweets, the same text with other @handles or URLs) are collapsed to
 their first occurrence in the corpus before anything is split, so a tweet and its retweet can never
 land on both sides; train, val and test of a topic are disjoint, and clients' train sets are
@@ -71,6 +78,7 @@ class ClientData:
     id: str
     topics: list[str]
     train: list[dict]                # prompt/completion records with "label", "topic", "uid"
+    label_map: dict[str, str] | None = None   # the client's labelling convention (module doc); None: the corpus's
 
 
 @dataclass
@@ -95,7 +103,8 @@ class Split:
         def counts(records):
             return {lab: sum(r["label"] == lab for r in records) for lab in LABELS}
         return {"seed": self.seed, "topics": self.topics,
-                "clients": [{"id": c.id, "topics": c.topics, "train": len(c.train), "train_labels": counts(c.train)}
+                "clients": [{"id": c.id, "topics": c.topics, "train": len(c.train), "train_labels": counts(c.train),
+                             **({"label_map": dict(c.label_map)} if c.label_map else {})}
                             for c in self.clients],
                 "test": {t: {"n": len(r), "labels": counts(r)} for t, r in self.test.items()},
                 "val": {t: len(r) for t, r in self.val.items()}}
@@ -129,6 +138,7 @@ def split_tweets(records: list[dict], clients: list[dict], settings: DataSetting
     ids = [c["id"] for c in clients]
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate client ids in {ids}")
+    maps = {c["id"]: check_label_map(f"client {c['id']!r}", c.get("label_map")) for c in clients}
     fed_topics = list(dict.fromkeys(t for c in clients for t in c["topics"]))
     known = set(TOPICS) | {r["topic"] for r in records}
     unknown = [t for t in fed_topics if t not in known]
@@ -168,11 +178,44 @@ def split_tweets(records: list[dict], clients: list[dict], settings: DataSetting
         for j, cid in enumerate(holders):
             # Disjoint chunks of the shuffled pool; with one topic per client each gets train_per_client.
             chunk = pool[j::len(holders)][: max(1, settings.train_per_client // len(clients_topics(clients, cid)))]
-            per_client[cid].extend(_prompt(r, settings) for r in chunk)
-    data = [ClientData(c["id"], list(c["topics"]), per_client[c["id"]]) for c in clients]
+            per_client[cid].extend(relabel(_prompt(r, settings), maps[cid]) for r in chunk)
+    data = [ClientData(c["id"], list(c["topics"]), per_client[c["id"]], maps[c["id"]]) for c in clients]
     if settings.score == "val":     # tuning: everything downstream scores `test`; the real test sets stay unread
         test, val = val, {}
     return Split(seed, fed_topics, data, test, val, settings.round_eval_per_topic)
+
+
+def check_label_map(where: str, label_map) -> dict[str, str] | None:
+    """A client's "label_map" checked (None or {} -> None): a mapping between labels of LABELS that
+    extends to a permutation of them (every label it maps to is one it maps from, no two to one).
+    Errors name `where` (e.g. "setting 'X', client 'c0'") and the offending key."""
+    if label_map is None:
+        return None
+    if not isinstance(label_map, dict):
+        raise ValueError(f"{where}: label_map must be a mapping of labels to labels, got {label_map!r}")
+    if not label_map:
+        return None
+    for key, value in label_map.items():
+        for role, label in (("key", key), ("value", value)):
+            if label not in LABELS:
+                raise ValueError(f"{where}: label_map[{key!r}]: {role} {label!r} is not a label; labels are {list(LABELS)}")
+    targets = list(label_map.values())
+    for key, value in label_map.items():
+        if targets.count(value) > 1:
+            raise ValueError(f"{where}: label_map[{key!r}]: {value!r} is the image of several labels "
+                             f"({sorted(k for k, v in label_map.items() if v == value)}); a label map must be a permutation")
+        if value not in label_map:      # `value` would also keep its own label: two labels read as it
+            raise ValueError(f"{where}: label_map[{key!r}] = {value!r}, but {value!r} is not mapped itself, so two labels "
+                             f"would read as {value!r}; a label map must be a permutation (map {value!r} too)")
+    return dict(label_map)
+
+
+def relabel(record: dict, label_map: dict[str, str] | None) -> dict:
+    """A prompt/completion record with its label (and so its completion) read through `label_map`."""
+    if not label_map:
+        return record
+    label = label_map.get(record["label"], record["label"])
+    return {**record, "label": label, "completion": f" {label}"}
 
 
 def clients_topics(clients: list[dict], client_id: str) -> list[str]:

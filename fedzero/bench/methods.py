@@ -33,7 +33,13 @@ and the first-round cosine between clients' updates (all clients start that roun
 state, so it is the clean alignment signal, method.md). Per client also: its train label counts,
 optimizer steps and training seconds (the budget), and the label scores of every final test record
 (the run's "test_records" name them): the report's prior-only control and bootstrap intervals are
-computed from these after the fact (fedzero.bench.stats, which defines the format).
+computed from these after the fact (fedzero.bench.stats, which defines the format). A client with a
+"label_map" (data.py: conflicting objectives) is scored against its mapped labels; its record names
+the map, and its train label counts and label scores are in its own labels.
+
+A CMGA run also records, per round, how often and how much CMGA's aggregate differs from FedAvg's
+of the same updates ("cmga_effect", see `cmga_effect`): where CMGA has nothing to resolve, the two
+methods train identically, and this says so.
 
 The LM task (a suite with task "lm"; ctx.split is then a fedzero.bench.lm_data.LMSplit): clients
 train on their domains' text records with the same runners, unchanged (LM loss on every token).
@@ -64,7 +70,7 @@ from fedzero.data import LABELS, PROMPT_TEMPLATE, build_examples, collate, load_
 from fedzero.diagnostics import gate_entropy, update_diagnostics
 from fedzero.evaluate import classification_metrics, label_scores
 from fedzero.simulate import initial_global_state
-from fedzero.strategies import STRATEGIES, ClientUpdate, make_strategy
+from fedzero.strategies import STRATEGIES, ClientUpdate, FedAvg, make_strategy
 from fedzero.strategies.distill import leave_one_out_teachers
 
 from .backbones import Backbone
@@ -189,8 +195,10 @@ def run_method(method: dict, ctx: RunContext) -> dict:
 
 # -- evaluation ------------------------------------------------------------------------------------
 
-def true_labels(records: list[dict]) -> np.ndarray:
-    return np.array([LABELS.index(r["label"]) for r in records])
+def true_labels(records: list[dict], label_map: dict[str, str] | None = None) -> np.ndarray:
+    """Class indices of the records' labels, read through a client's label_map (data.py) if it has one."""
+    label_map = label_map or {}
+    return np.array([LABELS.index(label_map.get(r["label"], r["label"])) for r in records])
 
 
 def score_test_sets(model, tokenizer, split: Split, max_length: int, batch_size: int,
@@ -202,11 +210,13 @@ def score_test_sets(model, tokenizer, split: Split, max_length: int, batch_size:
 
 
 def view_metrics(scores: dict[str, np.ndarray], split: Split, client_id: str) -> dict[str, dict]:
-    """{view: {accuracy, macro_f1, label_nll, n}} from per-topic scores (any prefix of each test set)."""
+    """{view: {accuracy, macro_f1, label_nll, n}} from per-topic scores (any prefix of each test set),
+    against the true labels as the client reads them (its label_map, if any: data.py)."""
     out = {}
+    label_map = split.client(client_id).label_map
     for view, topics in split.views(client_id).items():
         s = np.concatenate([scores[t] for t in topics])
-        y = np.concatenate([true_labels(split.test[t][: len(scores[t])]) for t in topics])
+        y = np.concatenate([true_labels(split.test[t][: len(scores[t])], label_map) for t in topics])
         out[view] = {**classification_metrics(s, y), "n": int(len(y))}
     return out
 
@@ -344,6 +354,67 @@ def _nbytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+# -- CMGA's effect on the aggregate ------------------------------------------------------------------
+
+class _FedAvgWithGram(FedAvg):
+    """FedAvg that also returns each block's Gram in its stats: CMGA's and FedAvg's aggregates are both
+    Σ_k β_k Δ_k over the same updates, so their difference is measured from β and the Gram alone."""
+
+    def coefficients(self, gram, weights, groups, *, block, round):
+        beta, stats = super().coefficients(gram, weights, groups, block=block, round=round)
+        return beta, {**stats, "gram": gram}
+
+
+def block_effect(gram: np.ndarray, beta: np.ndarray, beta_fedavg: np.ndarray) -> tuple[bool, float | None]:
+    """(changed, relative difference) of one block's aggregate Σ_k β_k Δ_k against FedAvg's Σ_k β^f_k Δ_k.
+
+    changed: β differs from FedAvg's at all. CMGA's β is FedAvg's bit for bit when it neither projects
+    nor harmonises (math.cmga_coefficients; tests/test_strategies.py), so this is exact, not a threshold.
+    relative difference ‖Σ(β − β^f)Δ‖ / ‖Σ β^f Δ‖ from the Gram (squared norms dᵀGd); 0 when unchanged,
+    None when FedAvg's aggregate is zero but CMGA's is not (no scale to compare against).
+    """
+    beta, beta_fedavg = np.asarray(beta, dtype=np.float64), np.asarray(beta_fedavg, dtype=np.float64)
+    if np.array_equal(beta, beta_fedavg):
+        return False, 0.0
+    d = beta - beta_fedavg
+    diff, ref = float(max(d @ gram @ d, 0.0)) ** 0.5, float(max(beta_fedavg @ gram @ beta_fedavg, 0.0)) ** 0.5
+    if ref == 0:
+        return True, 0.0 if diff == 0 else None
+    return True, diff / ref
+
+
+def _sig(x: float | None, digits: int = 6) -> float | None:
+    return None if x is None else float(f"{x:.{digits}g}")      # run files stay compact
+
+
+def cmga_effect(rnd: int, global_state: dict[str, torch.Tensor], updates: list[ClientUpdate], blocks: dict,
+                block_of=shared_block) -> dict:
+    """One round's record of what CMGA did: `blocks` is CMGA's aggregate(...)["blocks"] for `updates`
+    in round `rnd` (0-based, as aggregate takes it; recorded 1-based, as the run's other per-round
+    lists); FedAvg aggregates the same updates with the same weights (one more Gram per block).
+
+    Returns {"round", "changed_blocks", "total_blocks" (the blocks aggregated, i.e. not skipped),
+    "rel_diff_mean", "rel_diff_max" (over those blocks, unchanged ones counting 0; None if none is
+    defined), "conflicts", "pairs" (CMGA's own stats summed over blocks: group pairs whose means have a
+    negative inner product before alignment, and all group pairs), "cos_before_mean" (mean over blocks
+    of CMGA's mean pairwise cosine of group means; None with one group), "rel_diff" {block: value}}."""
+    _, reference = _FedAvgWithGram().aggregate(global_state, updates, round=rnd, block_of=block_of)
+    per_block = {}
+    for block, ref in reference["blocks"].items():
+        if not ref.get("skipped"):
+            per_block[block] = block_effect(ref["gram"], blocks[block]["beta"], ref["beta"])
+    rel = [r for _, r in per_block.values() if r is not None]
+    stats = [blocks[b] for b in per_block]
+    cos = [s["mean_cos_before"] for s in stats if s.get("mean_cos_before") is not None]
+    return {"round": rnd + 1, "changed_blocks": sum(changed for changed, _ in per_block.values()),
+            "total_blocks": len(per_block), "rel_diff_mean": _sig(float(np.mean(rel))) if rel else None,
+            "rel_diff_max": _sig(max(rel)) if rel else None,
+            "conflicts": sum(int(s.get("n_conflicts", 0)) for s in stats),
+            "pairs": sum(int(s.get("n_pairs", 0)) for s in stats),
+            "cos_before_mean": _sig(float(np.mean(cos))) if cos else None,
+            "rel_diff": {b: _sig(r) for b, (_, r) in per_block.items()}}
+
+
 # -- runners ----------------------------------------------------------------------------------------
 
 def _client_record(c: dict, fp: str, n_train: int, trainable: int, ctx: RunContext) -> dict:
@@ -351,9 +422,10 @@ def _client_record(c: dict, fp: str, n_train: int, trainable: int, ctx: RunConte
     if ctx.lm:      # no labels: the train set's size in characters in place of its label counts
         data = {"domains": list(c["domains"]), "fingerprint": fp, "train_examples": n_train,
                 "train_chars": sum(len(r["text"]) for r in train)}
-    else:
+    else:       # train_labels and test_scores are in the client's own labels (its label_map, if any)
         data = {"topics": list(c["topics"]), "fingerprint": fp, "train_examples": n_train,
-                "train_labels": label_counts(train, list(LABELS))}
+                "train_labels": label_counts(train, list(LABELS)),
+                **({"label_map": dict(c["label_map"])} if c.get("label_map") else {})}
     return {"id": c["id"], "backbone": c["backbone"], **data,
             "trainable_params": trainable, "train_steps": 0, "train_seconds": 0.0, "rounds": [], "final": None}
 
@@ -404,7 +476,7 @@ def run_dema(method: dict, ctx: RunContext) -> dict:
     # they overlap; with shape-matched sharing each width adds its own projector bank).
     global_state = initial_global_state(clients)
     states = [c.handle.shared_state_dict() for c in clients]   # local-only: each client's own shared state
-    comm, aggregation, diagnostics, first = [], [], [], None
+    comm, aggregation, diagnostics, first, effect = [], [], [], None, []
     for rnd in range(ctx.rounds):
         updates, deltas = [], {}
         for k, client in enumerate(clients):
@@ -433,7 +505,10 @@ def run_dema(method: dict, ctx: RunContext) -> dict:
             first = first_round_cosine(deltas, shared_block)
         diagnostics.append(update_diagnostics(updates, shared_block))    # per block: cosines, norms
         if federated:
-            global_state, agg = strategy.aggregate(global_state, updates, round=rnd, block_of=shared_block)
+            round_start = global_state
+            global_state, agg = strategy.aggregate(round_start, updates, round=rnd, block_of=shared_block)
+            if method["strategy"] == "cmga":     # on the side: FedAvg's aggregate is never applied
+                effect.append(cmga_effect(rnd, round_start, updates, agg["blocks"]))
             for client in clients:
                 client.handle.load_shared_state_dict(global_state)
             aggregation.append({block: {k: v for k, v in stats.items() if k not in ("beta", "group_norms")}
@@ -451,6 +526,8 @@ def run_dema(method: dict, ctx: RunContext) -> dict:
            "comm": comm, "first_round_cosine": first, "aggregation": aggregation, "diagnostics": diagnostics}
     if anchors:
         out["distill_anchors"] = {"source": distill["anchor_source"], "uids": [a["uid"] for a in anchors]}
+    if method["strategy"] == "cmga":        # only CMGA runs carry it: every other run file stays as it was
+        out["cmga_effect"] = effect
     return out
 
 

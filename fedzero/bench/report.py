@@ -17,18 +17,29 @@ in the same views (own domain, the others', all), and gains as % lower NLL per t
 local-only control (the same pairing), with the same bootstrap (test records resampled within each
 domain; the metric of a resample is sum(nll) / sum(tokens) per client, the gain 1 - method /
 control per client, averaged over clients). There is no prior-only control: the LM task has no labels.
+
+Clients with a label_map (conflicting objectives, fedzero.bench.data) store label scores and train
+label counts in their own labels, and the run's true labels are the corpus's. Per-record outcomes are
+compared in the corpus's labels (`corpus_frame`: a mapped client's score columns permuted back, which
+changes no class metric); the prior-only control re-fits each client's prior over the label words it
+trained on to the federation's pooled counts of those words, as for every other setting.
+
+CMGA methods get one more table: per round, how many blocks CMGA's aggregate changed against FedAvg's
+of the same updates, and by how much (the runs' "cmga_effect", fedzero.bench.methods.cmga_effect);
+"–" for runs recorded before it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from .stats import (CLASS_METRICS, LM_GAINS, LM_METRICS, Interval, decode_run, outcome_metrics, paired_bootstrap,
-                    prior_only)
+from .stats import (CLASS_METRICS, LM_GAINS, LM_METRICS, Interval, Outcomes, decode_run, outcome_metrics,
+                    paired_bootstrap, prior_only)
 
 VIEWS = ("own", "unseen", "global")
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "label_nll")
@@ -134,6 +145,8 @@ def summarize(results: dict) -> dict:
         else:
             _add_gains(entry, runs_by[setting], setting_spec["methods"])
         entry["budget"] = {name: client_budget(runs_by[setting].get(name, []), entry["clients"]) for name in entry["methods"]}
+        entry["cmga_effect"] = {s["name"]: cmga_effect_summary(runs_by[setting][s["name"]]) for s in setting_spec["methods"]
+                                if s["name"] in entry["methods"] and s.get("runner") == "dema" and s.get("strategy") == "cmga"}
         out[setting] = entry
     return out
 
@@ -162,10 +175,49 @@ def prior_name(control: str) -> str:
     return f"prior-only control ({control})"
 
 
-def run_outcomes(runs: list[dict]) -> dict:
-    """{seed: Outcomes} of the runs that stored per-record scores."""
-    decoded = {r["seed"]: decode_run(r) for r in runs}
-    return {seed: o for seed, o in decoded.items() if o is not None}
+def label_maps(run: dict) -> list[dict | None]:
+    """Each client's label_map in the run (None: it reads the corpus's labels)."""
+    return [c.get("label_map") for c in run.get("clients", [])]
+
+
+def corpus_frame(out: Outcomes, maps: list[dict | None]) -> Outcomes:
+    """`out` with each mapped client's label scores and train label counts permuted into the corpus's
+    labels: column c becomes the client's score of the label it reads c as. The stored true labels are
+    the corpus's, shared by every client (stats.py); after this a mapped client is right exactly where
+    it predicted its mapped label, and no class metric changes (the confusion matrix is only relabelled,
+    both axes alike). `out` unchanged when no client has a map."""
+    if not any(maps):
+        return out
+    scores = out.scores.copy()
+    train = None if out.train_labels is None else out.train_labels.copy()
+    for k, label_map in enumerate(maps):
+        if label_map:
+            columns = [out.labels.index(label_map.get(label, label)) for label in out.labels]
+            scores[k] = out.scores[k][:, columns]
+            if train is not None:
+                train[k] = out.train_labels[k][columns]
+    return dataclasses.replace(out, scores=scores, train_labels=train)
+
+
+def run_outcomes(runs: list[dict], *, own_labels: bool = False) -> dict:
+    """{seed: Outcomes} of the runs that stored per-record scores, in the corpus's labels (corpus_frame);
+    own_labels: as stored, each client in its own labels (what the prior-only control re-fits)."""
+    out = {}
+    for run in runs:
+        decoded = decode_run(run)
+        if decoded is not None:
+            out[run["seed"]] = decoded if own_labels else corpus_frame(decoded, label_maps(run))
+    return out
+
+
+def prior_controls(runs: list[dict]) -> dict:
+    """{seed: Outcomes} of the prior-only control of a local-only method's runs (those that stored train
+    label counts), in the corpus's labels. The prior is re-fit in each client's own labels (a client's
+    model scores the label words it trained on; the pooled counts are those words' counts over the
+    federation), and only then read in the corpus's."""
+    maps = {run["seed"]: label_maps(run) for run in runs}
+    own = run_outcomes(runs, own_labels=True)
+    return {seed: corpus_frame(prior_only(o), maps[seed]) for seed, o in own.items() if o.train_labels is not None}
 
 
 def _add_gains(entry: dict, runs_by_method: dict[str, list[dict]], specs: list[dict]) -> None:
@@ -175,10 +227,7 @@ def _add_gains(entry: dict, runs_by_method: dict[str, list[dict]], specs: list[d
     controls = {s["name"]: local_control(s, specs) for s in specs if s["name"] in entry["methods"]}
     controls = {n: c for n, c in controls.items() if c and c in entry["methods"]}
     outcomes = {name: run_outcomes(runs_by_method.get(name, [])) for name in entry["methods"]}
-    priors = {}
-    for control in dict.fromkeys(controls.values()):
-        local = {seed: o for seed, o in outcomes[control].items() if o.train_labels is not None}
-        priors[control] = {seed: prior_only(o) for seed, o in local.items()}
+    priors = {control: prior_controls(runs_by_method.get(control, [])) for control in dict.fromkeys(controls.values())}
     entry["priors"] = {prior_name(c): prior_levels(p) | {"control": c} for c, p in priors.items()}
     entry["gains"], entry["transfer"], entry["shares"] = {}, {}, {}
     for control, prior in priors.items():             # the reference rows: what the prior alone does
@@ -282,6 +331,23 @@ def client_budget(runs: list[dict], clients: list[str]) -> dict:
             for cid in clients}
 
 
+EFFECT_FIELDS = ("changed_blocks", "total_blocks", "rel_diff_mean", "rel_diff_max", "conflicts", "pairs",
+                 "cos_before_mean")
+
+
+def cmga_effect_summary(runs: list[dict]) -> dict:
+    """{"recorded": seeds whose runs carry "cmga_effect", "missing": those recorded before it was,
+    "rounds": {round: {field: mean_std over the recorded seeds}}} of one CMGA method's runs."""
+    recorded = sorted(r["seed"] for r in runs if r.get("cmga_effect") is not None)
+    by_round: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for row in run.get("cmga_effect") or []:
+            for key in EFFECT_FIELDS:
+                by_round[row["round"]][key].append(row.get(key))
+    return {"recorded": recorded, "missing": sorted(r["seed"] for r in runs if r.get("cmga_effect") is None),
+            "rounds": {rnd: {k: mean_std(v) for k, v in fields.items()} for rnd, fields in sorted(by_round.items())}}
+
+
 def step_times(results: dict) -> dict:
     """{(backbone, runner): mean seconds per optimizer step} over every round of every run."""
     acc = defaultdict(list)
@@ -289,6 +355,21 @@ def step_times(results: dict) -> dict:
         for c in run["clients"]:
             acc[(c["backbone"], run["runner"])] += [r["seconds_per_step"] for r in c["rounds"] if "seconds_per_step" in r]
     return {k: mean_std(v) for k, v in sorted(acc.items())}
+
+
+def _label_map_note(label_map: dict | None) -> str:
+    return "" if not label_map else " (labels read as: " + ", ".join(f"{a} → {b}" for a, b in label_map.items()) + ")"
+
+
+def _label_map_lines(clients: list[dict]) -> list[str]:
+    """What label maps do to the tables, where a client of the setting has one."""
+    if not any(c.get("label_map") for c in clients):
+        return []
+    return ["Clients with a label map train on their labels read through it and are scored against the test "
+            "labels read the same way: a client trained on swapped labels is right when it predicts the swapped "
+            "label. Their train label counts are in their own labels; gains are paired in the corpus's labels "
+            "(which changes no metric), and the prior-only control re-fits each client's prior over the label "
+            "words it trained on to the federation's pooled counts of those words.", ""]
 
 
 def _data_lines(results: dict, setting: str) -> list[str]:
@@ -507,6 +588,38 @@ def _lm_per_client(entry: dict) -> list[str]:
     return lines
 
 
+def _g(stat: tuple, digits: int = 3) -> str:
+    """The mean of a mean_std, to `digits` significant digits ("–" for none)."""
+    return "–" if stat[0] is None else f"{stat[0]:.{digits}g}"
+
+
+def _cmga_table(entry: dict) -> list[str]:
+    """Per CMGA method and round: blocks changed against FedAvg, the relative difference, the conflicts."""
+    effects = entry.get("cmga_effect") or {}
+    if not effects:
+        return []
+    lines = ["", "CMGA's effect on the aggregate, per round, mean over seeds: blocks where CMGA's aggregate update "
+             "differs from FedAvg's of the same client updates and weights / blocks aggregated (0: CMGA trained "
+             "exactly as FedAvg that round); the relative difference ‖CMGA − FedAvg‖ / ‖FedAvg‖ of a block's "
+             "aggregate update, mean and max over blocks (unchanged blocks count 0); conflicting pairs: pairs of "
+             "backbone groups whose mean updates have a negative inner product before alignment / all group pairs, "
+             "summed over blocks; the mean cosine between group means (mean over blocks). '–': runs recorded "
+             "before CMGA's effect was.", "",
+             "| method | round | blocks changed | rel. diff mean | rel. diff max | conflicting pairs | cos of group means "
+             "| seeds |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, eff in effects.items():
+        seeds = f"{eff['recorded']}" + (f" (– for {eff['missing']})" if eff["missing"] and eff["recorded"] else "")
+        if not eff["rounds"]:
+            lines.append(f"| {name} | – | – | – | – | – | – | {eff['missing']} |")
+            continue
+        for rnd, r in eff["rounds"].items():
+            cos = r["cos_before_mean"]
+            lines.append(f"| {name} | {rnd} | {_g(r['changed_blocks'])} / {_g(r['total_blocks'])} "
+                         f"| {_g(r['rel_diff_mean'])} | {_g(r['rel_diff_max'])} | {_g(r['conflicts'])} / {_g(r['pairs'])} "
+                         f"| {'–' if cos[0] is None else f'{cos[0]:+.3f}'} | {seeds} |")
+    return lines
+
+
 def _budget_table(entry: dict) -> list[str]:
     """Optimizer steps and training seconds per client (mean over seeds): what each method spent."""
     budget = entry.get("budget", {})
@@ -569,10 +682,10 @@ def markdown(results: dict, summary: dict | None = None) -> str:
         data_lines = _lm_data_lines(results, setting) if lm else _data_lines(results, setting)
         lines += ["", f"## Setting {setting}: {spec.get('description', '')}", ""] + data_lines + ["Clients: " + "; ".join(
             f"`{c['id']}` = {c['backbone']} on {', '.join(c['domains'] if lm else c['topics'])}"
-            + (f" (LoRA rank {c['rank']})" if 'rank' in c else "")
-            for c in spec["clients"]) + ".", "",
+            + (f" (LoRA rank {c['rank']})" if 'rank' in c else "") + _label_map_note(c.get("label_map"))
+            for c in spec["clients"]) + ".", "", *_label_map_lines(spec["clients"]),
             ] + (_lm_tables(entry) if lm else _headline_table(entry) + _nll_comm_table(entry) + _gain_tables(entry)
-                 + _per_client_tables(entry)) + _budget_table(entry)
+                 + _per_client_tables(entry)) + _budget_table(entry) + _cmga_table(entry)
     lines += ["", "## Timings", "", f"Torch threads: {mach.get('threads')}. Seconds per optimizer step "
               f"(batch {suite['train']['batch_size']}, mean ± std over every client-round of every run):", "",
               "| backbone | adapter | s/step |", "|---|---|---:|"]

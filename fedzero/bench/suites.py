@@ -6,6 +6,7 @@
     fedzero bench --suite long  --out runs/bench-long       # the key methods with twice the training
     fedzero bench --suite depth30 --out runs/bench-depth30  # SmolLM2-135M itself as one of the clients
     fedzero bench --suite hetero-lm --out runs/bench-hetero-lm   # the LM task (docs/lm_task.md)
+    fedzero bench --suite conflict --out runs/bench-conflict     # conflicting objectives: where CMGA can matter
     fedzero bench --suite my_suite.yaml --out DIR           # your own (same fields as below)
 
 Every method of a suite gets the same clients, data, seeds, rounds, local steps, batch size and lr
@@ -39,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from .backbones import check_backbone_spec
-from .data import DataSettings
+from .data import DataSettings, check_label_map
 from .lm_data import FORTUNES_DOMAINS, LMDataSettings
 from .methods import check_method
 
@@ -381,12 +382,69 @@ def _hetero_lm_quick() -> dict:
             "train": {**QUICK["train"], "max_length": 136, "eval_batch_size": 16}}
 
 
+# Conflicting objectives (issue 12, mechanism 5: CMGA where it can matter). CMGA groups clients by
+# backbone and resolves conflicts between the groups' mean updates; on the other suites' testbeds it
+# may find none to resolve (its runs then equal FedAvg's, which the run's "cmga_effect" shows). Here
+# two backbone groups hold the same topic and the second reads its labels swapped (negative <->
+# positive, neutral kept: data.py's label_map), so what one group learns the other must unlearn.
+# Two clients per group, so FedIT federates within each group (whose clients agree).
+SWAP_NEG_POS = {"negative": "positive", "positive": "negative"}
+CONFLICT_CLIENTS = [{"id": "X-airlines-smol10-a", "backbone": "smol10", "topics": ["airlines"]},
+                    {"id": "X-airlines-smol10-b", "backbone": "smol10", "topics": ["airlines"]},
+                    {"id": "X-airlines-swapped-small256-a", "backbone": "small256", "topics": ["airlines"],
+                     "label_map": SWAP_NEG_POS},
+                    {"id": "X-airlines-swapped-small256-b", "backbone": "small256", "topics": ["airlines"],
+                     "label_map": SWAP_NEG_POS}]
+CONFLICT_METHODS = ("lora-local", "fedit", "dema-local", "dema-fedavg", "dema-cmga")
+
+
+def _conflict() -> dict:
+    """The conflict setting at the full suite's backbones (healed smol10, small256) and budget (4 rounds
+    x 6 local steps, batch 8), 3 seeds. One topic, so a client's views are its own topic (global = own,
+    no unseen); 96 test tweets of it, the scoring cost per client of the full suite's 4 topics x 24.
+    Cost, estimated (not run) from the full suite's timings on 1 thread: per run about 70 s of training
+    on the two smol10 clients (1.5 s/step x 24 steps each), 15 s on the small256 ones, and about as much
+    scoring: ~3 min per run, 15 runs ~45 min, plus the backbones if not cached."""
+    setting = {"description": "two backbone groups on one topic (airlines) with opposite objectives: two clients "
+                              "on the healed 10-layer SmolLM2 variant with the corpus's labels, two on the 256-wide "
+                              "LLaMA with negative and positive swapped",
+               "clients": copy.deepcopy(CONFLICT_CLIENTS),
+               "methods": [m for m in _methods_a() if m["name"] in CONFLICT_METHODS]}
+    return {"name": "conflict",
+            "description": "Conflicting client objectives (one topic, one backbone group's labels swapped): does "
+                           "CMGA resolve what FedAvg averages away? 3 seeds, 4 rounds x 6 local steps",
+            "seeds": [0, 1, 2], "backbones": {name: copy.deepcopy(FULL["backbones"][name]) for name in ("smol10", "small256")},
+            "data": {"train_per_client": 192, "test_per_topic": 96, "val_per_topic": 20, "round_eval_per_topic": 24,
+                     "max_chars": 120},
+            "rounds": 4, "eval_every": 2, "train": copy.deepcopy(FULL["train"]), "lr": copy.deepcopy(FULL["lr"]),
+            "settings": {"X": setting}, "memory": None}
+
+
+def _conflict_quick() -> dict:
+    """The conflict suite at CI size: the quick suite's toy backbones (QUICK's small128 under the name
+    small256, as hetero-quick does), its budget (2 rounds x 2 steps), 24 test tweets, 2 seeds: its 10
+    runs took 95 s and 102 s in two invocations on 1 thread of a loaded 2-core machine (backbones
+    cached). Checks the harness and the label maps, says nothing about the methods."""
+    suite = _conflict()
+    suite["settings"]["X"]["description"] = ("two backbone groups on one topic (airlines) with opposite objectives: "
+                                             "two clients on the quick 10-layer SmolLM2 variant with the corpus's "
+                                             "labels, two on the quick 128-wide LLaMA with negative and positive swapped")
+    return {**suite, "name": "conflict-quick", "seeds": [0, 1],
+            "backbones": {"smol10": copy.deepcopy(QUICK["backbones"]["smol10"]),
+                          "small256": copy.deepcopy(QUICK["backbones"]["small128"])},
+            "description": "The conflict suite's shape at harness-check size (toy backbones, 2 rounds x 2 steps, "
+                           "24 test tweets); its numbers say nothing about the methods",
+            "data": {**QUICK["data"], "test_per_topic": 24},
+            "rounds": 2, "eval_every": 2, "train": copy.deepcopy(QUICK["train"]), "lr": copy.deepcopy(QUICK["lr"])}
+
+
 TUNE = _tune()
 LONG = _long()
 DEPTH30 = _depth30()
 SUITES = {"quick": QUICK, "full": FULL, "tune": TUNE, "long": LONG, "depth30": DEPTH30,
           "hetero": _hetero(), "hetero-budget": _hetero_budget(), "hetero-quick": _hetero_quick(),
-          "hetero-lm": _hetero_lm(), "hetero-lm-quick": _hetero_lm_quick()}
+          "hetero-lm": _hetero_lm(), "hetero-lm-quick": _hetero_lm_quick(),
+          "conflict": _conflict(), "conflict-quick": _conflict_quick()}
 
 
 def load_suite(name_or_path: str | Path) -> dict:
@@ -453,6 +511,8 @@ def check_suite(suite: dict) -> None:
             elif not c.get("topics"):
                 raise ValueError(f"setting {sname!r}, client {c['id']!r}: needs 'topics'"
                                  + (" ('domains' is for LM suites, task 'lm')" if "domains" in c else ""))
+            else:
+                check_label_map(f"setting {sname!r}, client {c['id']!r}", c.get("label_map"))
         names = [m.get("name") for m in setting["methods"]]
         if len(set(names)) != len(names) or not all(names):
             raise ValueError(f"setting {sname!r}: methods need unique names, got {names}")
@@ -481,6 +541,8 @@ def _check_lm_client(setting: str, client: dict, settings: LMDataSettings) -> No
     where = f"setting {setting!r}, client {client.get('id')!r}"
     if "topics" in client:
         raise ValueError(f"{where}: an LM suite's clients take 'domains', not 'topics'")
+    if "label_map" in client:
+        raise ValueError(f"{where}: 'label_map' relabels sentiment labels; the LM task has none")
     domains = client.get("domains")
     if (not isinstance(domains, list) or not domains or len(set(domains)) != len(domains)
             or not all(isinstance(d, str) and d for d in domains)):
