@@ -22,3 +22,26 @@ def tiny_llama(seed=0, **kwargs):
 @pytest.fixture
 def tiny_model():
     return tiny_llama()
+
+
+def with_random_adapter(model, adapter: str):
+    """`model` with an adapter whose output is not zero, so it changes what the model computes:
+    "none", "dema-parallel" / "dema-side" (DeMA with random out-projectors) or "lora" (PEFT LoRA r=2
+    with random B). Returns the model to score (the PEFT wrapper for "lora")."""
+    from fedzero.adapters.dema import DeMAConfig, inject_dema
+
+    if adapter.startswith("dema"):
+        handle = inject_dema(model, DeMAConfig(rank=4, num_experts=2, num_slots=2, placement=adapter.split("-")[1]))
+        with torch.no_grad():
+            for p in handle.private_parameters().values():
+                p.normal_(0, 0.5)
+    elif adapter == "lora":
+        from peft import get_peft_model
+
+        from fedzero.baselines import LoRASettings
+        model = get_peft_model(model, LoRASettings(rank=2).peft_config())
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+    return model

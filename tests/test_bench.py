@@ -505,26 +505,13 @@ def test_label_scores_through_kept_positions_equal_full_logits(adapter):
     import torch
     import torch.nn.functional as F
 
-    from fedzero.adapters.dema import inject_dema
+    from conftest import with_random_adapter
     from fedzero.backbones import BackboneSpec, load_backbone
     from fedzero.data import ByteTokenizer, build_examples, collate
     from fedzero.evaluate import label_scores
 
     model, _ = load_backbone(BackboneSpec(llama_config=_llama(16, 2, 2, 1)["config"], init_seed=1))
-    if adapter.startswith("dema"):
-        handle = inject_dema(model, DeMAConfig(rank=4, num_experts=2, num_slots=2, placement=adapter.split("-")[1]))
-        with torch.no_grad():           # non-zero out-projectors, so the adapters change the scores
-            for p in handle.private_parameters().values():
-                p.normal_(0, 0.5)
-    elif adapter == "lora":
-        from peft import get_peft_model
-
-        from fedzero.baselines import LoRASettings
-        model = get_peft_model(model, LoRASettings(rank=2).peft_config())
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.5)
+    model = with_random_adapter(model, adapter)      # non-zero adapters: they change the scores
     records = [{"prompt": f"Tweet: item {i} {'x' * i}\nSentiment:"} for i in range(5)]
     tok = ByteTokenizer()
     fast = label_scores(model, tok, records, list(LABELS), max_length=64, batch_size=4)

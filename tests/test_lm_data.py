@@ -28,7 +28,7 @@ from fedzero.bench.lm_data import (
 )
 from fedzero.data import ByteTokenizer, build_examples, collate
 
-from conftest import tiny_llama
+from conftest import tiny_llama, with_random_adapter
 
 DOMAINS = ("d0", "d1", "d2", "d3")
 N_DOCS = 40
@@ -401,23 +401,7 @@ def _family(family: str):
     ("gemma2", "none", False),          # logit soft-capping: the head alone is not the model's logits
 ])
 def test_score_records_through_adapters_and_families_equals_full_logits(family, adapter, shortcut):
-    from fedzero.adapters.dema import DeMAConfig, inject_dema
-
-    model = _family(family)
-    if adapter.startswith("dema"):
-        handle = inject_dema(model, DeMAConfig(rank=4, num_experts=2, num_slots=2, placement=adapter.split("-")[1]))
-        with torch.no_grad():           # non-zero out-projectors, so the adapters change the NLL
-            for p in handle.private_parameters().values():
-                p.normal_(0, 0.5)
-    elif adapter == "lora":
-        from peft import get_peft_model
-
-        from fedzero.baselines import LoRASettings
-        model = get_peft_model(model, LoRASettings(rank=2).peft_config())
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.5)
+    model = with_random_adapter(_family(family), adapter)      # non-zero adapters: they change the NLL
     model.eval()
     tok = ByteTokenizer()
     scored = score_records(model, tok, [{"text": t} for t in TEXTS], max_length=64, batch_size=3)
