@@ -125,12 +125,21 @@ def _align(args) -> int:
             run.dema = dataclasses.replace(run.dema, projector=args.projector)
         except ValueError as err:
             raise ValueError(f"--projector {args.projector}: {err}") from None
-    texts, source = alignment.measurement_texts(run.dema, args.texts, args.max_texts)
-    handles, tokenizers = alignment.build_handles(run)
-    report = alignment.alignment_report(handles, tokenizers, texts, max_length=args.max_length)
+    fit_texts, fit_source = None, None
+    if run.dema.uses_canonical:
+        fit_texts, fit_source = alignment.canonical_fit_texts(run.dema, args.fit_texts)
+    elif args.fit_texts:
+        raise ValueError(f"--fit-texts is for projector 'canonical' or 'canonical+learned', not {run.dema.projector!r}")
+    texts, source = alignment.measurement_texts(run.dema, args.texts, args.max_texts, fit_texts)
+    handles, tokenizers, canonical = alignment.build_handles(run, fit_texts=fit_texts, max_length=args.max_length)
+    report = alignment.alignment_report(handles, tokenizers, texts, max_length=args.max_length, canonical=canonical)
     report.update(config=str(args.config), texts_source=source)
+    if fit_source:
+        report["canonical"]["fit_source"] = fit_source
     print(alignment.format_report(report))
     print(f"\ntexts: {source}")
+    if fit_source:
+        print(f"canonical space fitted on: {fit_source}")
     if args.out:
         print(f"report: {alignment.write_report(report, args.out)}")
     return 0
@@ -174,8 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-texts", type=int, help="use only the first N texts (at least 3)")
     p.add_argument("--max-length", type=int, default=256, help="tokens read per text, bos included; a longer "
                                                                "text loses its beginning (default 256)")
-    p.add_argument("--projector", choices=["learned", "anchor", "anchor+learned"],
+    p.add_argument("--projector", choices=["learned", "anchor", "anchor+learned", "canonical", "canonical+learned"],
                    help="override dema.projector, to compare projector kinds on one config")
+    p.add_argument("--fit-texts", help="canonical projectors: JSONL of public texts to fit the canonical space on "
+                                       "(its first dema.num_anchors; default: the DeMA config's anchor file); "
+                                       "the measured texts leave them out")
     p.add_argument("--out", help="also write the report as JSON to this file")
     p.set_defaults(func=_align)
 

@@ -10,7 +10,8 @@ import yaml
 
 from fedzero.adapters.dema import DeMAConfig, inject_dema
 from fedzero.adapters.dema.alignment import (alignment_report, chance_alignment, coordinate_alignment,
-                                             coordinate_correlations, format_report, projected_states)
+                                             coordinate_correlations, effective_dimensions, format_report,
+                                             projected_states)
 from fedzero.adapters.dema.anchors import load_anchor_texts
 from fedzero.backbones import BackboneSpec, decoder_layout, load_backbone
 from fedzero.cli import main
@@ -84,6 +85,19 @@ def test_the_statistic_refuses_what_it_cannot_measure():
         coordinate_alignment(torch.full((4, 2), float("nan")), torch.randn(4, 2))
 
 
+def test_effective_dimensions_count_independent_directions():
+    u, v = [1, -1, 0, 0], [0, 0, 1, -1]                                    # centred, orthogonal
+    columns = lambda *cols: t(list(zip(*cols)))
+    assert effective_dimensions(columns([1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1])) == pytest.approx(3.0)
+    assert effective_dimensions(columns(u, [-1, 1, 0, 0], [3, -3, 0, 0])) == pytest.approx(1.0)    # one factor
+    # two groups of copies (an affine copy is a copy): C = [[1,1,0,0],[1,1,0,0],[0,0,1,1],[0,0,1,1]], 4^2 / 8
+    assert effective_dimensions(columns(u, u, v, [3, 3, 5, 1])) == pytest.approx(2.0)
+    assert effective_dimensions(columns(u, v, [5, 5, 5, 5])) == pytest.approx(2.0)       # a constant adds nothing
+    assert effective_dimensions(torch.ones(4, 3)) == 0.0
+    with pytest.raises(ValueError, match=r"expected \[N >= 3 inputs, r\]"):
+        effective_dimensions(torch.randn(2, 3))
+
+
 # -- z at the last real token, per slot -------------------------------------------------------------
 def hand_slot_states(handle, texts, max_length):
     """Each text alone (no padding), truncated on the left as documented, z = P(x) at its last token
@@ -134,6 +148,7 @@ def test_the_same_backbone_and_seed_align_at_one(projector):
     assert [row["slot"] for row in report["rows"]] == [0, 1]
     assert all(row["alignment"] == pytest.approx(1.0, abs=1e-6) for row in report["rows"])
     assert all(row["chance_mean"] < 0.9 for row in report["rows"])   # coordinates paired at random do not
+    assert all(row["dims_a"] == pytest.approx(row["dims_b"]) and 1 <= row["dims_a"] <= 4 for row in report["rows"])
 
 
 @pytest.mark.parametrize("placement", ["parallel", "side"])
@@ -151,6 +166,7 @@ def test_two_families_of_different_depths_run_through_the_report(placement):
     assert [(r["a"], r["b"], r["slot"]) for r in rows] == [("llama", "neox", s) for s in range(3)]
     assert all(-1 <= r["alignment"] <= 1 and r["chance_sd"] >= 0 for r in rows[:2])
     assert rows[2]["alignment"] is None and rows[2]["depth"] == [pytest.approx(2 / 3), 1.0]
+    assert rows[2]["dims_a"] is None and all(0 < r["dims_a"] <= 4 and 0 < r["dims_b"] <= 4 for r in rows[:2])
     json.dumps(report)                                                        # JSON-ready
     assert "(llama: no layer in this slot)" in format_report(report)
 

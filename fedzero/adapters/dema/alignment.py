@@ -22,6 +22,7 @@ from torch import nn
 from fedzero.backbones import decoder_layout
 
 from .anchors import DEFAULT_ANCHOR_FILE, load_anchor_texts, pooled_hidden_states
+from .canonical import adapter_input_modules, anchor_states, fit_canonical
 from .config import DeMAConfig
 from .layer import DeMAParallelMLP
 from .model import DeMAModel, inject_dema
@@ -75,6 +76,23 @@ def chance_alignment(za: torch.Tensor, zb: torch.Tensor, *, pairings: int = 200,
     return float(values.mean()), float(values.std())
 
 
+def effective_dimensions(z: torch.Tensor) -> float:
+    """How many independent directions the r coordinates of z [N, r] carry across the inputs: the
+    participation ratio (sum lambda)^2 / sum lambda^2 of the eigenvalues of their correlation matrix C,
+    = tr(C)^2 / ||C||_F^2. r when the coordinates are uncorrelated, 1 when they are all one factor,
+    k for k uncorrelated groups of copies; constant coordinates count for nothing (0 when all are).
+
+    The alignment's companion: it averages over coordinates, so r noisy copies of a few shared
+    factors score as high as r distinct shared directions, while the experts can tell apart only
+    what varies independently."""
+    if z.ndim != 2 or z.shape[0] < MIN_TEXTS:
+        raise ValueError(f"z of shape {tuple(z.shape)}: expected [N >= {MIN_TEXTS} inputs, r]")
+    unit = _unit_columns(z)
+    corr = unit.T @ unit
+    total = corr.pow(2).sum()
+    return float(corr.trace() ** 2 / total) if total > 0 else 0.0
+
+
 def _unit_columns(z: torch.Tensor) -> torch.Tensor:
     """Each coordinate centred across inputs and scaled to norm 1 (a constant one to 0)."""
     z = z.double()     # float32 sums over a few hundred inputs lose digits the test cases check
@@ -104,10 +122,7 @@ def layer_in_projectors(handle: DeMAModel) -> list[nn.Module]:
 def _adapter_inputs(handle: DeMAModel) -> list[nn.Module]:
     """The modules whose input x the adapter reads: the (wrapped) MLP for parallel placement, the
     decoder layer for side placement (as inject_dema's anchors read them)."""
-    layout = decoder_layout(handle.model)
-    if handle.config.placement == "side":
-        return list(layout.layers)
-    return [layout.mlp(layer) for layer in layout.layers]
+    return adapter_input_modules(handle.model, handle.config.placement)
 
 
 def context_limit(handle: DeMAModel, max_length: int) -> int:
@@ -147,11 +162,13 @@ def projected_states(handle: DeMAModel, tokenizer, texts: list[str], *, batch_si
 # =========================================================================== every pair, every slot
 
 def alignment_report(handles_by_client: dict[str, DeMAModel], tokenizers: dict[str, object], texts: list[str], *,
-                     batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH) -> dict:
+                     batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH, canonical: dict | None = None) -> dict:
     """Coordinate alignment of every client pair at every depth slot, on `texts`. JSON-ready.
 
-    rows: one per (pair, slot): `alignment`, and `chance_mean`, `chance_sd` (chance_alignment: the
-    alignment with coordinates paired at random); None where either client has no layer in the slot."""
+    rows: one per (pair, slot): `alignment`, `chance_mean`, `chance_sd` (chance_alignment: the
+    alignment with coordinates paired at random) and `dims_a`, `dims_b` (effective_dimensions of each
+    client's z); None where either client has no layer in the slot.
+    canonical: build_handles' account of a canonical fit, reported as it is."""
     clients = list(handles_by_client)
     _check_comparable(handles_by_client, tokenizers, texts)
     num_slots = handles_by_client[clients[0]].config.num_slots
@@ -161,13 +178,14 @@ def alignment_report(handles_by_client: dict[str, DeMAModel], tokenizers: dict[s
     for a, b in combinations(clients, 2):
         for slot in range(num_slots):
             row = {"a": a, "b": b, "slot": slot, "depth": [slot / num_slots, (slot + 1) / num_slots],
-                   "alignment": None, "chance_mean": None, "chance_sd": None}
+                   "alignment": None, "chance_mean": None, "chance_sd": None, "dims_a": None, "dims_b": None}
             if slot in states[a] and slot in states[b]:
                 za, zb = states[a][slot], states[b][slot]
                 chance = chance_alignment(za, zb)
-                row.update(alignment=coordinate_alignment(za, zb), chance_mean=chance[0], chance_sd=chance[1])
+                row.update(alignment=coordinate_alignment(za, zb), chance_mean=chance[0], chance_sd=chance[1],
+                           dims_a=effective_dimensions(za), dims_b=effective_dimensions(zb))
             rows.append(row)
-    return {
+    report = {
         "texts": len(texts),
         "token": "last real token",
         "statistic": "mean over r-space coordinates of the Pearson correlation across texts",
@@ -175,6 +193,9 @@ def alignment_report(handles_by_client: dict[str, DeMAModel], tokenizers: dict[s
         "clients": {cid: _client_summary(handles_by_client[cid], tokenizers[cid], texts, max_length) for cid in clients},
         "rows": rows,
     }
+    if canonical is not None:
+        report["canonical"] = canonical
+    return report
 
 
 def _check_comparable(handles: dict[str, DeMAModel], tokenizers: dict[str, object], texts: list[str]) -> None:
@@ -208,12 +229,14 @@ def _client_summary(handle: DeMAModel, tokenizer, texts: list[str], max_length: 
 # =========================================================================== from a run config
 
 def measurement_texts(config: DeMAConfig, texts_file: str | Path | None = None,
-                      max_texts: int | None = None) -> tuple[list[str], str]:
+                      max_texts: int | None = None, fit_texts: list[str] | None = None) -> tuple[list[str], str]:
     """(texts, where they came from). A JSONL file's records give their "text", or their "prompt" (whose
     last token predicts the completion); default: the DeMA config's anchor file (the bundled public
-    anchors unless dema.anchor_file is set). With anchor projectors the first `rank` anchor texts are
-    left out wherever they appear: they define the anchor directions, so each reads high on its own
-    coordinate on every backbone by construction, an agreement no other input shares."""
+    anchors unless dema.anchor_file is set). Left out wherever they appear: with anchor projectors the
+    first `rank` anchor texts (they define the anchor directions, so each reads high on its own
+    coordinate on every backbone by construction, an agreement no other input shares); with a
+    canonical projector its `fit_texts` (every client's map was fitted to send them to the same
+    codes: on them the alignment is the fit's, not the space's)."""
     from fedzero.data import read_jsonl
 
     path = Path(texts_file) if texts_file else Path(config.anchor_file or DEFAULT_ANCHOR_FILE)
@@ -223,11 +246,10 @@ def measurement_texts(config: DeMAConfig, texts_file: str | Path | None = None,
     texts = [r["text"] if "text" in r else r["prompt"] for r in read_jsonl(path)]
     source = f"{path} ({setting})"
     if config.uses_anchors:
-        directions = set(load_anchor_texts(config.anchor_file, config.rank, "dema.rank"))
-        kept = [t for t in texts if t not in directions]
-        if len(kept) < len(texts):
-            source += f", less the {len(texts) - len(kept)} that define anchor directions"
-        texts = kept
+        texts, source = _left_out(texts, source, load_anchor_texts(config.anchor_file, config.rank, "dema.rank"),
+                                  "that define anchor directions")
+    if fit_texts is not None:
+        texts, source = _left_out(texts, source, fit_texts, "the canonical space was fitted on")
     if max_texts is not None:
         if max_texts < MIN_TEXTS:
             raise ValueError(f"--max-texts {max_texts}: a correlation across texts needs at least {MIN_TEXTS}")
@@ -237,21 +259,74 @@ def measurement_texts(config: DeMAConfig, texts_file: str | Path | None = None,
     return texts, source
 
 
-def build_handles(run: "RunConfig") -> tuple[dict[str, DeMAModel], dict[str, object]]:
+def _left_out(texts: list[str], source: str, excluded: list[str], why: str) -> tuple[list[str], str]:
+    excluded = set(excluded)
+    kept = [t for t in texts if t not in excluded]
+    if len(kept) < len(texts):
+        source += f", less the {len(texts) - len(kept)} {why}"
+    return kept, source
+
+
+def canonical_fit_texts(config: DeMAConfig, fit_file: str | Path | None = None) -> tuple[list[str], str]:
+    """(texts, where they came from): the first dema.num_anchors texts of `fit_file` (--fit-texts), or
+    of the DeMA config's anchor file: the public texts the canonical space is fitted on."""
+    setting = "--fit-texts" if fit_file else ("dema.anchor_file" if config.anchor_file else "the bundled anchors")
+    path = Path(fit_file or config.anchor_file or DEFAULT_ANCHOR_FILE)
+    try:
+        texts = load_anchor_texts(path, config.num_anchors, "dema.num_anchors")
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"{err} ({setting})") from None
+    return texts, f"the first {len(texts)} texts of {path} ({setting})"
+
+
+def build_handles(run: "RunConfig", *, fit_texts: list[str] | None = None, max_length: int = DEFAULT_MAX_LENGTH,
+                  batch_size: int = 16) -> tuple[dict[str, DeMAModel], dict[str, object], dict | None]:
     """Every client's backbone and tokenizer, loaded as `fedzero simulate` loads them, with DeMA
-    injected as configured: round 0's state, nothing trained."""
+    injected as configured: round 0's state, nothing trained. (handles, tokenizers, canonical), the
+    last None unless the projector is canonical: then every client reads `fit_texts` first, the
+    canonical space is fitted across them in this process (fit_canonical: what the round-0 exchange
+    would compute), and `canonical` accounts for the fit."""
     from fedzero.backbones import load_backbone
     from fedzero.data import load_tokenizer
 
-    handles, tokenizers = {}, {}
+    if run.dema.uses_canonical and not fit_texts:
+        raise ValueError(f"projector {run.dema.projector!r}: give the texts to fit the canonical space on")
+    models, tokenizers = {}, {}
     for cfg in run.clients:
         try:
-            model, _ = load_backbone(cfg.backbone)
+            models[cfg.id], _ = load_backbone(cfg.backbone)
             tokenizers[cfg.id] = load_tokenizer(cfg.backbone.tokenizer, cfg.backbone.path)
-            handles[cfg.id] = inject_dema(model, run.dema, tokenizer=tokenizers[cfg.id])
         except (ValueError, FileNotFoundError) as err:
             raise type(err)(f"client {cfg.id}: {err}") from err
-    return handles, tokenizers
+    fitted, summary = {}, None
+    if run.dema.uses_canonical:
+        fitted, summary = _fit_canonical(run.dema, models, tokenizers, fit_texts, max_length, batch_size)
+    handles = {}
+    for cid, model in models.items():
+        try:
+            handles[cid] = inject_dema(model, run.dema, tokenizer=tokenizers[cid], canonical=fitted.get(cid))
+        except (ValueError, FileNotFoundError) as err:
+            raise type(err)(f"client {cid}: {err}") from err
+    return handles, tokenizers, summary
+
+
+def _fit_canonical(config: DeMAConfig, models: dict, tokenizers: dict, texts: list[str], max_length: int,
+                   batch_size: int) -> tuple[dict, dict]:
+    states, slots = {}, {}
+    for cid, model in models.items():
+        states[cid] = anchor_states(model, tokenizers[cid], texts, placement=config.placement,
+                                    max_length=max_length, batch_size=batch_size)
+        slots[cid] = [config.slot_of_layer(l, len(states[cid])) for l in range(len(states[cid]))]
+    try:
+        fitted, shared = fit_canonical(states, slots, rank=config.rank, components=config.canonical_dims,
+                                       ridge=config.canonical_ridge)
+    except ValueError as err:
+        raise ValueError(f"canonical fit (dema.rank {config.rank}, dema.canonical_components {config.canonical_dims}, "
+                         f"{len(texts)} fit texts): {err}") from None
+    summary = {"fit_texts": len(texts), "components": config.canonical_dims, "ridge": config.canonical_ridge,
+               "token": "last real token",
+               "shared": {str(slot): [round(float(v), 6) for v in values] for slot, values in shared.items()}}
+    return fitted, summary
 
 
 def format_report(report: dict) -> str:
@@ -261,12 +336,19 @@ def format_report(report: dict) -> str:
     lines = [f"coordinate alignment of z = P(x) (r={space['rank']}, projector {first['projector']}, placement "
              f"{first['placement']}) at the last real token of {report['texts']} texts:",
              "mean over coordinates of the Pearson correlation across texts (1 aligned, 0 unrelated); "
-             "chance: the same with coordinates paired at random (mean +- sd)",
-             "", f"{'pair':<28}{'slot':>5}  {'depth':<10}{'alignment':>10}{'chance':>17}"]
+             "chance: the same with coordinates paired at random (mean +- sd); dims: the independent directions "
+             f"each client's {space['rank']} coordinates carry (participation ratio)",
+             "", f"{'pair':<28}{'slot':>5}  {'depth':<10}{'alignment':>10}{'chance':>17}{'dims':>14}"]
     for row in report["rows"]:
         pair = f"{row['a']} ~ {row['b']}"
         depth = f"{row['depth'][0]:.0%}-{row['depth'][1]:.0%}"
         lines.append(f"{pair:<28}{row['slot']:>5}  {depth:<10}{_cell(row, report['clients'])}")
+    if "canonical" in report:
+        fit = report["canonical"]
+        lines.append(f"canonical space fitted on {fit['fit_texts']} other texts ({fit['components']} components per "
+                     f"layer, ridge {fit['ridge']}); per slot, the mean over the r codes of how much of each code "
+                     "the clients' own components hold (1 every client's, 0 none): " + ", ".join(
+                         f"{slot}: {sum(v) / len(v):.2f}" for slot, v in fit["shared"].items()))
     for cid, client in report["clients"].items():
         if client["truncated_texts"]:
             lines.append(f"note: {cid}: {client['truncated_texts']} text(s) longer than {client['max_length']} tokens "
@@ -276,7 +358,8 @@ def format_report(report: dict) -> str:
 
 def _cell(row: dict, clients: dict) -> str:
     if row["alignment"] is not None:
-        return f"{row['alignment']:>10.3f}{row['chance_mean']:>10.3f} +- {row['chance_sd']:.3f}"
+        dims = f"{row['dims_a']:.1f} / {row['dims_b']:.1f}"
+        return f"{row['alignment']:>10.3f}{row['chance_mean']:>10.3f} +- {row['chance_sd']:.3f}{dims:>14}"
     empty = [c for c in (row["a"], row["b"]) if clients[c]["layers_per_slot"][row["slot"]] == 0]
     return f"{'-':>10}{'-':>10}{'':>7}  ({', '.join(empty)}: no layer in this slot)"
 

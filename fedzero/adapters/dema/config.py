@@ -13,7 +13,7 @@ from fedzero.fields import from_known_fields
 
 PLACEMENTS = ("parallel", "side")
 TARGETS = ("mlp",)
-PROJECTORS = ("learned", "anchor", "anchor+learned")
+PROJECTORS = ("learned", "anchor", "anchor+learned", "canonical", "canonical+learned")
 SHARING = ("experts-only", "shape-matched")
 
 # Fields that define the shared space. Two clients whose values differ here cannot aggregate.
@@ -29,12 +29,15 @@ class DeMAConfig:
     temperature: float = field(default=1.0, metadata={"help": "tau: softmax temperature of the gate"})
     placement: str = field(default="parallel", metadata={"help": "'parallel' (beside the MLP block) or 'side' (side stream, no backbone autograd)"})
     target: str = field(default="mlp", metadata={"help": "which block of each decoder layer the adapter runs beside"})
-    projector: str = field(default="learned", metadata={"help": "in-projector: 'learned' (trained), 'anchor' (frozen relative representation over the public anchor set) or 'anchor+learned' (anchor start, fine-tuned with a penalty)"})
+    projector: str = field(default="learned", metadata={"help": "in-projector: 'learned' (trained), 'anchor' (frozen relative representation over the public anchor set), 'anchor+learned' (anchor start, fine-tuned with a penalty), 'canonical' (frozen linear map onto a shared space fitted on the anchor set across clients: fedzero/adapters/dema/canonical.py) or 'canonical+learned' (plus a learned private residual, zero-initialised)"})
     anchor_out: bool = field(default=False, metadata={"help": "anchor-defined out-projector U = (A - mu)^T diag(g), g learned and zero-initialised (needs an anchor projector)"})
     share: str = field(default="shape-matched", metadata={"help": "'shape-matched' (default: clients of equal hidden size also share their learned per-slot projectors; anchor projectors stay private) or 'experts-only' (projectors stay on the client)"})
     anchor_file: str | None = field(default=None, metadata={"help": "JSONL of public anchor texts ({'text': ...}); default: the bundled set. Every client must use the same file"})
     num_anchors: int = field(default=256, metadata={"help": "anchor texts used for the mean mu (the first `rank` of them define the directions)"})
     anchor_lr_scale: float = field(default=0.1, metadata={"help": "anchor+learned: learning-rate factor of the in-projector"})
+    anchor_whiten: bool = field(default=False, metadata={"help": "anchor projectors: whiten the r anchor directions by their Gram matrix (z = K^-1/2 of the relative codes), so one common direction does not dominate every code"})
+    canonical_components: int | None = field(default=None, metadata={"help": "canonical projectors: m, the principal components of its anchor states each client contributes to the fit (default 2 x rank)"})
+    canonical_ridge: float = field(default=0.01, metadata={"help": "canonical projectors: ridge of each client's fit onto the shared codes, relative to its anchor states' mean squared singular value"})
     anchor_penalty: float = field(default=1.0, metadata={"help": "anchor+learned: weight of ||(W - W0) W0^T||^2, which keeps the anchors' codes near their initial values"})
     seed: int = field(default=0, metadata={"help": "seeds the initial shared state (identical on every client)"})
 
@@ -56,23 +59,49 @@ class DeMAConfig:
         if self.uses_anchors and self.num_anchors < self.rank:
             raise ValueError(f"DeMAConfig.num_anchors ({self.num_anchors}) must be >= rank ({self.rank}): "
                              "each of the r code dimensions is one anchor")
+        if self.anchor_whiten and not self.uses_anchors:
+            raise ValueError("DeMAConfig.anchor_whiten needs projector 'anchor' or 'anchor+learned'")
+        if self.canonical_components is not None and (not isinstance(self.canonical_components, int)
+                                                      or isinstance(self.canonical_components, bool)):
+            raise ValueError(f"DeMAConfig.canonical_components must be an integer, got {self.canonical_components!r}")
+        if not (isinstance(self.canonical_ridge, (int, float)) and self.canonical_ridge >= 0):
+            raise ValueError(f"DeMAConfig.canonical_ridge must be >= 0, got {self.canonical_ridge!r}")
+        if self.uses_canonical:
+            m = self.canonical_dims
+            if m < self.rank:
+                raise ValueError(f"DeMAConfig.canonical_components ({m}) must be >= rank ({self.rank}): each client's "
+                                 "own components must be able to hold the r shared codes")
+            if self.num_anchors <= m:
+                raise ValueError(f"DeMAConfig.num_anchors ({self.num_anchors}) must be > canonical_components ({m}"
+                                 f"{', default 2 x rank' if self.canonical_components is None else ''}): m components "
+                                 "of N centred anchor states need N >= m + 1 texts, and many more to mean anything")
 
     @property
     def uses_anchors(self) -> bool:
         return self.projector in ("anchor", "anchor+learned")
 
+    @property
+    def uses_canonical(self) -> bool:
+        return self.projector in ("canonical", "canonical+learned")
+
+    @property
+    def canonical_dims(self) -> int:
+        """m: the components each client contributes to the canonical fit."""
+        return self.canonical_components if self.canonical_components is not None else 2 * self.rank
+
     def learned_stand_in(self) -> "DeMAConfig":
         """The learned-projector config with the same shared state as this one: for counting and for
-        round 0's shared state without a backbone's weights (anchor projectors are computed from
-        them, and stay private: share experts-only)."""
-        if not self.uses_anchors:
+        round 0's shared state without a backbone's weights (anchor and canonical projectors are
+        computed from them, and stay private: share experts-only)."""
+        if self.projector == "learned":
             return self
-        return dataclasses.replace(self, projector="learned", anchor_out=False, share="experts-only")
+        return dataclasses.replace(self, projector="learned", anchor_out=False, anchor_whiten=False,
+                                   share="experts-only")
 
     @property
     def shares_projectors(self) -> bool:
-        """Whether the projectors travel (per slot, among clients of one width). Anchor projectors are
-        defined by each backbone's own anchor states, so they stay private under either `share`."""
+        """Whether the projectors travel (per slot, among clients of one width). Anchor and canonical
+        projectors are defined by each backbone's own anchor states, so they stay private under either `share`."""
         return self.share == "shape-matched" and self.projector == "learned"
 
     def to_dict(self) -> dict:

@@ -62,14 +62,24 @@ class AnchorInProjector(nn.Module):
     width, and z does not change when all hidden states are rescaled. Frozen (buffers) unless
     `learned`, in which case W starts at the unit anchor directions W0 and `penalty()` keeps the
     anchors' own codes near their initial values.
+
+    `whiten`: W0 = K^-1/2 A_hat instead, K = A_hat A_hat^T the anchors' Gram matrix (their cosines), so
+    z = K^-1/2 (the relative codes). Anchors of one domain all share a large common direction, so
+    every raw code rises and falls with it together; the whitened codes are decorrelated over the
+    anchor directions (W0 W0^T = I, up to the ridge). Still invariant to a rescaling or rotation of
+    the hidden states, as K is.
     """
 
-    def __init__(self, hidden_size: int, rank: int, *, learned: bool = False, eps: float = 1e-6):
+    WHITEN_RIDGE = 1e-3     # relative to K's mean eigenvalue (1): near-collinear anchors do not blow up
+
+    def __init__(self, hidden_size: int, rank: int, *, learned: bool = False, whiten: bool = False,
+                 eps: float = 1e-6):
         super().__init__()
         self.eps = eps
+        self.whiten = whiten
         self.register_buffer("mu", torch.zeros(hidden_size))
         self.register_buffer("anchors_centered", torch.zeros(rank, hidden_size))  # a_j - mu   [r, d]
-        self.register_buffer("weight0", torch.zeros(rank, hidden_size))           # unit rows  [r, d]
+        self.register_buffer("weight0", torch.zeros(rank, hidden_size))           # unit rows (whitened: orthonormal) [r, d]
         if learned:
             self.weight = nn.Parameter(torch.zeros(rank, hidden_size))
         else:
@@ -82,7 +92,8 @@ class AnchorInProjector(nn.Module):
         self.mu.copy_(pooled.mean(0))
         centered = pooled[:rank] - self.mu
         self.anchors_centered.copy_(centered)
-        self.weight0.copy_(centered / centered.norm(dim=-1, keepdim=True).clamp_min(self.eps))
+        unit = centered / centered.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+        self.weight0.copy_(_whitened(unit, self.WHITEN_RIDGE) if self.whiten else unit)
         self.weight.copy_(self.weight0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +103,48 @@ class AnchorInProjector(nn.Module):
     def penalty(self) -> torch.Tensor:
         # The anchors' codes are W a_hat with a_hat the rows of W0: keep (W - W0) W0^T small.
         return ((self.weight - self.weight0) @ self.weight0.T).pow(2).sum()
+
+
+def _whitened(rows: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(K + ridge I)^-1/2 rows, K = rows rows^T: the rows' symmetric orthogonalisation (the
+    orthonormal rows closest to them), computed in float64."""
+    gram = rows.double() @ rows.double().T
+    values, vectors = torch.linalg.eigh(gram + ridge * torch.eye(len(gram), dtype=torch.float64))
+    return ((vectors * values.clamp_min(ridge).rsqrt()) @ vectors.T @ rows.double()).to(rows.dtype)
+
+
+class CanonicalInProjector(nn.Module):
+    """z = (x - mu) W: a fixed linear map onto the canonical shared space (fedzero/adapters/dema/canonical.py).
+
+    mu [d] and W (stored as `weight` [r, d], nn.Linear's layout) come from the canonical fit across
+    clients, which one client cannot do alone: inject_dema(..., canonical=) sets them. Buffers:
+    never trained, never exchanged. `learned` adds a private residual R [r, d], zero-initialised, so
+    z = (x - mu)(W + R^T) starts exactly on the canonical map and the client may move off it.
+    """
+
+    def __init__(self, hidden_size: int, rank: int, *, learned: bool = False):
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(hidden_size))
+        self.register_buffer("weight", torch.zeros(rank, hidden_size))
+        self.residual = nn.Parameter(torch.zeros(rank, hidden_size)) if learned else None
+
+    @torch.no_grad()
+    def set_projection(self, mu: torch.Tensor, projection: torch.Tensor) -> None:
+        """mu [d], projection W [d, r] (fit_projection's output)."""
+        rank, hidden = self.weight.shape
+        if tuple(mu.shape) != (hidden,) or tuple(projection.shape) != (hidden, rank):
+            raise ValueError(f"canonical (mu, W) of shapes {tuple(mu.shape)}, {tuple(projection.shape)}: "
+                             f"this layer needs [{hidden}] and [{hidden}, {rank}]")
+        if not (torch.isfinite(mu).all() and torch.isfinite(projection).all()):
+            raise ValueError("canonical (mu, W) hold non-finite values")
+        self.mu.copy_(mu)
+        self.weight.copy_(projection.T)
+        if self.residual is not None:
+            self.residual.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.residual is None else self.weight + self.residual
+        return (x - self.mu) @ weight.T
 
 
 class AnchorOutProjector(nn.Module):
@@ -116,14 +169,16 @@ class Projectors(nn.Module):
     """Bridge between one backbone width d and the shared rank r: P (d -> r) and U (r -> d)."""
 
     def __init__(self, hidden_size: int, rank: int, *, with_in: bool = True, with_out: bool = True,
-                 kind: str = "learned", anchor_out: bool = False):
+                 kind: str = "learned", anchor_out: bool = False, whiten: bool = False):
         super().__init__()
         if not with_in:
             self.in_proj = None
         elif kind == "learned":
             self.in_proj = nn.Linear(hidden_size, rank, bias=False)                     # P: d -> r
+        elif kind.startswith("canonical"):
+            self.in_proj = CanonicalInProjector(hidden_size, rank, learned=kind == "canonical+learned")
         else:
-            self.in_proj = AnchorInProjector(hidden_size, rank, learned=kind == "anchor+learned")
+            self.in_proj = AnchorInProjector(hidden_size, rank, learned=kind == "anchor+learned", whiten=whiten)
         if not with_out:
             self.out_proj = None
         elif anchor_out:
@@ -306,11 +361,13 @@ class ProjectorBank(nn.Module):
     """Projectors for one width: one per layer (private) or one per slot (shape-matched sharing),
     plus the side stream's single out-projector for side placement."""
 
-    def __init__(self, count: int, hidden_size: int, rank: int, placement: str, kind: str, anchor_out: bool):
+    def __init__(self, count: int, hidden_size: int, rank: int, placement: str, kind: str, anchor_out: bool,
+                 whiten: bool = False):
         super().__init__()
         side = placement == "side"
         self.slots = nn.ModuleList(
-            Projectors(hidden_size, rank, with_out=not side, kind=kind, anchor_out=anchor_out) for _ in range(count)
+            Projectors(hidden_size, rank, with_out=not side, kind=kind, anchor_out=anchor_out, whiten=whiten)
+            for _ in range(count)
         )
         self.out_proj = None
         if side:
@@ -324,9 +381,9 @@ class ProjectorBank(nn.Module):
 
 class DeMAPrivate(nn.Module):
     """Everything that stays on the client. Keys: layers.{l}.in_proj.weight, layers.{l}.out_proj.weight
-    (anchor out-projector: layers.{l}.out_proj.gain), out_proj.weight for side placement. Empty of
-    projectors under shape-matched sharing (they live in DeMAShared then); anchor buffers
-    (mu, anchor directions) are never exchanged."""
+    (anchor out-projector: layers.{l}.out_proj.gain; canonical+learned: layers.{l}.in_proj.residual),
+    out_proj.weight for side placement. Empty of projectors under shape-matched sharing (they live in
+    DeMAShared then); anchor and canonical buffers (mu, anchor directions, W) are never exchanged."""
 
     exchange = "private"
 

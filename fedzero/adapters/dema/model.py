@@ -15,8 +15,8 @@ from fedzero.backbones import DecoderLayout, decoder_layout
 
 from .anchors import load_anchor_texts, pooled_hidden_states
 from .config import DeMAConfig
-from .layer import (AnchorInProjector, DeMAParallelMLP, DeMAPrivate, DeMAShared, PostNormDelta, ProjectorBank,
-                    SideStream)
+from .layer import (AnchorInProjector, CanonicalInProjector, DeMAParallelMLP, DeMAPrivate, DeMAShared, PostNormDelta,
+                    ProjectorBank, SideStream)
 
 _SLOT_KEY = re.compile(r"^slots\.(\d+)\.")
 _BANK_SLOT_KEY = re.compile(r"^proj\.h(\d+)\.slots\.(\d+)\.")
@@ -135,12 +135,15 @@ def _copy_checked(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor
 
 
 def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = torch.float32,
-                tokenizer=None) -> DeMAModel:
+                tokenizer=None, canonical: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DeMAModel:
     """Freeze `model` and add DeMA adapters in place. Returns the handle.
 
     The initial shared state depends only on config.seed (and, for shape-matched projectors, the
     width): identical on every client that holds it. Anchor projectors need the client's
-    `tokenizer` to run the backbone on the public anchor texts.
+    `tokenizer` to run the backbone on the public anchor texts. Canonical projectors need
+    `canonical`: per decoder layer, the (mu [d], W [d, r]) of the fit across clients
+    (fedzero/adapters/dema/canonical.py: anchor_states on every client, then fit_canonical), which
+    this client cannot compute alone.
     """
     layout = decoder_layout(model)
     if hasattr(model, "dema_shared"):
@@ -149,13 +152,14 @@ def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = to
         raise ValueError(f"projector {config.projector!r} needs the backbone's tokenizer (inject_dema(..., tokenizer=))")
     layers = layout.layers
     num_layers, hidden = len(layers), model.config.get_text_config().hidden_size
+    _check_canonical(config, canonical, num_layers)
     model.requires_grad_(False)
     shape_matched = config.shares_projectors
     slots = [config.slot_of_layer(l, num_layers) for l in range(num_layers)]
 
     shared = DeMAShared(config.rank, config.num_experts, config.expert_hidden, config.num_slots, config.temperature)
     bank = ProjectorBank(config.num_slots if shape_matched else num_layers, hidden, config.rank,
-                         config.placement, config.projector, config.anchor_out)
+                         config.placement, config.projector, config.anchor_out, config.anchor_whiten)
     generator = torch.Generator().manual_seed(config.seed)
     for mixture in shared.slots:
         mixture.reset_parameters(generator)
@@ -172,6 +176,12 @@ def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = to
 
     if config.uses_anchors:
         _set_anchors(model, tokenizer, config, layout, layer_projectors, bank)
+    if canonical is not None:
+        for layer, (projectors, (mu, projection)) in enumerate(zip(layer_projectors, canonical)):
+            try:
+                projectors.in_proj.set_projection(mu, projection)
+            except ValueError as err:
+                raise ValueError(f"canonical, layer {layer}: {err}") from None
     shared.to(dtype)
     private.to(dtype)
     model.dema_shared = shared    # registered submodules: moved/partitioned with the model
@@ -190,6 +200,21 @@ def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = to
         side = SideStream(layers, [p.in_proj for p in layer_projectors], [shared.slots[s] for s in slots],
                           bank.out_proj, layout.final_norm)
     return DeMAModel(model, config, shared, private, side, num_layers)
+
+
+def _check_canonical(config: DeMAConfig, canonical, num_layers: int) -> None:
+    if not config.uses_canonical:
+        if canonical is not None:
+            raise ValueError(f"inject_dema(canonical=) is for projector 'canonical' or 'canonical+learned', "
+                             f"not {config.projector!r}")
+        return
+    if canonical is None:
+        # The fit needs every client's anchor bases: no single client can make these up. The round-0
+        # exchange that carries them through the store is not built yet (docs/method.md).
+        raise ValueError(f"projector {config.projector!r} needs the canonical fit across clients, per decoder layer "
+                         "(inject_dema(..., canonical=[(mu, W), ...]); fedzero/adapters/dema/canonical.py)")
+    if len(canonical) != num_layers:
+        raise ValueError(f"canonical holds {len(canonical)} (mu, W) pairs; this model has {num_layers} decoder layers")
 
 
 def _set_anchors(model, tokenizer, config: DeMAConfig, layout: DecoderLayout, layer_projectors,
