@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_memory_estimate)
 
     p = sub.add_parser("bench", help="benchmark DeMA/CMGA against the LoRA baselines (docs/benchmarks.md)")
-    p.add_argument("--suite", required=True, help="quick, full, tune (val-split sweep), long (8 rounds), depth30 (a 30-layer client), hetero / hetero-quick / hetero-budget (three widths, two layouts), hetero-lm / hetero-lm-quick (the LM task, docs/lm_task.md), or a suite file (JSON/YAML; see fedzero/bench/suites.py)")
+    p.add_argument("--suite", required=True, help="quick, full, tune (val-split sweep), long (8 rounds), depth30 (a 30-layer client), hetero / hetero-quick / hetero-budget (three widths, two layouts), hetero-lm / hetero-lm-quick (the LM task, docs/lm_task.md), conflict / conflict-quick (conflicting label maps, CMGA), or a suite file (JSON/YAML; see fedzero/bench/suites.py)")
     p.add_argument("--out", required=True, help="output directory (rerun into it to resume)")
     p.add_argument("--seeds", type=int, nargs="+", help="override the suite's seeds")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores, or 1 if the machine is busy)")
