@@ -1,6 +1,8 @@
 """The heterogeneous benchmark's instrument: its testbed really is heterogeneous, and its larger
 test sets (300 tweets per topic on the real corpus, 5 seeds) never leak into training."""
 
+import json
+
 import pytest
 
 from fedzero.bench.data import DataSettings, dedup_key, load_records, split_tweets
@@ -109,3 +111,21 @@ def test_own_curves_average_clients_then_seeds_per_round():
     assert curves["macro_f1"]["m"][0] == pytest.approx((0.4, 0.1 * 2 ** 0.5, 2))   # seeds' means 0.3 and 0.5
     assert curves["macro_f1"]["m"][1][0] == pytest.approx(0.65)
     assert curves["label_nll"]["other"][1] == (pytest.approx(0.9), None, 1)
+
+
+def test_a_dema_run_made_before_a_config_field_existed_is_kept_at_that_fields_default():
+    """Resuming a long suite must not redo finished DeMA runs because DeMAConfig gained a field since
+    (its default keeps the old behaviour), but must redo them when the method now sets it otherwise
+    or when a field the run recorded changed."""
+    from fedzero.adapters.dema import DeMAConfig
+    from fedzero.bench.runner import same_run
+
+    method = {"name": "dema-local", "runner": "dema", "strategy": "local", "dema": {"share": "experts-only"}}
+    recorded = json.loads(json.dumps(DeMAConfig.from_dict({"seed": 3, "share": "experts-only"}).to_dict()))
+    old = {k: v for k, v in recorded.items() if k != "canonical_ridge"}      # made before the field existed
+    assert same_run({"seed": 3, "spec": method, "dema": recorded}, method)
+    assert same_run({"seed": 3, "spec": method, "dema": old}, method)
+    changed = {**method, "dema": {"share": "experts-only", "canonical_ridge": 0.5}}
+    assert not same_run({"seed": 3, "spec": changed, "dema": old}, changed)
+    assert not same_run({"seed": 3, "spec": method, "dema": {**old, "rank": old["rank"] + 1}}, method)
+    assert not same_run({"seed": 3, "spec": method, "dema": {**recorded, "gone": 1}}, method)
