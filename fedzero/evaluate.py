@@ -85,9 +85,10 @@ def label_scores(model, tokenizer, records, labels, *, max_length: int, batch_si
 def _tokenized_candidates(tokenizer, records, labels, max_length: int) -> tuple[list[list[int]], list[list[int]]]:
     """Each record's [bos] + prompt ids and each label's completion ids + eos, tokenized exactly as
     fedzero.data.build_examples tokenizes a (prompt, " label") pair."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    head = [bos] if bos is not None else []
-    completions = [list(tokenizer.encode(f" {label}")) + [tokenizer.eos_token_id] for label in labels]
+    from fedzero.data.tokenize import bos_head, completion_ids
+
+    head = bos_head(tokenizer)
+    completions = [completion_ids(tokenizer, f" {label}") for label in labels]
     too_long = [label for label, c in zip(labels, completions) if len(head) + len(c) > max_length]
     if too_long:
         raise ValueError(f"label(s) {too_long} do not fit max_length={max_length} with bos and eos; raise max_length")

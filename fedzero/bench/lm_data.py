@@ -525,8 +525,10 @@ def score_records(model, tokenizer, records: list[dict], max_length: int, batch_
 
 def _record_bytes(tokenizer, records: list[dict], max_length: int) -> np.ndarray:
     """UTF-8 bytes each record's scored tokens cover; refuses records that build_examples would cut."""
-    has_bos = getattr(tokenizer, "bos_token_id", None) is not None
-    room = max_length - 1 - (1 if has_bos else 0)
+    from fedzero.data.tokenize import bos_head
+
+    head = bos_head(tokenizer)
+    room = max_length - 1 - len(head)           # what build_examples keeps besides [bos] and eos
     out = np.zeros(len(records), dtype=np.int64)
     for i, record in enumerate(records):
         if not record.get("text"):
@@ -536,7 +538,7 @@ def _record_bytes(tokenizer, records: list[dict], max_length: int) -> np.ndarray
             raise ValueError(f"record {i} ({record.get('uid', '?')}) is {len(ids)} tokens; max_length={max_length} "
                              f"holds {room} besides bos/eos: lower lm_data.max_chars or raise max_length")
         out[i] = len(record["text"].encode("utf-8"))
-        if not has_bos and ids:
+        if not head and ids:
             out[i] -= len(tokenizer.decode([ids[0]]).encode("utf-8"))
     return out
 

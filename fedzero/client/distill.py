@@ -20,6 +20,7 @@ import torch
 
 from fedzero.client.local import completion_logprob_sums
 from fedzero.data import build_examples, collate, prompt_text
+from fedzero.data.tokenize import bos_head
 from fedzero.fields import from_known_fields
 from fedzero.strategies.distill import TEACHERS, TeacherRule, kl_to_teacher
 
@@ -118,8 +119,7 @@ class AnchorDistiller:
         branch = label_branch(tokenizer, labels)
         self.label_ids = branch[1] if branch else None
         if branch:      # one sequence per anchor: prompt + the labels' common prefix, scored at its end
-            bos = getattr(tokenizer, "bos_token_id", None)
-            head = [bos] if bos is not None else []
+            head = bos_head(tokenizer)
             self.examples = []
             for p in prompts:
                 ids = head + (list(tokenizer.encode(p)) + branch[0])[-(max_length - len(head)):]

@@ -143,6 +143,17 @@ def _as_long(ids: list[int]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def bos_head(tokenizer) -> list[int]:
+    """What every sequence starts with: [bos], or nothing for a tokenizer without one."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [bos] if bos is not None else []
+
+
+def completion_ids(tokenizer, completion: str) -> list[int]:
+    """A completion's tokens as trained and scored: its ids, then eos."""
+    return list(tokenizer.encode(completion)) + [tokenizer.eos_token_id]
+
+
 def build_examples(records, tokenizer, max_length: int) -> list[dict[str, torch.Tensor]]:
     """Tokenize records into ``{"input_ids": LongTensor[T], "labels": LongTensor[T]}``.
 
@@ -159,14 +170,13 @@ def build_examples(records, tokenizer, max_length: int) -> list[dict[str, torch.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
-    bos = getattr(tokenizer, "bos_token_id", None)
     eos = tokenizer.eos_token_id
-    head = [bos] if bos is not None else []
+    head = bos_head(tokenizer)
     examples = []
     for idx, rec in enumerate(records):
         if "prompt" in rec or "completion" in rec:
             p_ids = list(tokenizer.encode(rec["prompt"]))
-            c_ids = list(tokenizer.encode(rec["completion"])) + [eos]
+            c_ids = completion_ids(tokenizer, rec["completion"])
             budget = max_length - len(head) - len(c_ids)
             if budget < 0:
                 raise ValueError(
