@@ -372,13 +372,21 @@ def _label_map_lines(clients: list[dict]) -> list[str]:
             "words it trained on to the federation's pooled counts of those words.", ""]
 
 
-def _data_lines(results: dict, setting: str) -> list[str]:
-    """Train/test sizes and label counts of the first seed's split (label skew as it comes)."""
+def _first_split(results: dict, setting: str) -> tuple[str, dict] | None:
+    """(seed, split summary) of the setting's lowest seed, which the data lines describe; None if not recorded."""
     splits = results.get("splits", {}).get(setting)
     if not splits:
+        return None
+    seed = min(splits, key=int)
+    return seed, splits[seed]
+
+
+def _data_lines(results: dict, setting: str) -> list[str]:
+    """Train/test sizes and label counts of the first seed's split (label skew as it comes)."""
+    first = _first_split(results, setting)
+    if first is None:
         return []
-    seed = sorted(splits, key=int)[0]
-    sp = splits[seed]
+    seed, sp = first
     out = [f"Data (seed {seed}; other seeds draw other tweets with the same sizes): train per client "
            "(negative / neutral / positive): " + "; ".join(
                f"`{c['id']}` {c['train']} ({' / '.join(str(c['train_labels'][k]) for k in sorted(c['train_labels']))})"
@@ -517,11 +525,10 @@ def _per_client_tables(entry: dict) -> list[str]:
 
 def _lm_data_lines(results: dict, setting: str) -> list[str]:
     """Train and test sizes of the first seed's LM split (lm_data.LMSplit.summary)."""
-    splits = results.get("splits", {}).get(setting)
-    if not splits:
+    first = _first_split(results, setting)
+    if first is None:
         return []
-    seed = sorted(splits, key=int)[0]
-    sp = splits[seed]
+    seed, sp = first
     corpus = sp.get("corpus", {})
     return [f"Data (seed {seed}; other seeds draw other documents with the same sizes), from `{corpus.get('path', '?')}` "
             f"(sha256 {str(corpus.get('fingerprint', '?'))[:12]}…): train per client (records / documents / characters): "
