@@ -47,10 +47,14 @@ class LoRASettings:
     def scaling(self) -> float:
         return float(self.alpha) / self.rank
 
+    def resolved(self, model: nn.Module) -> "LoRASettings":
+        """These settings with the targets fixed: the given ones, else every nn.Linear of `model`'s
+        attention blocks (fedzero.backbones.attention_projections)."""
+        return self if self.targets else dataclasses.replace(self, targets=attention_projections(model))
+
     def peft_config(self, model: nn.Module | None = None) -> LoraConfig:
-        """Without explicit targets: every nn.Linear of `model`'s attention blocks
-        (fedzero.backbones.attention_projections), or LLaMA's q,k,v,o when no model is given."""
-        targets = self.targets or (attention_projections(model) if model is not None else LLAMA_ATTENTION)
+        """Targets as `resolved(model)` gives them, or LLaMA's q,k,v,o when no model is given."""
+        targets = self.resolved(model).targets if model is not None else (self.targets or LLAMA_ATTENTION)
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(targets),
                           lora_dropout=self.dropout, bias="none", task_type="CAUSAL_LM")
 
@@ -63,7 +67,7 @@ class LoRAClient:
         if not train_examples:
             raise ValueError(f"client {client_id!r} has no training examples")
         # Resolved here, so the settings say which modules this client adapts.
-        lora = dataclasses.replace(lora, targets=lora.targets or attention_projections(model))
+        lora = lora.resolved(model)
         self.client_id, self.fingerprint, self.lora = client_id, fingerprint, lora
         self.settings, self.pad_id = settings, pad_id
         self.eval_examples = eval_examples[: settings.max_eval_examples] if settings.max_eval_examples else eval_examples
