@@ -627,6 +627,22 @@ def _cmga_table(entry: dict) -> list[str]:
     return lines
 
 
+def _own_curve_tables(results: dict, setting: str) -> list[str]:
+    """own_curves as tables (rounds as columns, mean over seeds): the numbers behind own_per_round.png."""
+    lines, all_curves = [], own_curves(results, setting)
+    for metric, title in (("macro_f1", "macro-F1"), ("label_nll", "label NLL")):
+        curves = all_curves[metric]
+        rounds = sorted({r for points in curves.values() for r in points})
+        if not rounds:
+            return []
+        lines += ["", f"Own-topic {title} per round on the per-round eval subset (mean over clients, then seeds):", "",
+                  "| method | " + " | ".join(str(r) for r in rounds) + " |", "|---|" + "---:|" * len(rounds)]
+        for name, points in curves.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{points[r][0]:.3f}" if r in points else "–" for r in rounds) + " |")
+    return lines
+
+
 def _budget_table(entry: dict) -> list[str]:
     """Optimizer steps and training seconds per client (mean over seeds): what each method spent."""
     budget = entry.get("budget", {})
@@ -692,7 +708,8 @@ def markdown(results: dict, summary: dict | None = None) -> str:
             + (f" (LoRA rank {c['rank']})" if 'rank' in c else "") + _label_map_note(c.get("label_map"))
             for c in spec["clients"]) + ".", "", *_label_map_lines(spec["clients"]),
             ] + (_lm_tables(entry) if lm else _headline_table(entry) + _nll_comm_table(entry) + _gain_tables(entry)
-                 + _per_client_tables(entry)) + _budget_table(entry) + _cmga_table(entry)
+                 + _per_client_tables(entry) + _own_curve_tables(results, setting)) + _budget_table(entry) \
+            + _cmga_table(entry)
     lines += ["", "## Timings", "", f"Torch threads: {mach.get('threads')}. Seconds per optimizer step "
               f"(batch {suite['train']['batch_size']}, mean ± std over every client-round of every run):", "",
               "| backbone | adapter | s/step |", "|---|---|---:|"]
