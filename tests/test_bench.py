@@ -721,7 +721,7 @@ def test_lm_suites_load_and_lm_mistakes_are_refused_naming_the_key():
         assert [c["backbone"] for c in suite["settings"]["H"]["clients"]] == ["smol10", "smol10", "neox384", "small256"]
         assert not any(m.get("distill") for m in suite["settings"]["H"]["methods"])
     assert {m["name"] for m in load_suite("hetero-lm")["settings"]["H"]["methods"]} == {
-        "lora-local", "fedit", "dema-local", "dema-fedavg", "dema-cmga", "dema-shaped-fedavg", "dema-local-replica"}
+        "lora-local", "fedit", "dema-local", "dema-fedavg", "dema-shaped-fedavg", "dema-local-replica"}
 
     def refused(change, match):
         suite = load_suite("hetero-lm-quick")

@@ -339,8 +339,10 @@ HETERO_LM_CLIENTS = [{"id": "H-computers-smol10", "backbone": "smol10", "domains
                      {"id": "H-definitions-smol10", "backbone": "smol10", "domains": ["definitions"]},
                      {"id": "H-songs-poems-neox384", "backbone": "neox384", "domains": ["songs-poems"]},
                      {"id": "H-people-small256", "backbone": "small256", "domains": ["people"]}]
-HETERO_LM_METHODS = ("lora-local", "fedit", "dema-local", "dema-fedavg", "dema-cmga", "dema-shaped-fedavg",
-                     "dema-local-replica")
+# No dema-cmga: on the hetero testbed the cross-group cosines are about 0 (|cos| < 0.02) and CMGA's
+# predictions equal FedAvg's record for record on every seed (docs/benchmarks.md); the conflict suites
+# are where CMGA is measured.
+HETERO_LM_METHODS = ("lora-local", "fedit", "dema-local", "dema-fedavg", "dema-shaped-fedavg", "dema-local-replica")
 
 
 def _hetero_lm() -> dict:
@@ -372,8 +374,6 @@ def _hetero_lm_quick() -> dict:
     """hetero-lm at CI size: hetero-quick's toy backbones, 2 seeds, 2 rounds x 2 steps, 6 test documents
     per domain; checks the harness, says nothing about the methods."""
     suite = _hetero_lm()
-    setting = suite["settings"]["H"]
-    setting["methods"] = [m for m in setting["methods"] if m["name"] != "dema-cmga"]
     return {**suite, "name": "hetero-lm-quick", "seeds": [0, 1], "backbones": _hetero_quick()["backbones"],
             "rounds": 2, "eval_every": 1,
             "description": "The hetero-lm suite's shape at harness-check size (toy widths, 2 rounds x 2 steps, "
