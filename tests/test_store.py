@@ -449,7 +449,7 @@ def test_two_handles_see_same_store(tmp_path):
 # ----------------------------------------------------------------------------- crashes, waiting
 
 def test_crash_before_manifest_leaves_update_invisible(tmp_path, monkeypatch):
-    import fedzero.store.store as store_mod
+    import fedzero.store.artifact as artifact_mod  # where every manifest is written
 
     s = FederationStore(tmp_path)
     _write(s, cid="c", seed=1)  # a first, complete attempt
@@ -457,7 +457,7 @@ def test_crash_before_manifest_leaves_update_invisible(tmp_path, monkeypatch):
     def boom(path, obj):
         raise KeyboardInterrupt("simulated crash before the manifest")
 
-    monkeypatch.setattr(store_mod, "atomic_write_json", boom)
+    monkeypatch.setattr(artifact_mod, "atomic_write_json", boom)
     with pytest.raises(KeyboardInterrupt):
         _write(s, cid="c", seed=2)  # the retry dies between tensor file and manifest
     monkeypatch.undo()

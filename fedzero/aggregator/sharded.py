@@ -1,12 +1,7 @@
 """Sharded aggregation of one round: each rank reads, reduces and steps only its slice of the
 shared parameter space (docs/aggregator.md, "How it works").
 
-The shard plan. Lay the shared tensors end to end in sorted key order as one flat space of T
-elements; rank r owns the flat range [r·T/N, (r+1)·T/N). A tensor is only ever cut between rows (its first dimension), because a
-safetensors slice `get_slice(key)[a:b]` reads whole rows: row i of a key belongs to the rank whose
-range holds the row's first element. So every rank holds, per key, one contiguous row range
-(possibly empty), and the ranks' loads differ by less than one row per key boundary. 0-d tensors
-are one row; empty tensors belong to no rank.
+Which rows of which tensor each rank holds is the shard plan (shards.py).
 
 Per rank, for its segments and the clients whose updates hold the segment's block (an update may
 hold a subset of the blocks, each whole; a client lacking a block is a zero row there, as in
@@ -22,128 +17,32 @@ Slices are cached between the passes while they fit `cache_bytes`; otherwise pas
 
 from __future__ import annotations
 
-import json
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from fedzero.store import FederationStore, sha256_file
+from fedzero.store import FederationStore, StoreError
+from fedzero.store.artifact import check_file, check_keys, check_size
 from fedzero.strategies import ClientUpdate, ServerOptimizer, Strategy
 from fedzero.strategies.base import block_coverage
 
 from .mpi import (AggregationError, all_ok, allreduce_sum, bcast_array, on_root, rank_of, recv_into,
                   send_to_root, size_of)
-
-# safetensors header dtype -> torch dtype (the float types an update or global can hold)
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-GLOBAL_MANIFEST = "manifest.json"                       # docs/store.md layout
-SERVER_STATE_MANIFEST = "server_state.manifest.json"
+from .shards import Segment, TensorInfo, chunks, header, plan_shards, read_rows, segment_numel, segment_view
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    key: str
-    shape: tuple[int, ...]
-    dtype: str                                          # safetensors name, e.g. "F32"
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_numel(self) -> int:
-        return int(np.prod(self.shape[1:], dtype=np.int64)) if self.shape else 1
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Rows [start, stop) of one key, held by one rank."""
-    key: str
-    start: int
-    stop: int
-
-
-def plan_shards(infos: list[TensorInfo], world: int) -> list[list[Segment]]:
-    """Segments of each rank (see the module docstring). Deterministic: every rank computes it."""
-    total = sum(i.numel for i in infos)
-    bounds = [r * total // world for r in range(world + 1)]
-    plan: list[list[Segment]] = [[] for _ in range(world)]
-    offset = 0
-    for info in infos:
-        if info.numel == 0:
-            continue
-        rn = info.row_numel
-        # first row of `info` whose first element lies at or after bounds[r]
-        first = [min(info.rows, max(0, -(-(b - offset) // rn))) for b in bounds[:-1]] + [info.rows]
-        first[0] = 0
-        for r in range(world):
-            if first[r + 1] > first[r]:
-                plan[r].append(Segment(info.key, first[r], first[r + 1]))
-        offset += info.numel
-    return plan
-
-
-def segment_numel(seg: Segment, info: TensorInfo) -> int:
-    return (seg.stop - seg.start) * info.row_numel
-
-
-def chunks(seg: Segment, info: TensorInfo, k: int, chunk_bytes: int) -> list[tuple[int, int]]:
-    """Row ranges of a segment such that the K clients' rows of a chunk take about chunk_bytes
-    (in the file dtype): the unit of reading."""
-    rows = max(1, chunk_bytes // max(1, info.torch_dtype.itemsize * k * info.row_numel))
-    return [(a, min(a + rows, seg.stop)) for a in range(seg.start, seg.stop, rows)]
-
-
-def read_rows(handle, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of a tensor from an open safetensors file, flattened (file dtype)."""
-    if not info.shape:
-        return handle.get_tensor(info.key).reshape(1)
-    return handle.get_slice(info.key)[start:stop].reshape(-1)
-
-
-def header(path: Path) -> dict[str, TensorInfo]:
-    """Key -> TensorInfo from a safetensors header (no tensor data is read)."""
-    from safetensors import safe_open
-
-    out = {}
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            s = f.get_slice(key)
-            dtype = s.get_dtype()
-            if dtype not in _DTYPES:
-                raise AggregationError(f"{path}: tensor {key!r} has dtype {dtype}; only {sorted(_DTYPES)} "
-                                       "can be aggregated")
-            out[key] = TensorInfo(key, tuple(int(d) for d in s.get_shape()), dtype)
-    return out
-
-
-def read_manifest(path: Path, round: int, what: str) -> dict:
-    """A global or server-state manifest (docs/store.md), checked for the fields the aggregator uses."""
+@contextmanager
+def store_refusals():
+    """A store refusal (missing file, bad manifest, size or checksum mismatch) as an AggregationError
+    with the store's own message."""
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AggregationError(f"{what} not found: no manifest at {path}") from None
-    except ValueError as e:
-        raise AggregationError(f"corrupt manifest {path} of {what}: {e}") from e
-    for name, kind in (("round", int), ("sha256", str), ("bytes", int), ("keys", list)):
-        if not isinstance(manifest.get(name), kind):
-            raise AggregationError(f"{what} ({path}): manifest field {name!r} missing or not {kind.__name__}")
-    if manifest["round"] != round:
-        raise AggregationError(f"round mismatch for {what}: manifest {path} says round {manifest['round']}")
-    return manifest
+        yield
+    except StoreError as err:
+        raise AggregationError(str(err)) from err
 
 
 @dataclass
@@ -174,11 +73,10 @@ def make_plan(store: FederationStore, round: int, manifests: list[dict], strateg
               block_of: Callable[[str], str], *, reset_server_state: bool) -> RoundPlan:
     """Rank 0: read headers and manifests, check every update against the global, build the plan."""
     gpath = store.global_path(round)
-    gman = read_manifest(gpath.parent / GLOBAL_MANIFEST, round, f"global of round {round}")
-    ginfo = header(gpath)
-    if sorted(ginfo) != sorted(gman["keys"]):
-        raise AggregationError(f"global of round {round}: {gpath} holds {sorted(ginfo)}, "
-                               f"its manifest lists {sorted(gman['keys'])}")
+    with store_refusals():
+        gman = store.global_manifest(round)
+        ginfo = header(gpath)
+        check_keys(list(ginfo), gman, gpath, f"global of round {round}")
     infos = [ginfo[k] for k in sorted(ginfo)]
     blocks: list[str] = []
     block_of_key = {}
@@ -214,22 +112,22 @@ def make_plan(store: FederationStore, round: int, manifests: list[dict], strateg
     momentum = strategy.server_opt.momentum
     if momentum and round > 0 and not reset_server_state:
         spath = store.server_state_path(round - 1)
-        smpath = spath.with_name(SERVER_STATE_MANIFEST)
-        if not smpath.is_file():
+        with store_refusals():
+            sman = store.server_state_manifest(round - 1)
+        if sman is None:
             raise AggregationError(
-                f"server momentum is {momentum} but round {round - 1} left no server state ({smpath}); "
-                "a restart would not continue exactly. Pass reset_server_state=True (--reset-server-state) "
-                "to start the momentum afresh.")
-        sman = read_manifest(smpath, round - 1, f"server state of round {round - 1}")
+                f"server momentum is {momentum} but round {round - 1} left no server state "
+                f"({store.layout.server_state_files(round - 1).manifest}); a restart would not continue exactly. "
+                "Pass reset_server_state=True (--reset-server-state) to start the momentum afresh.")
         sinfo = header(spath)
         for key, info in sinfo.items():
             if key not in ginfo or info.shape != ginfo[key].shape:
                 raise AggregationError(f"server state of round {round - 1}: tensor {key!r} "
                                        f"{list(info.shape)} does not match the global state")
-        state_file = Source(f"server state of round {round - 1}", str(spath), sman["sha256"], sman["bytes"])
+        state_file = Source(f"server state of round {round - 1}", str(spath), sman.sha256, sman.bytes)
         state_keys = sorted(sinfo)
     return RoundPlan(round, infos, blocks, block_of_key, updates, files, covered,
-                     Source(f"global of round {round}", str(gpath), gman["sha256"], gman["bytes"]),
+                     Source(f"global of round {round}", str(gpath), gman.sha256, gman.bytes),
                      state_file, state_keys)
 
 
@@ -241,17 +139,13 @@ def verify_files(comm, plan: RoundPlan, mode: str) -> int:
 
     def check() -> int:
         hashed = 0
-        for i, src in enumerate(files):
-            size = Path(src.path).stat().st_size
-            if size != src.bytes:
-                raise AggregationError(f"size mismatch for {src.name}: manifest says {src.bytes} bytes, "
-                                       f"file {src.path} has {size}")
-            if mode == "sha256" and i % world == rank:
-                digest = sha256_file(src.path)
-                hashed += size
-                if digest != src.sha256:
-                    raise AggregationError(f"checksum mismatch for {src.name}: manifest says sha256 "
-                                           f"{src.sha256}, file {src.path} has {digest}")
+        with store_refusals():
+            for i, src in enumerate(files):
+                if mode == "sha256" and i % world == rank:
+                    check_file(src.path, src.bytes, src.sha256, src.name)
+                    hashed += src.bytes
+                else:
+                    check_size(src.path, src.bytes, src.name)
         return hashed
 
     return all_ok(comm, check, "verification")
@@ -439,11 +333,6 @@ def aggregate_sharded(comm, plan: RoundPlan, strategy: Strategy, *, cache_bytes:
         send_to_root(comm, [new_parts[which][s.key].contiguous().view(torch.uint8).numpy() for s, which in layout(mine)])
     _lap(out.seconds, "assemble_s", tick)
     return out
-
-
-def segment_view(full: torch.Tensor, seg: Segment, info: TensorInfo) -> torch.Tensor:
-    """The flat elements of `seg` inside the full tensor (a view: writes land in `full`)."""
-    return full.view(-1)[seg.start * info.row_numel:seg.stop * info.row_numel]
 
 
 def _lap(seconds: dict, name: str, since: float) -> float:

@@ -44,7 +44,7 @@ from fedzero.client.local import lr_factor, mean_token_loss, token_loss_sums
 from fedzero.config import ClientConfig, _only, parse_run_config, read_yaml, resolve_path
 from fedzero.data import batches, build_examples, load_tokenizer, read_jsonl
 from fedzero.ds_config import complete_ds_config, precision_of, zero_stage
-from fedzero.store import FederationStore, StoreIntegrityError, atomic_write_json
+from fedzero.store import FederationStore, StoreIntegrityError, StoreTimeoutError, atomic_write_json
 
 log = logging.getLogger("fedzero.client")
 
@@ -509,24 +509,18 @@ class DeepSpeedClient:
 
     # -- store and local state (rank 0 reads, everybody receives) ----------------------------------
     def _receive_global(self, rnd: int) -> tuple[dict[str, torch.Tensor], dict]:
-        """Wait (in lock step: no collective ever blocks longer than one poll) for round rnd's global."""
-        deadline = None if self.cfg.wait_timeout is None else time.monotonic() + self.cfg.wait_timeout
-        failures = 0
+        """Wait (in lock step: no collective ever blocks longer than one poll) for round rnd's global:
+        rank 0 polls the store's wait (its deadline and its retries while a network file system lags)."""
+        wait = self.store.global_wait(rnd, timeout=self.cfg.wait_timeout) if self.rank == 0 else None
         payload = None
         while True:
             status = 0   # 0 wait, 1 ready, 2 give up
             if self.rank == 0:
-                if self.store.has_global(rnd):
-                    try:
-                        payload = self.store.read_global(rnd)
-                        status = 1
-                    except StoreIntegrityError as err:   # a network file system may lag
-                        failures += 1
-                        if failures >= 3:
-                            payload, status = str(err), 2
-                if status == 0 and deadline is not None and time.monotonic() > deadline:
-                    payload, status = (f"timed out after {self.cfg.wait_timeout}s waiting for the global of round "
-                                       f"{rnd} in {self.store.root}"), 2
+                try:
+                    payload = wait.poll()
+                    status = 0 if payload is None else 1
+                except (StoreIntegrityError, StoreTimeoutError) as err:
+                    payload, status = str(err), 2
             flag = torch.tensor([status], dtype=torch.int64, device=self._comm_device())
             self.dist.broadcast(flag, src=0)
             if int(flag) == 1:

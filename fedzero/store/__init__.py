@@ -1,6 +1,9 @@
 """The federation store: on-disk layout for rounds, shared by simulator, clients and aggregator.
 
-See docs/store.md for the layout and its guarantees.
+See docs/store.md for the layout and its guarantees. Modules: ``layout`` (every path and name),
+``manifest`` (the typed manifests, their one parser and validator), ``artifact`` (tensor file
+first, manifest last; read and verify), ``atomic`` (durable writes), ``store`` (the
+``FederationStore`` facade) and ``errors``.
 """
 
 from .atomic import (
@@ -10,21 +13,19 @@ from .atomic import (
     sha256_bytes,
     sha256_file,
 )
-from .store import (
-    STORE_FORMAT,
-    STORE_VERSION,
-    FederationStore,
+from .errors import (
     StoreConflictError,
     StoreError,
     StoreIntegrityError,
     StoreNotFoundError,
     StoreTimeoutError,
-    round_dirname,
-    validate_client_id,
 )
+from .layout import STORE_FORMAT, STORE_VERSION, round_dirname, validate_client_id
+from .store import FederationStore, GlobalWait
 
 __all__ = [
     "FederationStore",
+    "GlobalWait",
     "StoreError",
     "StoreNotFoundError",
     "StoreIntegrityError",

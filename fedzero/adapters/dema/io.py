@@ -8,14 +8,12 @@ be separated from its description.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import fedzero
+from fedzero.store.atomic import atomic_save_safetensors, ensure_dir
 
 from .config import DeMAConfig
 from .model import DeMAModel
@@ -37,16 +35,10 @@ def save_part(handle: DeMAModel, path: str | Path, part: str, *, fingerprint: st
         "num_layers": handle.num_layers,
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # temp file + rename: a crash never leaves a half-written adapter behind.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"fedzero": json.dumps(header)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    ensure_dir(path.parent)
+    # Durable and atomic: a crash never leaves a half-written adapter behind.
+    atomic_save_safetensors(path, {k: v.contiguous() for k, v in tensors.items()},
+                            metadata={"fedzero": json.dumps(header)})
     return path
 
 
