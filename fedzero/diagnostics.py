@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable
 
 import torch
@@ -67,6 +66,3 @@ def gate_entropy(handle, batch: dict) -> dict[str, float]:
         result[f"slot{s}"] = float(torch.cat(entropies).mean())
     return result
 
-
-def max_entropy(num_experts: int) -> float:
-    return math.log(num_experts)

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_llama
 from fedzero.baselines import (FLoRA, FedIT, FlexLoRA, HetLoRA, LORA_STRATEGIES, Local, LoRAClient, LoRASettings,
                                lora_modules, make_lora_strategy, same_backbone_groups)
-from fedzero.baselines import math as bm
+from fedzero.baselines import factors as bm
 from fedzero.client.local import TrainSettings
 
 T = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731

@@ -8,8 +8,10 @@ comparison: 1e-6 absolute on deltas of size ~1e-2 (fp32; measured differences ar
 from summation order in ZeRO's flattened, partitioned buffers and the all-reduce).
 """
 
+import inspect
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -36,8 +38,18 @@ TOL = 1e-6
 
 # =========================================================================== DeepSpeed configs
 
-def test_every_ds_config_file_is_tested():
-    assert {p.name for p in DS_CONFIGS} == {"zero2.json", "zero3.json", "zero3_offload.json"}
+def test_every_ds_config_file_is_launched_by_a_test():
+    """Each file in ds_configs/ runs a real client in one of this module's launch tests (the `slow`
+    ones), and every config file those tests name exists: a new config without a launch test fails."""
+    launch_tests = [f for name, f in globals().items() if name.startswith("test_") and callable(f)
+                    and any(m.name == "slow" for m in getattr(f, "pytestmark", []))]
+    named = set()
+    for test in launch_tests:
+        source = inspect.getsource(test)
+        marks = "".join(repr(m.args) for m in test.pytestmark)     # parametrize lists live in the marks
+        named |= set(re.findall(r"\b(\w+\.json)\b", source + marks)) - {"fedzero.json"}
+    assert len(launch_tests) >= 4
+    assert named == {p.name for p in DS_CONFIGS}
 
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedzero.strategies import CMGA, ClientUpdate, FedAvg, ServerOptimizer, make_strategy
-from fedzero.strategies import math as sm
+from fedzero.strategies import coefficients as sm
 
 
 def gram(X):

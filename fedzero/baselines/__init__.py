@@ -1,6 +1,6 @@
 """Baselines for comparison with DeMA (docs/method.md, "Baselines"): PEFT LoRA federated five ways.
 
-Strategies (one file each, math in `math.py`) act on PEFT LoRA state dicts; `LoRAClient` trains
+Strategies (one file each, the factor math in `factors.py`) act on PEFT LoRA state dicts; `LoRAClient` trains
 one client's LoRA on its frozen backbone. Built by name via `make_lora_strategy`.
 """
 

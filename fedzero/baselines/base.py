@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .math import Pair
+from .factors import Pair
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
@@ -55,7 +55,7 @@ def lora_state(modules: dict[str, Pair], dtype: torch.dtype) -> dict[str, Tensor
 
 
 def same_backbone_groups(fingerprints: list[str]) -> dict[str, list[int]]:
-    """{fingerprint: client indices}: the groups FedIT may federate within (setting A of issue 5)."""
+    """{fingerprint: client indices}: the groups FedIT may federate within (one per backbone)."""
     groups: dict[str, list[int]] = defaultdict(list)
     for k, fp in enumerate(fingerprints):
         groups[fp].append(k)

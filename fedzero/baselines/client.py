@@ -18,7 +18,7 @@ from fedzero.client.local import TrainSettings, lr_factor, token_loss_sums
 from fedzero.data import batches, collate
 
 from .base import LoRAAggregate, lora_modules
-from .math import Pair
+from .factors import Pair
 
 
 LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

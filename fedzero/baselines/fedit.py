@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import math
+from . import factors
 from .base import LoRAStrategy
 
 
@@ -17,5 +17,5 @@ class FedIT(LoRAStrategy):
                              f"scalings {scalings}; use hetlora, flora or flexlora for heterogeneous ranks")
 
     def combine(self, As, Bs, w, ranks, scalings):
-        A, B = math.fedavg_lora(As, Bs, w)
+        A, B = factors.fedavg_lora(As, Bs, w)
         return [(A, B)] * len(As), {}

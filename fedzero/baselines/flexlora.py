@@ -5,7 +5,7 @@ The SVD runs on an R × R core from QR of the stacked factors (R = Σ r_k), neve
 
 from __future__ import annotations
 
-from . import math
+from . import factors
 from .base import LoRAStrategy
 
 
@@ -15,5 +15,5 @@ class FlexLoRA(LoRAStrategy):
     name = "flexlora"
 
     def combine(self, As, Bs, w, ranks, scalings):
-        pairs, S = math.flexlora(As, Bs, w, ranks, scalings)
-        return pairs, {"energy_kept": [math.energy_kept(S, r) for r in ranks]}
+        pairs, S = factors.flexlora(As, Bs, w, ranks, scalings)
+        return pairs, {"energy_kept": [factors.energy_kept(S, r) for r in ranks]}

@@ -6,7 +6,7 @@ fresh LoRA (as its authors do), so the next round starts from the aggregate with
 
 from __future__ import annotations
 
-from . import math
+from . import factors
 from .base import LoRAStrategy
 
 
@@ -15,4 +15,4 @@ class FLoRA(LoRAStrategy):
     merges = True
 
     def combine(self, As, Bs, w, ranks, scalings):
-        return math.flora_stack(As, Bs, w, scalings), {}
+        return factors.flora_stack(As, Bs, w, scalings), {}

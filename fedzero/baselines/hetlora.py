@@ -5,7 +5,7 @@ The plain form of the method: no sparsity-weighted aggregation and no rank self-
 
 from __future__ import annotations
 
-from . import math
+from . import factors
 from .base import LoRAStrategy
 
 
@@ -13,4 +13,4 @@ class HetLoRA(LoRAStrategy):
     name = "hetlora"
 
     def combine(self, As, Bs, w, ranks, scalings):
-        return math.hetlora(As, Bs, w, ranks, scalings), {}
+        return factors.hetlora(As, Bs, w, ranks, scalings), {}

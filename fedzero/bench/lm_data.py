@@ -1,4 +1,4 @@
-"""The benchmark's second task: language modelling of per-client domains (issue 11).
+"""The benchmark's second task: language modelling of per-client domains.
 
 Corpus: the fortune-cookie files of Debian's `fortunes` and `fortunes-min` packages (about 15k
 short texts in 43 category files; BSD licence, see docs/lm_task.md), read from the installed

@@ -16,7 +16,7 @@ schedule. A new DeMA variant is one more entry in a setting's "methods", e.g.
 (the dema dict goes to DeMAConfig.from_dict unchanged: the suite is refused at start if DeMAConfig
 does not know a field yet).
 
-Settings (issue 5):
+Settings:
     A  different backbones across clients. FedIT can only federate within a same-backbone group;
        rank-heterogeneous LoRA methods do not apply across widths. DeMA federates everyone.
     B  one backbone, heterogeneous LoRA budgets (ranks): where HetLoRA/FLoRA/FlexLoRA apply. FedIT
@@ -119,7 +119,7 @@ QUICK = {
 }
 
 def _dema_variants() -> list[dict]:
-    """Issue 6's sharing / projector options, each x {FedAvg, CMGA}, the local-only control of the
+    """DeMA's sharing / projector options, each x {FedAvg, CMGA}, the local-only control of the
     anchor projector (sharing options do not change local training; projector options do), and
     output distillation on the public anchors, alone and on top of shape-matched FedAvg."""
     shaped = {"share": "shape-matched"}
@@ -188,7 +188,7 @@ FULL = {
                           {"id": "B-coachella-r16", "backbone": "smol10", "topics": ["coachella"], "rank": 16}],
               # One backbone is one CMGA group, and CMGA over one group is FedAvg exactly (tested), so the
               # CMGA runs would repeat the FedAvg ones. Shape-matched FedAvg shares the whole adapter
-              # here: the identical-backbone sanity check of issue 6.
+              # here: the identical-backbone sanity check.
               "methods": [m for m in _methods_b(het_local=True) if m["strategy"] != "cmga"]
                          + [m for m in _dema_variants() if m["name"] == "dema-shaped-fedavg"]},
     },
@@ -242,7 +242,7 @@ def _depth30() -> dict:
             "description": "The full suite's budget with SmolLM2-135M itself as one of four heterogeneous clients"}
 
 
-# The heterogeneous testbed (issue 11): three widths and two families. SmolLM2's healed 10-layer
+# The heterogeneous testbed: three widths and two families. SmolLM2's healed 10-layer
 # variant (576 wide, LLaMA layout) holds two clients, so FedIT has a same-backbone group; a
 # GPT-NeoX-layout model 384 wide (parallel residual, fused qkv, LayerNorm) and the 256-wide LLaMA,
 # both pretrained briefly on the public text with SmolLM2's tokenizer (no pretrained model of another
@@ -382,7 +382,7 @@ def _hetero_lm_quick() -> dict:
             "train": {**QUICK["train"], "max_length": 136, "eval_batch_size": 16}}
 
 
-# Conflicting objectives (issue 12, mechanism 5: CMGA where it can matter). CMGA groups clients by
+# Conflicting objectives (where CMGA can matter). CMGA groups clients by
 # backbone and resolves conflicts between the groups' mean updates; on the other suites' testbeds it
 # may find none to resolve (its runs then equal FedAvg's, which the run's "cmga_effect" shows). Here
 # two backbone groups hold the same topic and the second reads its labels swapped (negative <->

@@ -1,4 +1,4 @@
-"""Aggregation strategies: one class per file, the math in `math.py`, built by name via `make_strategy`."""
+"""Aggregation strategies: one class per file, the Gram-to-coefficients math in `coefficients.py`, built by name via `make_strategy`."""
 
 from __future__ import annotations
 

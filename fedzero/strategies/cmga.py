@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import math
+from . import coefficients
 from .base import ClientUpdate, Strategy
 
 
@@ -36,5 +36,6 @@ class CMGA(Strategy):
         if self.groups == "client" and len(set(groups)) < len(groups):
             # A caller passed fingerprints; make the labels unique so each client stands alone.
             groups = [f"{k}:{g}" for k, g in enumerate(groups)]
-        return math.cmga_coefficients(gram, weights, groups, seed=math.block_seed(self.seed, round, block),
-                                      harmonize_norms=self.harmonize_norms, c_max=self.c_max)
+        return coefficients.cmga_coefficients(gram, weights, groups,
+                                              seed=coefficients.block_seed(self.seed, round, block),
+                                              harmonize_norms=self.harmonize_norms, c_max=self.c_max)

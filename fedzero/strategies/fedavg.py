@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import math
+from . import coefficients
 from .base import Strategy
 
 
@@ -15,4 +15,4 @@ class FedAvg(Strategy):
 
     def coefficients(self, gram: np.ndarray, weights: np.ndarray, groups: list[str], *,
                      block: str, round: int) -> tuple[np.ndarray, dict]:
-        return math.fedavg_coefficients(gram, weights, groups)
+        return coefficients.fedavg_coefficients(gram, weights, groups)

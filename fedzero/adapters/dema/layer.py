@@ -347,8 +347,6 @@ class DeMAShared(nn.Module):
     share='shape-matched' also the width-d projector bank: proj.h{d}.slots.{s}.{in_proj,out_proj}.weight
     (and proj.h{d}.out_proj.weight for side placement), which only clients of width d hold."""
 
-    exchange = "shared"
-
     def __init__(self, rank: int, num_experts: int, expert_hidden: int, num_slots: int, temperature: float):
         super().__init__()
         self.slots = nn.ModuleList(
@@ -384,8 +382,6 @@ class DeMAPrivate(nn.Module):
     (anchor out-projector: layers.{l}.out_proj.gain; canonical+learned: layers.{l}.in_proj.residual),
     out_proj.weight for side placement. Empty of projectors under shape-matched sharing (they live in
     DeMAShared then); anchor and canonical buffers (mu, anchor directions, W) are never exchanged."""
-
-    exchange = "private"
 
     def __init__(self, bank: ProjectorBank | None):
         super().__init__()

@@ -1,7 +1,7 @@
 """Injecting DeMA into a frozen HF decoder model, and the handle that names its parameters.
 
 "Shared" and "private" are not guessed from parameter names: they come from the container that
-declares them (DeMAShared.exchange == "shared", DeMAPrivate.exchange == "private").
+declares them: a DeMAShared module's parameters travel, a DeMAPrivate module's stay on the client.
 """
 
 from __future__ import annotations
