@@ -19,7 +19,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -48,12 +47,6 @@ def parse_args(argv=None):
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     p.add_argument("--local-reference", help=argparse.SUPPRESS)   # internal: run LocalClient on this YAML
     return p.parse_args(argv)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -87,7 +80,8 @@ def build_workspace(out: Path, args) -> Path:
 
 
 def client_yaml(out: Path, name: str, ds_config: str, args, overrides: dict | None = None) -> Path:
-    from fedzero.client.deepspeed_client import initial_shared_state, load_client_config
+    from fedzero.client.bootstrap import initial_shared_state
+    from fedzero.client.client_config import load_client_config
     from fedzero.store import FederationStore
 
     folder = out / name
@@ -111,7 +105,7 @@ def local_reference(config_path: str) -> None:
     from fedzero.adapters.dema import inject_dema
     from fedzero.backbones import load_backbone
     from fedzero.client import LocalClient
-    from fedzero.client.deepspeed_client import load_client_config
+    from fedzero.client.client_config import load_client_config
     from fedzero.data import build_examples, load_tokenizer, read_jsonl
     from fedzero.store import FederationStore
 
@@ -136,8 +130,10 @@ def local_reference(config_path: str) -> None:
 
 
 def run_config(path: Path, procs: int) -> tuple[dict, float]:
+    from fedzero.client.distributed import free_port
+
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    cmd = [torchrun, "--nproc_per_node", str(procs), "--master_port", str(_free_port()), "launch/client.py",
+    cmd = [torchrun, "--nproc_per_node", str(procs), "--master_port", str(free_port()), "launch/client.py",
            "--config", str(path), "--store", str(path.parent / "store"), "--round", "0"]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)

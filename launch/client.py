@@ -34,10 +34,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, after_step=None) -> int:
+    """`after_step(round, steps_done)`, if given, runs on every rank after each optimizer step (an
+    entry script that wraps this one installs it; the tests kill a client mid-round with one)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    from fedzero.client.deepspeed_client import init_store, load_client_config, run_client
+    from fedzero.client.bootstrap import init_store
+    from fedzero.client.client_config import load_client_config
+    from fedzero.client.deepspeed_client import run_client
 
     try:
         cfg = load_client_config(args.config)
@@ -46,7 +50,7 @@ def main(argv=None) -> int:
         rounds = 1
         if args.serve:
             rounds = args.rounds if args.rounds is not None else cfg.total_rounds - args.round
-        run_client(cfg, args.store, args.round, rounds)
+        run_client(cfg, args.store, args.round, rounds, after_step=after_step)
     except (ValueError, FileNotFoundError, KeyError, TimeoutError) as err:
         print(f"client: error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -1,5 +1,6 @@
-"""DeepSpeed clients: config completion, client YAML, memory estimate, and real launches (CPU, gloo)
-whose uploaded update must equal the single-process LocalClient's.
+"""DeepSpeed clients in real launches (CPU, gloo) whose uploaded update must equal the single-process
+LocalClient's. (The client's config, memory estimate: test_client_config.py; its state directory and
+start-up helpers: test_client_state.py.)
 
 The `slow` tests start real process groups (the deepspeed launcher with the top-level hostfile,
 torchrun, plain python). They need DeepSpeed's shared-memory comm op built once (cached under
@@ -12,7 +13,6 @@ import inspect
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -22,13 +22,14 @@ import pytest
 import torch
 import yaml
 
-from fedzero.adapters.dema import DeMAConfig, inject_dema
+from fedzero.adapters.dema import inject_dema
 from fedzero.adapters.dema.io import read_part
-from fedzero.client.deepspeed_client import (CRASH_ENV, CRASH_EXIT_CODE, initial_shared_state,
-                                             latest_private_before, load_client_config, parse_client_config,
-                                             round_is_done)
-from fedzero.ds_config import complete_ds_config, read_ds_config, resolve_precision
+from fedzero.client.bootstrap import initial_shared_state
+from fedzero.client.client_config import load_client_config
+from fedzero.client.distributed import free_port
+from fedzero.client.state_layout import ClientStateLayout
 from fedzero.store import FederationStore
+from hooked_client import CRASH_ENV, CRASH_EXIT_CODE, STEP_LOG_ENV
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 TOL = 1e-6
 
 
-# =========================================================================== DeepSpeed configs
+# =========================================================================== DeepSpeed configs launched
 
 def test_every_ds_config_file_is_launched_by_a_test():
     """Each file in ds_configs/ runs a real client in one of this module's launch tests (the `slow`
@@ -52,183 +53,11 @@ def test_every_ds_config_file_is_launched_by_a_test():
     assert named == {p.name for p in DS_CONFIGS}
 
 
-@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
-def test_ds_config_files_complete(path):
-    raw = read_ds_config(path)                       # plain JSON, no comments
-    ds = complete_ds_config(path, batch_size=16, world_size=2, gradient_accumulation_steps=2, lr=0.01,
-                            weight_decay=0.1, grad_clip=1.0, precision="auto", device_type="cpu")
-    assert ds["train_micro_batch_size_per_gpu"] == 4
-    assert ds["train_batch_size"] == 4 * 2 * 2 == 16
-    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 1.0
-    assert ds["optimizer"]["params"]["lr"] == 0.01 and ds["optimizer"]["params"]["weight_decay"] == 0.1
-    assert ds["optimizer"]["params"]["torch_adam"] is True     # no Adam op to compile
-    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}
-    assert raw == read_ds_config(path)                # the file itself is untouched
-    zero = ds["zero_optimization"]
-    if path.name == "zero2.json":
-        assert zero["stage"] == 2
-    else:
-        assert zero["stage"] == 3
-        offload = path.name == "zero3_offload.json"
-        assert (zero.get("offload_param", {}).get("device") == "cpu") == offload
-        assert (zero.get("offload_optimizer", {}).get("device") == "cpu") == offload
-
-
-@pytest.mark.parametrize("bad, match", [
-    ({"train_batch_size": 32}, "train_batch_size"),
-    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
-    ({"bf16": {"enabled": True}}, "bf16"),
-    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, "optimizer.params.lr"),
-])
-def test_ds_config_refuses_numbers_written_twice(bad, match):
-    base = {"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
-    with pytest.raises(ValueError, match=match):
-        complete_ds_config({**base, **bad}, batch_size=8, world_size=1, lr=1e-3)
-
-
-def test_ds_config_needs_optimizer_and_whole_micro_batches():
-    with pytest.raises(ValueError, match="optimizer"):
-        complete_ds_config({"zero_optimization": {"stage": 2}}, batch_size=8, world_size=1, lr=1e-3)
-    with pytest.raises(ValueError, match="not divisible"):
-        complete_ds_config(REPO / "ds_configs/zero3.json", batch_size=6, world_size=4, lr=1e-3)
-    ds = complete_ds_config(REPO / "ds_configs/zero3.json", batch_size=8, world_size=1, lr=1e-3,
-                            overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
-    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
-    assert ds["zero_optimization"]["stage"] == 3      # overrides merge key by key
-
-
-def test_precision_by_device():
-    assert resolve_precision("auto", "cpu", False) == "fp32"
-    assert resolve_precision("auto", "cuda", True) == "bf16"
-    assert resolve_precision("auto", "cuda", False) == "fp16"
-    assert resolve_precision("bf16", "cpu", False) == "bf16"
-    with pytest.raises(ValueError, match="fp16"):
-        resolve_precision("fp16", "cpu", False)
-
-
-# =========================================================================== client YAML, hostfile
-
-def test_client_example_config_loads():
-    cfg = load_client_config(REPO / "configs/client_example.yaml")
-    assert cfg.client.id == "airlines" and cfg.total_rounds == 4 and cfg.client.train.batch_size == 16
-    assert cfg.deepspeed.config.resolve() == REPO / "ds_configs/zero3.json"
-    assert cfg.deepspeed.checkpoint_every == 4
-    assert cfg.state_dir.name == "airlines"
-    ds = complete_ds_config(cfg.deepspeed.config, batch_size=cfg.client.train.batch_size, world_size=2,
-                            lr=cfg.client.train.lr, device_type="cpu")
-    assert ds["train_micro_batch_size_per_gpu"] == 8
-    # The client is the same as the demo federation's client of that id.
-    demo = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
-    assert cfg.dema.to_dict() == DeMAConfig.from_dict({"seed": demo["seed"], **demo["dema"]}).to_dict()
-    example = yaml.safe_load((REPO / "configs/client_example.yaml").read_text())
-    assert example["client"]["backbone"] == next(c for c in demo["clients"] if c["id"] == "airlines")["backbone"]
-    assert example["train"] == demo["train"] and example["federation"]["rounds"] == demo["federation"]["rounds"]
-
-
-def test_client_config_refuses_unknown_keys(tmp_path):
-    data = yaml.safe_load((REPO / "configs/client_example.yaml").read_text())
-    with pytest.raises(ValueError, match="unknown key"):
-        parse_client_config({**data, "zero_stage": 3}, REPO / "configs")
-    with pytest.raises(ValueError, match="deepspeed"):
-        parse_client_config({**data, "deepspeed": {**data["deepspeed"], "micro_batch": 2}}, REPO / "configs")
-    with pytest.raises(FileNotFoundError):
-        parse_client_config({**data, "deepspeed": {"config": "nope.json"}}, REPO / "configs")
-
-
-def test_hostfile_is_a_one_machine_example():
-    from deepspeed.launcher.runner import fetch_hostfile
-
-    assert dict(fetch_hostfile(str(REPO / "hostfile"))) == {"localhost": 2}
-
-
-@pytest.mark.parametrize("share", ["experts-only", "shape-matched"])
-def test_initial_shared_state_is_what_the_client_builds(share):
-    from fedzero.backbones import load_backbone
-
-    data = yaml.safe_load((REPO / "configs/client_example.yaml").read_text())
-    data["dema"] = {**data["dema"], "share": share}
-    cfg = parse_client_config(data, REPO / "configs")
-    expected = inject_dema(load_backbone(cfg.client.backbone)[0], cfg.dema).shared_state_dict()
-    got = initial_shared_state(cfg)                   # built on a meta-device backbone
-    assert sorted(got) == sorted(expected)
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
-    assert any(k.startswith("proj.h96.") for k in got) == (share == "shape-matched")
-
-
-def test_private_state_files_are_chosen_by_round(tmp_path):
-    assert latest_private_before(tmp_path, 3) is None
-    (tmp_path / "private").mkdir()
-    for r in (0, 1, 4):
-        (tmp_path / "private" / f"r{r:06d}.safetensors").write_bytes(b"")
-    assert latest_private_before(tmp_path, 0) is None
-    assert latest_private_before(tmp_path, 2)[0] == 1      # a rerun of round 2 starts from round 1's state
-    assert latest_private_before(tmp_path, 4)[0] == 1      # never from the round being (re)trained
-    assert latest_private_before(tmp_path, 9)[0] == 4
-
-
-def test_a_completed_or_closed_round_is_not_trained_again(tmp_path):
-    store = FederationStore(tmp_path / "store")
-    state = tmp_path / "state"
-    zero = {"w": torch.zeros(2)}
-    store.publish_global(0, zero)
-    assert not round_is_done(store, "c1", state, 0)
-    store.write_update(0, "c1", zero, fingerprint="f", num_samples=1)
-    assert not round_is_done(store, "c1", state, 0)        # crashed between upload and private save: redo
-    (state / "private").mkdir(parents=True)
-    (state / "private" / "r000000.safetensors").write_bytes(b"")
-    assert round_is_done(store, "c1", state, 0)
-    assert not round_is_done(store, "c2", state, 0)
-    store.publish_global(1, zero)
-    assert round_is_done(store, "c2", state, 0)            # closed: an update would change nothing
-    (state / "private" / "r000000.safetensors").rename(state / "private" / "r000003.safetensors")
-    assert round_is_done(store, "c1", state, 0) and not round_is_done(store, "c1", state, 1)
-
-
-# =========================================================================== memory estimate
-
-@pytest.mark.parametrize("name, params", [("llama-2-7b", 6_738_415_616), ("llama-2-13b", 13_015_864_320),
-                                          ("llama-2-70b", 68_976_648_192)])
-def test_memory_estimate(name, params):
-    from fedzero.comm import dema_shared_params
-    from fedzero.memory import estimate, load_model_config
-
-    cfg = load_model_config(REPO / f"configs/models/{name}.json")
-    est = estimate(cfg, gpus_per_node=8, nodes=2)
-    assert est["params"] == params
-    assert est["dema_shared"] == dema_shared_params(DeMAConfig(), cfg["hidden_size"]) and est["dema_private"] == 0
-    private = estimate(cfg, gpus_per_node=8, nodes=2, dema=DeMAConfig(share="experts-only"))
-    assert private["dema_shared"] == dema_shared_params(DeMAConfig(share="experts-only"))
-    assert private["dema_private"] == 2 * cfg["num_hidden_layers"] * cfg["hidden_size"] * 64
-    full, lora, dema = est["lines"]
-    # Full fine-tuning without offload: DeepSpeed's 18 bytes per parameter over 16 GPUs + 4 bytes per
-    # parameter of the gathered largest layer.
-    assert full["zero3_gpu"] == 4 * est["largest_layer"] + 18 * params // 16
-    assert dema["zero3_gpu"] < full["zero3_gpu"] / 4
-    assert dema["offload_gpu"] < dema["zero3_gpu"] and dema["offload_cpu"] < full["offload_cpu"] / 4
-    acts = list(est["activations"].values())
-    assert acts[0] > acts[1] > acts[2] > 0           # all layers > checkpointed > side placement
-
-
-def test_memory_estimate_cli(capsys):
-    from fedzero.cli import main
-
-    assert main(["memory-estimate", "--model-config", str(REPO / "configs/models/llama-2-13b.json"),
-                 "--gpus", "4", "--nodes", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "llama-2-13b: 13.02B parameters" in out and "full fine-tuning" in out and "DeMA r=64" in out
-
-
 # =========================================================================== real launches (slow)
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE",
-                                                            "MASTER_ADDR", "MASTER_PORT", CRASH_ENV)}
+                                                            "MASTER_ADDR", "MASTER_PORT", CRASH_ENV, STEP_LOG_ENV)}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
 
@@ -353,7 +182,7 @@ def _check_update(config_path: Path, rnd: int, ref: dict, world: int, stage: int
     m = manifest["metrics"]
     assert abs(m["train_loss"] - ref["train_loss"]) < 1e-5
     assert m["world_size"] == world and m["zero_stage"] == stage and m["precision"] == "fp32"
-    private, _ = read_part(config_path.parent / "state" / "private" / f"r{rnd:06d}.safetensors")
+    private, _ = read_part(ClientStateLayout(config_path.parent / "state").private_path(rnd))
     assert sorted(private) == sorted(ref["private"])
     assert all(float((private[k] - ref["private"][k]).abs().max()) < TOL for k in private)
     sent, quality = store.read_anchor_predictions_with_quality(rnd, "c1") or (None, None)
@@ -388,8 +217,15 @@ def test_deepspeed_launcher_two_processes_zero3_serve_and_resume(workspace, ds_o
     shm_before = _shm_files()
     args = ["launch/client.py", "--config", str(path), "--store", str(path.parent / "store"), "--round", "0"]
 
-    rc, out = _run(DEEPSPEED + ["--master_port", str(_free_port())] + args + ["--serve"], _env(**{CRASH_ENV: "3"}))
+    # Killed by the test's step hook (tests/hooked_client.py: launch/client.py with the hook installed).
+    steps = path.parent / "steps.jsonl"
+    rc, out = _run(DEEPSPEED + ["--master_port", str(free_port()), "tests/hooked_client.py"] + args[1:] + ["--serve"],
+                   _env(**{CRASH_ENV: "3", STEP_LOG_ENV: str(steps)}))
     assert rc == CRASH_EXIT_CODE, out[-3000:]
+    # The hook ran after every step, and after the checkpoint of step 2 (checkpoint_every=2).
+    assert [json.loads(line) for line in steps.read_text().splitlines()] == [
+        {"round": 0, "step": 1, "checkpoint": None}, {"round": 0, "step": 2, "checkpoint": 2},
+        {"round": 0, "step": 3, "checkpoint": 2}]
     store = FederationStore(path.parent / "store", create=False)
     assert not store.has_update(0, "c1")                          # nothing half-written is visible
     ckpt = path.parent / "state" / "checkpoints" / "r000000"
@@ -400,7 +236,7 @@ def test_deepspeed_launcher_two_processes_zero3_serve_and_resume(workspace, ds_o
 
     # Restarted with the same command. The serving process waits for round 1's global, which this
     # test publishes (as the aggregator would) only once round 0's update is in the store.
-    serve = subprocess.Popen(DEEPSPEED + ["--master_port", str(_free_port())] + args + ["--serve"], cwd=REPO,
+    serve = subprocess.Popen(DEEPSPEED + ["--master_port", str(free_port())] + args + ["--serve"], cwd=REPO,
                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 200
@@ -438,7 +274,7 @@ def test_torchrun_two_processes_with_accumulation(workspace, ds_ops, ds_config, 
                         **dema)
     ref = _reference(path, rounds=1)[0]
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    rc, out = _run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "launch/client.py",
+    rc, out = _run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/client.py",
                     "--config", str(path), "--store", str(path.parent / "store"), "--round", "0"], _env())
     assert rc == 0, out[-3000:]
     assert "batch 4 = micro 1 x 2 processes x 2 accumulation steps" in out
@@ -458,7 +294,7 @@ def test_torchrun_two_processes_send_their_quality_with_the_predictions(workspac
     ref = _reference(path, rounds=1)[0]
     assert ref["quality"] is not None
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    rc, out = _run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "launch/client.py",
+    rc, out = _run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/client.py",
                     "--config", str(path), "--store", str(path.parent / "store"), "--round", "0"], _env())
     assert rc == 0, out[-3000:]
     _check_update(path, 0, ref, world=2, stage=stage)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 import fedzero
@@ -21,10 +22,15 @@ from .model import DeMAModel
 PARTS = ("shared", "private")
 
 
-def save_part(handle: DeMAModel, path: str | Path, part: str, *, fingerprint: str) -> Path:
+def save_part(handle: DeMAModel, path: str | Path, part: str, *, fingerprint: str,
+              tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save one part of `handle`. `tensors` replaces the handle's own state dict where the handle's
+    parameters do not hold the values (under ZeRO-3 they are shards: the caller gathers them); the
+    header still describes the handle."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
-    tensors = handle.shared_state_dict() if part == "shared" else handle.private_state_dict()
+    if tensors is None:
+        tensors = handle.shared_state_dict() if part == "shared" else handle.private_state_dict()
     header = {
         "format": "fedzero-dema",
         "part": part,
@@ -58,9 +64,8 @@ def read_part(path: str | Path) -> tuple[dict, dict]:
     return tensors, header
 
 
-def load_part(handle: DeMAModel, path: str | Path, part: str, *, fingerprint: str) -> dict:
-    """Load a saved part into the model after checking it belongs there. Returns the header."""
-    tensors, header = read_part(path)
+def check_part(handle: DeMAModel, header: dict, part: str, *, fingerprint: str, path: str | Path) -> None:
+    """Refuse a saved part (its header, read from `path`) that does not belong in `handle`'s model."""
     if header["part"] != part:
         raise ValueError(f"{path} holds the {header['part']} part, not the {part} part")
     saved = DeMAConfig.from_dict(header["config"])
@@ -71,6 +76,19 @@ def load_part(handle: DeMAModel, path: str | Path, part: str, *, fingerprint: st
         # Private projectors are tied to one backbone; loading them elsewhere would be silent garbage.
         raise ValueError(f"{path}: private adapter was saved for backbone {header['fingerprint']}, "
                          f"this model is {fingerprint}")
+
+
+def read_checked_part(handle: DeMAModel, path: str | Path, part: str, *, fingerprint: str) -> tuple[dict, dict]:
+    """(tensors, header) of a saved part after check_part, without loading it (for a caller that
+    loads the tensors itself, e.g. into a ZeRO engine)."""
+    tensors, header = read_part(path)
+    check_part(handle, header, part, fingerprint=fingerprint, path=path)
+    return tensors, header
+
+
+def load_part(handle: DeMAModel, path: str | Path, part: str, *, fingerprint: str) -> dict:
+    """Load a saved part into the model after checking it belongs there. Returns the header."""
+    tensors, header = read_checked_part(handle, path, part, fingerprint=fingerprint)
     if part == "shared":
         handle.load_shared_state_dict(tensors)
     else:
