@@ -16,7 +16,7 @@ import yaml
 from fedzero.adapters.dema import DeMAConfig
 from fedzero.backbones import BackboneSpec
 from fedzero.client import TrainSettings
-from fedzero.client.distill import DistillSettings
+from fedzero.distill.settings import DistillSettings
 
 RESOURCES = Path(__file__).parent / "resources"
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]+$")

@@ -5,14 +5,22 @@ log-likelihood the model gives each candidate completion; the prediction is the 
 is the cross-entropy of the softmax over candidates at the true label. At this scale accuracy alone
 swings with label bias (predicting a skewed test set's majority label scores well), so macro-F1 and
 balanced accuracy, which weigh every class alike, are reported beside it.
+
+The label scorer `completion_logprob_sums` (a candidate completion's summed log-likelihood) lives
+here too: label scoring (the clients' and the bench's evaluation) and whole-completion distillation
+(fedzero.distill) use it.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 # torch and the training stack are imported where a model is scored: the metrics are plain numpy, so
 # the bench's report and statistics (fedzero.bench.stats) load without them
+if TYPE_CHECKING:
+    import torch
 
 
 def confusion_counts(pred: np.ndarray, true: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -49,6 +57,28 @@ def classification_metrics(scores: np.ndarray, true: np.ndarray) -> dict:
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     return {**{k: float(v) for k, v in counts.items()},
             "label_nll": float(-np.mean(log_probs[np.arange(len(true)), true]))}
+
+
+def labelled_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B, K, V] at the K positions that predict a labelled token in some row, and the targets
+    there [B, K] (-100 where a row has none). Only those positions go through the LM head (HF's
+    `logits_to_keep` with a tensor of positions): with prompt -> label examples that is a few of
+    ~64 positions, and a 49k-word head costs as much as a third of a 10-layer SmolLM2. The training
+    loss (fedzero.client.local.token_loss_sums) reads the same positions."""
+    targets = batch["labels"][:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().flatten()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    return logits, targets[:, keep]
+
+
+def completion_logprob_sums(model, batch) -> torch.Tensor:
+    """[B] float64: each row's summed log-probability of its labelled tokens (a candidate
+    completion's log-likelihood: label scoring, whole-completion distillation). Differentiable."""
+    import torch
+
+    logits, targets = labelled_logits(model, batch)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
+    return (logp * (targets != -100)).double().sum(dim=1)
 
 
 def label_scores(model, tokenizer, records, labels, *, max_length: int, batch_size: int = 32) -> np.ndarray:
@@ -148,7 +178,6 @@ def _per_label_scores(model, tokenizer, records, labels, max_length: int, batch_
     """The plain way: one (prompt, " label") sequence per record and label."""
     import torch
 
-    from fedzero.client.local import completion_logprob_sums
     from fedzero.data import build_examples, collate
 
     candidates = [{"prompt": r["prompt"], "completion": f" {label}"} for r in records for label in labels]

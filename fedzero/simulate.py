@@ -24,10 +24,10 @@ from fedzero.comm import lora_params
 from fedzero.config import RunConfig
 from fedzero.data import build_examples, collate, load_tokenizer, read_jsonl
 from fedzero.diagnostics import gate_entropy, update_diagnostics
+from fedzero.distill.publish import publish_teachers
 from fedzero.evaluate import evaluate_classification
 from fedzero.store import FederationStore
 from fedzero.strategies import ClientUpdate
-from fedzero.strategies.distill import publish_teachers
 
 
 def build_client(cfg, run: RunConfig) -> LocalClient:

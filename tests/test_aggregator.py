@@ -174,7 +174,7 @@ QUALITY = {"a": 0.9, "b": 1.4, "c": 0.6}
 
 
 def quality_rule():
-    from fedzero.strategies.distill import TeacherRule
+    from fedzero.distill.teachers import TeacherRule
 
     return TeacherRule("quality")
 
@@ -188,7 +188,7 @@ def write_quality_predictions(store: FederationStore, round: int) -> dict[str, t
 
 def check_quality_teachers(store: FederationStore, preds: dict[str, torch.Tensor]) -> None:
     """Round 1's teachers are exactly those round_teachers makes in process from the same inputs."""
-    from fedzero.strategies.distill import round_teachers
+    from fedzero.distill.teachers import round_teachers
 
     result = store.read_result(0)["distill"]
     assert result["used"] == ["a", "b", "c"] and list(result["dropped"]) == ["d"]

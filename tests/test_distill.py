@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fedzero.client.distill import AnchorDistiller, DistillSettings, label_branch
 from fedzero.data import PROMPT_TEMPLATE, ByteTokenizer, build_examples, to_prompt
+from fedzero.distill.distiller import AnchorDistiller, kl_to_teacher, label_branch
+from fedzero.distill.publish import publish_teachers
+from fedzero.distill.settings import DistillSettings
+from fedzero.distill.teachers import leave_one_out_teachers, round_teachers
 from fedzero.evaluate import label_scores
 from fedzero.store import FederationStore, StoreIntegrityError
-from fedzero.strategies.distill import kl_to_teacher, leave_one_out_teachers, publish_teachers, round_teachers
 
 
 def test_leave_one_out_teachers_weighted_and_never_self():
@@ -237,7 +239,7 @@ def _random_predictions(clients, n=5, c=3, seed=0):
 
 
 def test_mean_teacher_is_the_first_version_bit_for_bit():
-    from fedzero.strategies.distill import TeacherRule
+    from fedzero.distill.teachers import TeacherRule
 
     p = _random_predictions("abcd", seed=1)
     w = {"a": 7, "b": 3, "c": 0, "d": 11}
@@ -258,7 +260,7 @@ HAND_L = {"a": 0.0, "b": float(np.log(2)), "c": float(np.log(4))}
 
 
 def test_quality_teacher_on_a_hand_made_case():
-    from fedzero.strategies.distill import TeacherRule, quality_weights
+    from fedzero.distill.teachers import TeacherRule, quality_weights
 
     t = leave_one_out_teachers(HAND_P, {"a": 1, "b": 1, "c": 1}, TeacherRule("quality"), HAND_L)
     # a's teacher, w_jn = q_j * max_c P_j[n]: anchor 0: b 1/2 * 0.6 = 0.3, c 1/4 * 0.5 = 0.125;
@@ -278,7 +280,7 @@ def test_quality_teacher_on_a_hand_made_case():
 
 
 def test_only_stronger_the_strongest_gets_no_teacher_the_weakest_gets_the_others():
-    from fedzero.strategies.distill import TeacherRule
+    from fedzero.distill.teachers import TeacherRule
 
     w = {"a": 1, "b": 3, "c": 1}
     mean = leave_one_out_teachers(HAND_P, w, TeacherRule("mean", only_stronger=True), HAND_L)
@@ -297,7 +299,7 @@ def test_only_stronger_the_strongest_gets_no_teacher_the_weakest_gets_the_others
 
 
 def test_quality_teachers_sum_to_one_and_never_hold_the_clients_own_predictions():
-    from fedzero.strategies.distill import TeacherRule, quality_weights
+    from fedzero.distill.teachers import TeacherRule, quality_weights
 
     p = _random_predictions("abcd", n=7, c=4, seed=2)
     w, losses = {"a": 5, "b": 1, "c": 2, "d": 9}, {"a": 0.3, "b": 2.5, "c": 1.1, "d": 0.9}
@@ -319,7 +321,7 @@ def test_quality_teachers_sum_to_one_and_never_hold_the_clients_own_predictions(
 
 def test_teacher_rule_settings_are_checked_once_for_clients_and_aggregator():
     from fedzero.aggregator import aggregator_settings
-    from fedzero.strategies.distill import TeacherRule
+    from fedzero.distill.teachers import TeacherRule
 
     base = {"labels": ["a", "b"], "template": "{text}"}
     s = DistillSettings.from_dict({**base, "teacher": "quality", "only_stronger": True})
@@ -378,7 +380,7 @@ def test_store_round_trips_the_quality_and_refuses_a_bad_one_naming_client_and_f
 
 
 def test_publish_teachers_under_the_quality_rule_drops_predictions_without_quality(tmp_path):
-    from fedzero.strategies.distill import TeacherRule
+    from fedzero.distill.teachers import TeacherRule
 
     store = FederationStore(tmp_path / "store")
     for c in "abc":

@@ -13,7 +13,7 @@ from torch import nn
 
 from fedzero.adapters.dema import DeMAConfig, inject_dema
 from fedzero.backbones import BackboneSpec, attention_projections, decoder_layout, fingerprint, load_backbone
-from fedzero.client.distill import AnchorDistiller, label_branch
+from fedzero.distill.distiller import AnchorDistiller, label_branch
 from fedzero.data import ByteTokenizer, HFTokenizer
 
 BYTE_TOKENS = {"vocab_size": 259, "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}

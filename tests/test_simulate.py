@@ -256,7 +256,7 @@ def test_quality_teachers_only_from_stronger_clients_through_the_store(tmp_path)
     """`distill.teacher: quality` with `only_stronger`: each client sends its held-out loss with its
     predictions; of the two clients, the one with the lower loss gets no teacher, the other distils from
     its predictions. Measuring the loss changes nothing else: round 0 is the mean teacher's run's."""
-    from fedzero.strategies.distill import TeacherRule, round_teachers
+    from fedzero.distill.teachers import TeacherRule, round_teachers
 
     cfg = yaml.safe_load(tiny_run(tmp_path, strategy="fedavg").read_text())
     cfg["distill"] = {"labels": ["good", "bad"], "template": "item {text}:", "anchors": 6, "batch_size": 2,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from fedzero.distill.teachers import TeacherRule
 from fedzero.strategies import Strategy, make_strategy
-from fedzero.strategies.distill import TeacherRule
 
 _FEDERATION_KEYS = {"rounds", "strategy", "strategy_options", "server_lr", "server_momentum"}
 

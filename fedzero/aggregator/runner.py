@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from fedzero.distill.publish import publish_teachers
+from fedzero.distill.teachers import TeacherRule
 from fedzero.store import FederationStore, StoreError
 from fedzero.strategies import Strategy
-from fedzero.strategies.distill import TeacherRule, publish_teachers
 
 from .mpi import AggregationError, QuorumError, all_ok, gather_small, on_root, rank_of, size_of
 from .sharded import aggregate_sharded, make_plan, verify_files

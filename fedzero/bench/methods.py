@@ -65,13 +65,13 @@ from fedzero.adapters.dema import DeMAConfig, inject_dema, shared_block
 from fedzero.backbones import load_backbone
 from fedzero.baselines import LORA_STRATEGIES, make_lora_strategy, same_backbone_groups
 from fedzero.client import LocalClient, TrainSettings
-from fedzero.client.distill import DistillSettings
 from fedzero.data import LABELS, PROMPT_TEMPLATE, build_examples, collate, load_tokenizer
 from fedzero.diagnostics import gate_entropy, update_diagnostics
+from fedzero.distill.settings import DistillSettings
+from fedzero.distill.teachers import leave_one_out_teachers
 from fedzero.evaluate import classification_metrics, label_scores
 from fedzero.simulate import initial_global_state
 from fedzero.strategies import STRATEGIES, ClientUpdate, FedAvg, make_strategy
-from fedzero.strategies.distill import leave_one_out_teachers
 
 from .backbones import Backbone
 from .data import Split, topic_anchor_texts

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedzero.adapters.dema import DeMAConfig
-from fedzero.client.distill import DistillSettings
 from fedzero.config import ClientConfig, _only, parse_run_config, read_yaml, resolve_path
+from fedzero.distill.settings import DistillSettings
 
 
 @dataclass

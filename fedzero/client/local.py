@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from fedzero.adapters.dema import DeMAModel
 from fedzero.data import batches, collate
+from fedzero.evaluate import labelled_logits
 from fedzero.fields import from_known_fields
 
 
@@ -53,25 +54,6 @@ def lr_factor(step: int, total_steps: int, settings: TrainSettings) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine down to 10%
 
 
-def labelled_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [B, K, V] at the K positions that predict a labelled token in some row, and the targets
-    there [B, K] (-100 where a row has none). Only those positions go through the LM head (HF's
-    `logits_to_keep` with a tensor of positions): with prompt -> label examples that is a few of
-    ~64 positions, and a 49k-word head costs as much as a third of a 10-layer SmolLM2."""
-    targets = batch["labels"][:, 1:]
-    keep = (targets != -100).any(dim=0).nonzero().flatten()
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    return logits, targets[:, keep]
-
-
-def completion_logprob_sums(model, batch) -> torch.Tensor:
-    """[B] float64: each row's summed log-probability of its labelled tokens (a candidate
-    completion's log-likelihood: label scoring, whole-completion distillation). Differentiable."""
-    logits, targets = labelled_logits(model, batch)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
-    return (logp * (targets != -100)).double().sum(dim=1)
-
-
 def token_loss_sums(model, batch) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled tokens, and their count."""
     logits, targets = labelled_logits(model, batch)
@@ -89,7 +71,7 @@ class LocalClient:
         self.handle = handle
         self.tokenizer = tokenizer            # for label scoring of eval_records (prompt -> label tasks)
         self.eval_records = eval_records or []
-        self.distiller = distiller            # fedzero.client.distill.AnchorDistiller: output distillation
+        self.distiller = distiller            # fedzero.distill.distiller.AnchorDistiller: output distillation
         self.fingerprint = fingerprint
         self.eval_examples = eval_examples[: settings.max_eval_examples] if settings.max_eval_examples else eval_examples
         self.num_samples = len(train_examples)

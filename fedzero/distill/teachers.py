@@ -1,22 +1,6 @@
-"""Knowledge transfer through outputs on the public anchor set (method.md's fallback across widths).
-
-Averaging weights in the shared r-space only carries knowledge if z means the same on every client.
-Outputs always do: every client scores the same public anchor prompts over the same label words, so
-their predictions are comparable whatever the backbone, its width or its vocabulary. Each round
-
-    client k -> P_k [N, C]   its adapted model's label distribution on the N anchor prompts
-                (and L_k, its mean loss on its own held-out examples, when the teacher rule needs it)
-    server   -> T_k[n] = sum_{j != k} w_jn P_j[n] / sum_{j != k} w_jn
-                    teacher "mean":    w_jn = s_j                            (s_j: client j's sample count)
-                    teacher "quality": w_jn = s_j * exp(-L_j) * max_c P_j[n, c]
-                    only_stronger:     only clients j with L_j < L_k
-    client k    trains on  task loss + lambda * KL(T_k || P_k(student))  over a few anchors per step
-
-A client never distils from itself, and no private data or weights leave it (N x C floats and one
-loss travel: 64 anchors x 3 labels = 768 B per client-round). It composes with any weight strategy
-(local, fedavg, cmga): the client side is fedzero.client.distill.AnchorDistiller. Every path that
-publishes teachers (fedzero simulate, the MPI aggregator, the benchmark) calls leave_one_out_teachers.
-"""
+"""The server side of output distillation: how the clients' anchor predictions are mixed into each
+client's teacher (the rule, the quality weights, the leave-one-out mixtures published per round).
+The formulas: fedzero.distill's package doc."""
 
 from __future__ import annotations
 
@@ -31,7 +15,7 @@ TEACHERS = ("mean", "quality")
 @dataclass(frozen=True)
 class TeacherRule:
     """How the other clients' predictions are mixed into a client's teacher: the run config's
-    `distill.teacher` and `distill.only_stronger` (fedzero.client.distill.DistillSettings holds them
+    `distill.teacher` and `distill.only_stronger` (fedzero.distill.settings.DistillSettings holds them
     for the clients; the MPI aggregator reads just these two keys of the same section)."""
 
     teacher: str = "mean"          # "mean": sample-weighted; "quality": also by held-out loss and confidence
@@ -164,70 +148,3 @@ def round_teachers(predictions: dict[str, np.ndarray], weights: dict[str, float]
                            check_val_losses(val_losses, weighted) if rule.needs_quality else None)
         teachers[ALL_CLIENTS] = torch.as_tensor(mixture, dtype=torch.float32)
     return teachers
-
-
-def check_predictions(probs: torch.Tensor) -> str | None:
-    """Why a client's anchor predictions cannot be used (None: they can): rows of finite,
-    non-negative probabilities summing to 1. One NaN row would poison every other client's teacher."""
-    if probs.dim() != 2 or probs.numel() == 0:
-        return f"shape {tuple(probs.shape)} is not [anchors, labels]"
-    p = probs.double()
-    if not torch.isfinite(p).all() or (p < 0).any():
-        return "holds non-finite or negative values"
-    if not torch.allclose(p.sum(dim=1), torch.ones(len(p), dtype=p.dtype), atol=1e-3):
-        return "rows do not sum to 1"
-    return None
-
-
-def publish_teachers(store, rnd: int, num_samples: dict[str, int], rule: TeacherRule | None = None) -> dict:
-    """The aggregator's step (simulator and MPI aggregator alike): the anchor predictions sent with
-    round rnd's aggregated updates ({client: num_samples}) become round rnd+1's teachers under `rule`
-    (None: the "mean" teacher), written before that round's global, whose publication marks the round
-    ready. A client whose predictions cannot be read, are malformed, are shaped unlike the majority's
-    (other anchors or labels), or, when the rule needs it, came without a quality (held-out loss) is
-    left out, not fatal. Returns {"used": [clients], "dropped": {client: reason}} for the result; a
-    rule that needs qualities adds "teacher", "only_stronger", "quality" ({client: held-out loss})
-    and "without_teacher" (used clients that got none: under only_stronger, the strongest)."""
-    from fedzero.store import StoreError
-
-    rule = rule or TeacherRule()
-    predictions, qualities, dropped = {}, {}, {}
-    for c in sorted(num_samples):
-        try:
-            found = store.read_anchor_predictions_with_quality(rnd, c)
-        except StoreError as err:
-            dropped[c] = f"unreadable: {err}"
-            continue
-        if found is None:
-            continue
-        p, quality = found
-        reason = check_predictions(p)
-        if not reason and rule.needs_quality and quality is None:
-            reason = f"sent no quality (its held-out loss), which {rule} needs"
-        if reason:
-            dropped[c] = reason
-        else:
-            predictions[c], qualities[c] = p.numpy(), quality
-    shapes = [p.shape for p in predictions.values()]
-    if shapes:
-        common = max(set(shapes), key=lambda s: (shapes.count(s), s))
-        for c in [c for c, p in predictions.items() if p.shape != common]:
-            dropped[c] = f"shape {predictions.pop(c).shape}, the others' is {common} (other anchors or labels)"
-    val_losses = {c: qualities[c] for c in predictions} if rule.needs_quality else None
-    teachers = round_teachers(predictions, num_samples, rule, val_losses) if predictions else {}
-    if teachers:
-        store.write_teachers(rnd + 1, teachers)
-    else:
-        store.clear_teachers(rnd + 1)
-    out = {"used": sorted(predictions), "dropped": dropped}
-    if rule.needs_quality:
-        out.update(teacher=rule.teacher, only_stronger=rule.only_stronger, quality=val_losses,
-                   without_teacher=sorted(c for c in predictions if c not in teachers))
-    return out
-
-
-def kl_to_teacher(student_logp: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(teacher || student); student_logp = log-probabilities [B, C]."""
-    teacher = teacher.to(student_logp)      # its dtype and device
-    entropy_part = torch.where(teacher > 0, teacher * teacher.clamp_min(1e-30).log(), torch.zeros_like(teacher))
-    return (entropy_part - teacher * student_logp).sum(dim=-1).mean()

@@ -1,0 +1,68 @@
+"""The aggregator's distillation step through the store: read the round's anchor predictions, drop
+unusable ones, write the next round's teachers (fedzero simulate and the MPI aggregator alike)."""
+
+from __future__ import annotations
+
+import torch
+
+from fedzero.distill.teachers import TeacherRule, round_teachers
+
+
+def check_predictions(probs: torch.Tensor) -> str | None:
+    """Why a client's anchor predictions cannot be used (None: they can): rows of finite,
+    non-negative probabilities summing to 1. One NaN row would poison every other client's teacher."""
+    if probs.dim() != 2 or probs.numel() == 0:
+        return f"shape {tuple(probs.shape)} is not [anchors, labels]"
+    p = probs.double()
+    if not torch.isfinite(p).all() or (p < 0).any():
+        return "holds non-finite or negative values"
+    if not torch.allclose(p.sum(dim=1), torch.ones(len(p), dtype=p.dtype), atol=1e-3):
+        return "rows do not sum to 1"
+    return None
+
+
+def publish_teachers(store, rnd: int, num_samples: dict[str, int], rule: TeacherRule | None = None) -> dict:
+    """The aggregator's step (simulator and MPI aggregator alike): the anchor predictions sent with
+    round rnd's aggregated updates ({client: num_samples}) become round rnd+1's teachers under `rule`
+    (None: the "mean" teacher), written before that round's global, whose publication marks the round
+    ready. A client whose predictions cannot be read, are malformed, are shaped unlike the majority's
+    (other anchors or labels), or, when the rule needs it, came without a quality (held-out loss) is
+    left out, not fatal. Returns {"used": [clients], "dropped": {client: reason}} for the result; a
+    rule that needs qualities adds "teacher", "only_stronger", "quality" ({client: held-out loss})
+    and "without_teacher" (used clients that got none: under only_stronger, the strongest)."""
+    from fedzero.store import StoreError
+
+    rule = rule or TeacherRule()
+    predictions, qualities, dropped = {}, {}, {}
+    for c in sorted(num_samples):
+        try:
+            found = store.read_anchor_predictions_with_quality(rnd, c)
+        except StoreError as err:
+            dropped[c] = f"unreadable: {err}"
+            continue
+        if found is None:
+            continue
+        p, quality = found
+        reason = check_predictions(p)
+        if not reason and rule.needs_quality and quality is None:
+            reason = f"sent no quality (its held-out loss), which {rule} needs"
+        if reason:
+            dropped[c] = reason
+        else:
+            predictions[c], qualities[c] = p.numpy(), quality
+    shapes = [p.shape for p in predictions.values()]
+    if shapes:
+        common = max(set(shapes), key=lambda s: (shapes.count(s), s))
+        for c in [c for c, p in predictions.items() if p.shape != common]:
+            dropped[c] = f"shape {predictions.pop(c).shape}, the others' is {common} (other anchors or labels)"
+    val_losses = {c: qualities[c] for c in predictions} if rule.needs_quality else None
+    teachers = round_teachers(predictions, num_samples, rule, val_losses) if predictions else {}
+    if teachers:
+        store.write_teachers(rnd + 1, teachers)
+    else:
+        store.clear_teachers(rnd + 1)
+    out = {"used": sorted(predictions), "dropped": dropped}
+    if rule.needs_quality:
+        out.update(teacher=rule.teacher, only_stronger=rule.only_stronger, quality=val_losses,
+                   without_teacher=sorted(c for c in predictions if c not in teachers))
+    return out
