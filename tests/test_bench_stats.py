@@ -1,7 +1,6 @@
 """fedzero.bench.stats and the class metrics it builds on: exact answers on hand-made numbers."""
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -269,18 +268,15 @@ def test_vectorised_bootstrap_equals_a_slow_loop_with_the_same_draws():
     assert full["macro_f1"][0, 5] == pytest.approx(a["macro_f1"] - c["macro_f1"])    # unit 5: c1, global
 
 
-def test_bootstrap_of_a_realistic_size_is_fast():
+def test_bootstrap_of_a_realistic_size_draws_every_view_client_and_metric_at_once():
     rng = np.random.default_rng(5)
     runs = {}
     for s in range(5):
         y = rng.integers(0, 3, 1000)
         runs[s] = (_outcomes(y, rng.integers(0, 3, (4, 1000)), [250] * 4),
                    _outcomes(y, rng.integers(0, 3, (4, 1000)), [250] * 4))
-    t0 = time.perf_counter()
     b = paired_bootstrap({s: r[0] for s, r in runs.items()}, {s: r[1] for s, r in runs.items()}, n_boot=2000)
-    seconds = time.perf_counter() - t0
-    assert b.slots["macro_f1"].shape == (2000, 5, 12)
-    assert seconds < 3.0        # about 0.4 s on 2 cores: every view, client and metric at once
+    assert b.slots["macro_f1"].shape == (2000, 5, 12)      # draws x seeds x (4 clients x 3 views)
 
 
 # -- the report from stored outcomes ---------------------------------------------------------------------------
@@ -333,6 +329,7 @@ def test_report_gains_prior_only_control_and_shares_from_stored_outcomes(tmp_pat
     assert entry["priors"][prior]["global.macro_f1"][0] == pytest.approx(expected)
     assert entry["priors"][prior]["seeds"] == [0, 1]
     gains, transfer = entry["gains"], entry["transfer"]
+    assert prior not in transfer                           # the control over itself is no row
     for view in ("own", "unseen", "global"):
         for k in CLASS_METRICS:
             g = gains["fed"]["mean"][view][k]
@@ -341,7 +338,6 @@ def test_report_gains_prior_only_control_and_shares_from_stored_outcomes(tmp_pat
             assert g.point == pytest.approx(finals) and g.low <= g.point <= g.high
             # transfer = gain over local minus the prior-only control's gain over local (same records)
             assert transfer["fed"]["mean"][view][k].point == pytest.approx(g.point - gains[prior]["mean"][view][k].point)
-            assert transfer[prior]["mean"][view][k] == stats.Interval(0.0, 0.0, 0.0)
             share = entry["shares"]["fed"][view][k]
             if g.excludes_zero():
                 assert share == pytest.approx(gains[prior]["mean"][view][k].point / g.point)
@@ -353,7 +349,8 @@ def test_report_gains_prior_only_control_and_shares_from_stored_outcomes(tmp_pat
     results["plots"] = report.plots(results, tmp_path)
     assert {"gain_over_local.png", "gain_over_prior.png"} <= {p.split("/")[-1] for p in results["plots"]}
     md = report.markdown(results)
-    assert f"| {prior} | local | " in md and f"| {prior} | {prior} | +0.0 [+0.0, +0.0] |" in md
+    assert f"| {prior} | local | " in md and f"| {prior} | {prior} |" not in md
+    assert f"| fed | {prior} | " in md
     g = gains["fed"]["mean"]["own"]["macro_f1"]
     assert f"| fed | local | {g.point * 100:+.1f} [{g.low * 100:+.1f}, {g.high * 100:+.1f}] |" in md
     assert "| fed | 4 / 2.0 s | 4 / 2.0 s |" in md

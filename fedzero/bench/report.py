@@ -232,7 +232,6 @@ def _add_gains(entry: dict, runs_by_method: dict[str, list[dict]], specs: list[d
     entry["gains"], entry["transfer"], entry["shares"] = {}, {}, {}
     for control, prior in priors.items():             # the reference rows: what the prior alone does
         entry["gains"][prior_name(control)] = interval_gain(prior, outcomes[control], entry["clients"], control)
-        entry["transfer"][prior_name(control)] = interval_gain(prior, prior, entry["clients"], prior_name(control))
     for name, control in controls.items():
         runs, base = runs_by_method.get(name, []), runs_by_method.get(control, [])
         common = {r["seed"] for r in runs} & {r["seed"] for r in base}
@@ -487,6 +486,7 @@ def _gain_tables(entry: dict) -> list[str]:
             share = " / ".join(_share(shares[v][metric]) for v in VIEWS) if shares else "–"
             lines.append(f"| {name} | {g['control']} | " + " | ".join(_interval(g["mean"][v][metric]) for v in VIEWS)
                          + f" | {share} | {g['seeds']} |")
+    rows = [name for name in rows if name in entry["transfer"]]       # a prior-only control over itself is 0
     if not any(entry["transfer"][name]["seeds"] for name in rows):
         return lines + ["", "Transfer over the prior-only control: not computable, these runs predate the per-record "
                         "label scores it is computed from."]
@@ -917,8 +917,7 @@ def plots(results: dict, out_dir: Path, summary: dict | None = None) -> list[str
         for col, setting in enumerate(settings):
             entry = summary[setting]
             for row, (metric, gain_label) in enumerate(task["gains"]):
-                rows = [n for n in _gain_rows(entry) if entry[key][n]["seeds"]
-                        and not (key == "transfer" and n in entry["priors"])]     # a control over itself: 0
+                rows = [n for n in _gain_rows(entry) if n in entry[key] and entry[key][n]["seeds"]]
                 interval_bars(axes[row][col], rows, entry[key], metric,
                               f"setting {setting}: {gain_label} gain {what}")
         save(fig, name)
