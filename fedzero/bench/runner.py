@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from .backbones import prepare_backbone
+from fedzero.backbones.recipes import prepare_backbone
+
 from .comm_table import comm_rows
 from .data import DataSettings, load_records, split_tweets
 from .lm_data import LMDataSettings, LMSplit, load_corpus, lm_split

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import yaml
 
-from .backbones import check_backbone_spec
+from fedzero.backbones.recipes import check_backbone_spec
+
 from .data import DataSettings, check_label_map
 from .lm_data import FORTUNES_DOMAINS, LMDataSettings
 from .methods import check_method

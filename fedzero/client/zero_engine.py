@@ -14,7 +14,7 @@ import torch
 from fedzero.adapters.dema import DeMAModel
 from fedzero.adapters.dema.zero import ZeroPenalty, inject_dema_for_engine, penalty_for_engine
 from fedzero.backbones import load_backbone
-from fedzero.backbones_zero3 import load_backbone_zero3
+from fedzero.backbones.zero3 import load_backbone_zero3
 from fedzero.client.client_config import ClientRunConfig
 from fedzero.client.distributed import comm_device
 from fedzero.data import load_tokenizer

@@ -4,7 +4,7 @@ of another width, each built once and cached as an ordinary local HF directory.
 Kinds (a suite names each backbone and gives one of these dicts):
 
     {"kind": "smollm2"}
-        SmolLM2-135M-Instruct itself (30 layers, hidden 576), via fedzero.backbones_smollm.
+        SmolLM2-135M-Instruct itself (30 layers, hidden 576), via fedzero.backbones.smollm.
     {"kind": "depth", "layers": 15, "train": {...}}
         SmolLM2 keeping `layers` of its 30 decoder layers, evenly spaced with the first and the last
         kept (15 of 30: every 2nd; 10 of 30: about every 3rd), then *healed*: continued causal-LM
@@ -49,7 +49,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedzero.backbones import BackboneSpec, decoder_layout, inline_config, keep_decoder_layers
+from .layout import decoder_layout, keep_decoder_layers
+from .spec import BackboneSpec, inline_config
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 PUBLIC_TEXT = RESOURCES / "public_text" / "sotu-1981-2021.jsonl"
@@ -117,7 +118,7 @@ def prepare_backbone(name: str, spec: dict, cache_dir: str | os.PathLike | None 
         return Backbone(name, bspec, bspec.tokenizer, {"kind": "llama", "trained": False, "config": cfg,
                                                       "num_layers": cfg.get("num_hidden_layers"),
                                                       "hidden_size": cfg.get("hidden_size")})
-    from fedzero.backbones_smollm import smollm2_gguf, smollm2_hf_dir
+    from .smollm import smollm2_gguf, smollm2_hf_dir
 
     base = smollm2_hf_dir()
     source = {"spec": spec, "smollm2": smollm2_gguf().stat().st_size, "text": _file_hash(PUBLIC_TEXT)}

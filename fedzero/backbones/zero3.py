@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from fedzero.backbones import BackboneSpec, decoder_layout, fingerprint
+from .fingerprints import fingerprint
+from .layout import decoder_layout
+from .spec import BackboneSpec
 
 
 def load_backbone_zero3(spec: BackboneSpec) -> tuple[torch.nn.Module, str]:

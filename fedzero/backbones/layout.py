@@ -1,35 +1,13 @@
-"""Frozen backbones: loading a local HF directory or building a small random model inline, the
-decoder layout DeMA and the baselines need (found from the model's own module structure, see
-docs/backbones.md), and the fingerprint that groups clients by backbone."""
+"""The decoder layout DeMA and the baselines need: where a decoder model keeps its layers, their
+feed-forward and attention blocks, their post-feed-forward norms and the final norm, found from the
+model's own module structure (docs/backbones.md); the LoRA baselines' default targets in it; and the
+layer surgery the bench's depth variants use."""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import torch
 from torch import nn
-
-# Config fields that define the architecture; volatile fields (paths, versions, dtype) are left out
-# so the same backbone loaded on two machines gets the same fingerprint.
-_ARCH_FIELDS = (
-    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "intermediate_size", "vocab_size", "max_position_embeddings", "rope_theta",
-    "tie_word_embeddings", "hidden_act", "rms_norm_eps",
-)
-# The model types fedzero accepted before it found layouts structurally: their fingerprints are
-# hashed exactly as then, so existing stores and saved private adapters stay valid.
-_LEGACY_MODEL_TYPES = ("llama", "mistral", "qwen2")
-# Further fields that change what a model of the other families computes (Gemma's soft-capping and
-# sliding windows, GPT-NeoX's parallel residual and partial rotary, OLMo's qkv clipping, ...).
-_FAMILY_FIELDS = (
-    "rope_parameters", "layer_types", "sliding_window", "partial_rotary_factor", "use_parallel_residual",
-    "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar", "clip_qkv",
-    "layer_norm_eps", "attention_bias", "hidden_activation",
-)
 
 # Child names of a decoder layer, tried before the class-name rule (…MLP, …Attention).
 _FEED_FORWARD_NAMES = ("mlp", "feed_forward", "ffn")
@@ -42,8 +20,6 @@ _POST_FEED_FORWARD_NAMES = ("post_feedforward_layernorm", "post_mlp_layernorm", 
                             "post_ffn_layernorm", "post_feed_forward_layernorm", "ffn_post_norm", "mlp_post_norm")
 _FEED_FORWARD_TOKENS = {"mlp", "ffn", "ffw", "ff", "feedforward"}
 
-
-# =========================================================================== layout
 
 @dataclass(frozen=True)
 class DecoderLayout:
@@ -216,138 +192,3 @@ def keep_decoder_layers(model: nn.Module, kept: list[int]) -> None:
     config.num_hidden_layers = len(kept)
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = [config.layer_types[i] for i in kept]
-
-
-# =========================================================================== fingerprint
-
-def fingerprint(config, identity: str | None = None) -> str:
-    """12 hex digits naming a backbone: its architecture plus an optional identity string (for
-    example the seed of a randomly initialised model), so clients can be grouped by backbone."""
-    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    arch = {key: cfg.get(key) for key in _ARCH_FIELDS}
-    arch["identity"] = identity
-    if cfg.get("model_type") not in _LEGACY_MODEL_TYPES:
-        if hasattr(config, "get_text_config"):
-            # The decoder's sizes under their standard names, wherever the family keeps them: in
-            # text_config (multimodal checkpoints), or under its own names (GPT-2's n_embd, n_layer).
-            text = config.get_text_config()
-            arch.update({key: getattr(text, key, None) for key in _ARCH_FIELDS if key != "model_type"})
-            cfg = text.to_dict()
-        arch["architecture"] = _causal_lm_class(arch["model_type"])
-        arch.update({key: cfg[key] for key in _FAMILY_FIELDS if key in cfg})
-    blob = json.dumps(arch, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def _causal_lm_class(model_type: str | None) -> str | None:
-    """The class AutoModelForCausalLM builds for a model type (None if it builds none)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-
-
-# =========================================================================== specs and loading
-
-@dataclass
-class BackboneSpec:
-    """Where a client's frozen backbone comes from: `path` (a local HF model directory), or a small
-    model built inline with random weights from `init_seed`: `llama_config` (kwargs of
-    transformers.LlamaConfig) or `model_config` (any family: {"model_type": "qwen3", ...that
-    family's config fields}, built with AutoConfig.for_model and AutoModelForCausalLM.from_config)."""
-
-    path: str | None = None
-    llama_config: dict | None = None
-    model_config: dict | None = None
-    init_seed: int = 0
-    dtype: str = "float32"
-    tokenizer: str | None = None  # "byte" for inline models; default: the model directory's tokenizer
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        given = [k for k in ("path", "llama_config", "model_config") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("a backbone needs exactly one of 'path' (local HF directory), 'llama_config' or "
-                             f"'model_config' (an inline random model); got {given or 'none'}")
-        if self.path is not None and not Path(self.path).is_dir():
-            raise FileNotFoundError(f"backbone path {self.path!r} is not a directory (model hubs are not used: give a local HF model directory)")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"backbone dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.extra:
-            raise ValueError(f"unknown backbone field(s) {sorted(self.extra)}")
-        if self.model_config is not None:
-            self.hf_config()        # validates the fields now, not when a client first builds it
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "BackboneSpec":
-        known = {"path", "llama_config", "model_config", "init_seed", "dtype", "tokenizer"}
-        return cls(**{k: v for k, v in data.items() if k in known},
-                   extra={k: v for k, v in data.items() if k not in known})
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
-    def hf_config(self):
-        """The backbone's transformers config: the directory's config.json, or the inline fields."""
-        from transformers import AutoConfig, LlamaConfig
-
-        if self.path is not None:
-            return AutoConfig.from_pretrained(self.path, local_files_only=True)
-        if self.llama_config is not None:
-            return LlamaConfig(**self.llama_config)
-        return inline_config(self.model_config, "backbone model_config")
-
-
-def inline_config(fields: dict, where: str):
-    """A transformers config from {"model_type": ..., fields}; errors name the field and the reason."""
-    from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    if not isinstance(fields, dict):
-        raise ValueError(f"{where} must be a mapping of config fields, got {type(fields).__name__}")
-    model_type = fields.get("model_type")
-    if _causal_lm_class(model_type) is None or model_type not in CONFIG_MAPPING:
-        raise ValueError(f"{where}.model_type: {model_type!r} is not a transformers model type with a causal "
-                         "LM (e.g. 'llama', 'qwen3', 'gemma3_text', 'phi3', 'olmo2', 'gpt_neox')")
-    rest = {k: v for k, v in fields.items() if k != "model_type"}
-    config_class = CONFIG_MAPPING[model_type]
-    try:
-        config = AutoConfig.for_model(model_type, **rest)
-    except (ValueError, TypeError, StrictDataclassError) as error:
-        raise ValueError(f"{where} ({config_class.__name__}): {error.__cause__ or error}") from error
-    # The config classes keep an unknown keyword as a plain attribute: a misspelt field would
-    # silently build a different model. Known legacy keywords (rope_theta) are consumed, not kept.
-    known = {f.name for f in dataclasses.fields(config_class)} | set(config_class.attribute_map)
-    stray = sorted(k for k in rest if k not in known and hasattr(config, k))
-    if stray:
-        raise ValueError(f"{where}: {config_class.__name__} has no field(s) {stray}")
-    vocab = config.get_text_config().vocab_size
-    for token in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        value = getattr(config, token, None)
-        ids = value if isinstance(value, list) else [value]
-        if any(isinstance(i, int) and not 0 <= i < vocab for i in ids):
-            raise ValueError(f"{where}.{token}: {value} is outside vocab_size {vocab} (unless given, it is the "
-                             f"{model_type} default); set it (the byte tokenizer's: bos 256, eos 257, pad 258)")
-    return config
-
-
-def load_backbone(spec: BackboneSpec) -> tuple[nn.Module, str]:
-    """Returns (frozen model in eval mode, fingerprint). Fails early, with what is missing, on a
-    model whose decoder layout is not found."""
-    from transformers import AutoModelForCausalLM
-
-    config = spec.hf_config()
-    with torch.device("meta"):      # no memory, no weights: a model that does not fit fails before loading
-        decoder_layout(AutoModelForCausalLM.from_config(config))
-    if spec.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(spec.path, local_files_only=True, dtype=spec.torch_dtype)
-        fp = fingerprint(config)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.init_seed)
-            model = AutoModelForCausalLM.from_config(config).to(spec.torch_dtype)
-        fp = fingerprint(config, identity=f"random-init-seed-{spec.init_seed}")
-    model.requires_grad_(False)
-    model.eval()
-    return model, fp
