@@ -356,6 +356,19 @@ def test_report_gains_prior_only_control_and_shares_from_stored_outcomes(tmp_pat
     assert "| fed | 4 / 2.0 s | 4 / 2.0 s |" in md
 
 
+def test_prediction_spread_is_the_share_of_the_most_predicted_label_per_client_and_seed():
+    from fedzero.bench import report
+
+    y = {"t0": np.array([0, 1, 2, 0]), "t1": np.array([2, 2, 1, 0])}
+    const = {t: np.tile([0.0, 5.0, 0.0], (4, 1)) for t in y}                # always label 1
+    three_one = {t: np.eye(3)[[0, 0, 0, 2]] for t in y}                       # 6 of 8 records label 0
+    runs = [_run([const, three_one], y=y), {**_run([three_one, const], y=y), "seed": 1}]
+    assert report.prediction_spread(runs, ["c0", "c1"]) == {"c0": [1.0, 0.75], "c1": [0.75, 1.0]}
+    results = _results_with_outcomes()
+    md = report.markdown(results)
+    assert "Prediction spread" in md and "| local | " in md.split("Prediction spread")[1]
+
+
 def test_report_falls_back_to_points_when_a_seed_lacks_outcomes():
     from fedzero.bench import report
 

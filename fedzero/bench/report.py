@@ -145,6 +145,9 @@ def summarize(results: dict) -> dict:
         else:
             _add_gains(entry, runs_by[setting], setting_spec["methods"])
         entry["budget"] = {name: client_budget(runs_by[setting].get(name, []), entry["clients"]) for name in entry["methods"]}
+        if task_of(results) != "lm":
+            entry["spread"] = {name: prediction_spread(runs_by[setting].get(name, []), entry["clients"])
+                               for name in entry["methods"]}
         entry["cmga_effect"] = {s["name"]: cmga_effect_summary(runs_by[setting][s["name"]]) for s in setting_spec["methods"]
                                 if s["name"] in entry["methods"] and s.get("runner") == "dema" and s.get("strategy") == "cmga"}
         out[setting] = entry
@@ -328,6 +331,21 @@ def client_budget(runs: list[dict], clients: list[str]) -> dict:
         return [next((c.get(key) for c in r["clients"] if c["id"] == cid), None) for r in runs]
     return {cid: {"steps": mean_std(field(cid, "train_steps")), "seconds": mean_std(field(cid, "train_seconds"))}
             for cid in clients}
+
+
+def prediction_spread(runs: list[dict], clients: list[str]) -> dict:
+    """{client: [share per seed]}: the share of the client's global test records given its most-predicted
+    label (1.0: one label for everything). A weak learner's "gain" can be a moved decision boundary
+    between near-constant predictors; this shows how near-constant they are. Empty for runs without
+    per-record scores."""
+    shares = {cid: [] for cid in clients}
+    for run in runs:
+        out = decode_run(run)
+        if out is None:
+            continue
+        for cid, preds in zip(out.clients, out.predictions()):
+            shares[cid].append(float(np.bincount(preds).max() / len(preds)))
+    return shares
 
 
 EFFECT_FIELDS = ("changed_blocks", "total_blocks", "rel_diff_mean", "rel_diff_max", "conflicts", "pairs",
@@ -643,6 +661,21 @@ def _own_curve_tables(results: dict, setting: str) -> list[str]:
     return lines
 
 
+def _spread_table(entry: dict) -> list[str]:
+    spread = entry.get("spread") or {}
+    if not any(v for per in spread.values() for v in per.values()):
+        return []
+    lines = ["", "Prediction spread: share of each client's global test records given its most-predicted label "
+             "(1.00: one label for everything; a shift between near-constant predictors is not better features), "
+             "mean [min, max] over seeds:", "",
+             "| method | " + " | ".join(f"`{c}`" for c in entry["clients"]) + " |",
+             "|---|" + "---:|" * len(entry["clients"])]
+    for name, per in spread.items():
+        cells = [f"{np.mean(v):.2f} [{min(v):.2f}, {max(v):.2f}]" if v else "–" for v in per.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _budget_table(entry: dict) -> list[str]:
     """Optimizer steps and training seconds per client (mean over seeds): what each method spent."""
     budget = entry.get("budget", {})
@@ -708,7 +741,7 @@ def markdown(results: dict, summary: dict | None = None) -> str:
             + (f" (LoRA rank {c['rank']})" if 'rank' in c else "") + _label_map_note(c.get("label_map"))
             for c in spec["clients"]) + ".", "", *_label_map_lines(spec["clients"]),
             ] + (_lm_tables(entry) if lm else _headline_table(entry) + _nll_comm_table(entry) + _gain_tables(entry)
-                 + _per_client_tables(entry) + _own_curve_tables(results, setting)) + _budget_table(entry) \
+                 + _per_client_tables(entry) + _spread_table(entry) + _own_curve_tables(results, setting)) + _budget_table(entry) \
             + _cmga_table(entry)
     lines += ["", "## Timings", "", f"Torch threads: {mach.get('threads')}. Seconds per optimizer step "
               f"(batch {suite['train']['batch_size']}, mean ± std over every client-round of every run):", "",
