@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fedzero.adapters.dema import DeMAConfig, inject_dema, shared_block
+from fedzero.adapters.dema import DeMAConfig, global_blocks, inject_dema, shared_block
 from fedzero.adapters.dema.layer import AnchorInProjector
 from fedzero.data import ByteTokenizer
 from fedzero.diagnostics import gate_entropy, update_diagnostics
@@ -155,6 +155,37 @@ def test_aggregation_skips_blocks_a_client_does_not_hold_and_refuses_partial_blo
     with pytest.raises(ValueError, match="only in part"):
         make_strategy("fedavg").aggregate(g2, [ClientUpdate("a", {"slots.0.w": torch.zeros(2)}, 1, "A")],
                                          round=0, block_of=shared_block)
+
+
+# -- aggregation blocks -----------------------------------------------------------------------
+@pytest.mark.parametrize("placement", ["parallel", "side"])
+@pytest.mark.parametrize("share", ["experts-only", "shape-matched"])
+def test_declared_blocks_equal_the_key_name_rule(share, placement):
+    cfg = DeMAConfig(share=share, placement=placement, **SMALL)
+    narrow = inject_dema(byte_llama(hidden=32, layers=3), cfg)
+    wide = inject_dema(byte_llama(hidden=48, heads=6, kv_heads=3, layers=4), cfg)
+    union: dict[str, str] = {}
+    for handle in (narrow, wide):
+        declared = handle.shared_blocks()
+        state = handle.shared_state_dict()
+        assert list(declared) == list(state)                              # every shared tensor, in order
+        assert declared == {k: shared_block(k) for k in state}
+        assert set(declared.values()) == set(handle.slot_use())          # weights exist for exactly these blocks
+        union.update(declared)
+    if share == "shape-matched":
+        assert {"slot1.h32", "slot1.h48"} <= set(union.values())
+        assert ("side_out.h48" in union.values()) == (placement == "side")
+    else:
+        assert set(union.values()) == {"slot0", "slot1"}
+    assert global_blocks(union, None) == union                            # a global without declared blocks
+    assert global_blocks(sorted(union), union) == {k: union[k] for k in sorted(union)}
+    with pytest.raises(ValueError, match="declared blocks do not match its tensors"):
+        global_blocks([*union, "slots.9.gate.weight"], union)
+
+
+def test_anchor_projectors_declare_only_the_expert_blocks():
+    handle = inject_dema(byte_llama(), DeMAConfig(projector="anchor", **SMALL), tokenizer=TOK)
+    assert set(handle.shared_blocks().values()) == {"slot0", "slot1"}
 
 
 # -- diagnostics ------------------------------------------------------------------------------

@@ -243,6 +243,59 @@ def test_cmga_client_groups_split_one_backbone():
     np.testing.assert_allclose(beta, [1.0, 0.75], rtol=0, atol=1e-15)
 
 
+# ---------------------------------------------------------------- Strategy.block_coefficients (shared by both paths)
+
+def _coefficients_one_block_at_a_time(strategy, grams, updates, blocks, covered, round):
+    """The per-block step as Strategy.aggregate and the sharded aggregator each wrote it inline:
+    weights × covered, the strategy's coefficients, a block of total weight 0 skipped."""
+    weights = strategy.block_weights(updates, blocks) * covered
+    groups = strategy.group_labels(updates)
+    betas, skipped, stats = [], [], []
+    for b, block in enumerate(blocks):
+        beta, st = strategy.coefficients(grams[b], weights[:, b], groups, block=block, round=round)
+        st = {"beta": [float(x) for x in beta], **st}
+        if weights[:, b].sum() == 0:
+            st["skipped"] = True
+        betas.append(np.asarray(beta, dtype=np.float64))
+        skipped.append(weights[:, b].sum() == 0)
+        stats.append(st)
+    return np.stack(betas), np.array(skipped), stats
+
+
+@pytest.mark.parametrize("strategy", [FedAvg(), CMGA(seed=3), CMGA(seed=3, harmonize_norms=True, c_max=1.5),
+                                      CMGA(seed=1, groups="client")], ids=["fedavg", "cmga", "cmga-harm", "cmga-client"])
+def test_block_coefficients_equal_the_per_block_step_exactly(strategy):
+    # three blocks: a conflict (slot0), a client lacking a block (c has no slot1), nobody using slot2
+    X = {"slot0": [[1.0, 0.0, 0.5], [-1.0, 1.0, 0.0], [0.2, -0.3, 2.0]],
+         "slot1": [[0.5, 0.5], [1.0, -2.0], [0.0, 0.0]],
+         "slot2": [[1.0], [2.0], [3.0]]}
+    blocks = list(X)
+    grams = np.stack([gram(X[b]) for b in blocks])
+    covered = np.array([[True, True, True], [True, True, True], [True, False, True]])
+    updates = [upd("a", "fa", n=10, slot_use={"slot0": 2, "slot1": 1}), upd("b", "fb", n=30, slot_use={"slot0": 1, "slot1": 1}),
+               upd("c", "fb", n=20, slot_use={"slot0": 1, "slot1": 1})]
+
+    got = strategy.block_coefficients(grams, updates, blocks, covered, round=4)
+    beta, skipped, stats = _coefficients_one_block_at_a_time(strategy, grams, updates, blocks, covered, 4)
+
+    assert np.array_equal(got.beta, beta) and got.beta.dtype == np.float64 and got.beta.shape == (3, 3)
+    assert got.skipped.tolist() == skipped.tolist() == [False, False, True]
+    assert got.stats == stats
+    assert got.beta[1, 2] == 0.0                              # c lacks slot1: weight 0 there
+
+
+def test_aggregate_takes_the_blocks_as_a_mapping():
+    state = {"a.w": torch.zeros(2), "b.w": torch.zeros(2)}
+    updates = [upd("a", "fa", **{"a.w": [1.0, 0.0], "b.w": [1.0, 0.0]}), upd("b", "fb", **{"a.w": [-1.0, 1.0], "b.w": [0.0, 1.0]})]
+
+    by_map = CMGA().aggregate(state, updates, round=0, block_of={"a.w": "x", "b.w": "y"})
+    by_fn = CMGA().aggregate(state, updates, round=0, block_of=lambda k: {"a": "x", "b": "y"}[k[0]])
+
+    assert all(torch.equal(by_map[0][k], by_fn[0][k]) for k in state) and by_map[1] == by_fn[1]
+    with pytest.raises(ValueError, match="tensor 'b.w' of the global state is in no aggregation block"):
+        CMGA().aggregate(state, updates, round=0, block_of={"a.w": "x"})
+
+
 # ---------------------------------------------------------------- ServerOptimizer
 
 def test_server_optimizer_lr():
@@ -279,6 +332,23 @@ def test_server_optimizer_state_dict_round_trip():
 
     assert torch.equal(a["w"], b["w"])
     assert torch.equal(first.state_dict()["w"], restarted.state_dict()["w"])
+
+
+def test_server_optimizer_apply_is_step_from_given_buffers():
+    opt = ServerOptimizer(lr=0.5, momentum=0.9)
+    state = {"w": torch.tensor([1.0, 2.0]), "v": torch.ones(1, dtype=torch.bfloat16), "u": torch.zeros(1)}
+    buffers = {"w": torch.tensor([0.2, -0.4]), "u": torch.tensor([3.0])}
+    stepper = ServerOptimizer(lr=0.5, momentum=0.9)
+    stepper.load_state_dict(buffers)
+
+    new, new_buf = opt.apply(state, {"w": torch.tensor([1.0, 1.0]), "v": torch.ones(1)}, buffers)
+    expected = stepper.step(state, {"w": torch.tensor([1.0, 1.0]), "v": torch.ones(1)})
+
+    assert all(torch.equal(new[k], expected[k]) and new[k].dtype == state[k].dtype for k in state)
+    assert sorted(new_buf) == sorted(stepper.state_dict()) == ["u", "v", "w"]
+    assert all(torch.equal(new_buf[k], stepper.state_dict()[k]) for k in new_buf)
+    assert new_buf["v"].dtype == torch.float32                 # a bf16 parameter's buffer: float32
+    assert torch.equal(buffers["w"], torch.tensor([0.2, -0.4])) and opt.state_dict() == {}   # nothing kept
 
 
 # ---------------------------------------------------------------- registry

@@ -8,7 +8,7 @@ Library entry point: `run_aggregation(store_root, round, strategy, quorum=, dead
 from .config import AggregatorSettings, aggregator_settings, load_aggregator_settings
 from .mpi import AggregationError, QuorumError
 from .runner import Arrivals, run_aggregation, wait_for_updates
-from .sharded import Segment, TensorInfo, plan_shards
+from .shards import Segment, TensorInfo, plan_shards
 
 __all__ = ["AggregationError", "AggregatorSettings", "Arrivals", "QuorumError", "Segment", "TensorInfo",
            "aggregator_settings", "load_aggregator_settings", "plan_shards", "run_aggregation",

@@ -21,15 +21,10 @@ from fedzero.store import FederationStore, StoreError
 from fedzero.strategies import Strategy
 
 from .mpi import AggregationError, QuorumError, all_ok, gather_small, on_root, rank_of, size_of
-from .sharded import aggregate_sharded, make_plan, verify_files
+from .plan import make_plan, verify_files
+from .sharded import aggregate_sharded
 
 VERIFY_MODES = ("sha256", "size")
-
-
-def _default_block_of(key: str) -> str:
-    from fedzero.adapters.dema import shared_block     # one block per DeMA depth slot
-
-    return shared_block(key)
 
 
 @dataclass
@@ -107,7 +102,7 @@ def _fmt_cos(x) -> str:
 def run_aggregation(store_root: str | Path | FederationStore, round: int, strategy: Strategy, *,
                     quorum: int | None = None, deadline_s: float | None = None,
                     expected: Sequence[str] | None = None, comm=None,
-                    block_of: Callable[[str], str] = _default_block_of, verify: str = "sha256",
+                    block_of: Callable[[str], str] | None = None, verify: str = "sha256",
                     poll_s: float = 1.0, cache_bytes: int = 8 << 30, chunk_bytes: int = 64 << 20,
                     reset_server_state: bool = False, teacher_rule: TeacherRule | None = None,
                     log: Callable[[str], None] | None = None) -> dict:
@@ -118,7 +113,8 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
       client; without an expected list, go as soon as the quorum is met).
     expected: client ids this round should hear from; updates from other ids are ignored.
     comm: an mpi4py communicator, or None for one process without MPI.
-    block_of: parameter key -> block name (default: DeMA's one block per depth slot).
+    block_of: parameter key -> block name (default None: the blocks the global's manifest declares;
+      a global published without them: DeMA's key-name rule, fedzero/adapters/dema/blocks.py).
     verify: "sha256" (every file hashed once, by one rank) or "size" (manifest sizes and headers only).
     cache_bytes: keep this rank's slices in memory between the two passes if they fit; else read twice.
     reset_server_state: with momentum, start afresh when round-1 left no server state (else an error).
@@ -228,7 +224,8 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
         result["distill"] = publish_teachers(store, round, result["num_samples"], teacher_rule)
         store.write_result(round, result)
         store.publish_global(round + 1, res.state, meta={"aggregated_from_round": round, "strategy": strategy.name,
-                                                          "clients": arrivals.clients})
+                                                          "clients": arrivals.clients,
+                                                          "blocks": plan.block_assignment()})
         result["timing"]["total_s"] = round_s(time.monotonic() - t0)
         return result
 

@@ -75,6 +75,16 @@ def _str_list(v: list) -> str | None:
     return None if all(isinstance(k, str) for k in v) else "must be a list of str"
 
 
+def _global_meta(v: dict) -> str | None:
+    blocks = v.get("blocks")
+    if blocks is None:
+        return None
+    if not isinstance(blocks, dict) or not all(isinstance(k, str) and isinstance(b, str) and b
+                                               for k, b in blocks.items()):
+        return "has 'blocks' that is not an object of tensor name -> block name"
+    return None
+
+
 def _quality(v: Any) -> str | None:
     return None if is_valid_quality(v) else f"must be a finite number >= 0 (the client's held-out loss), got {v!r}"
 
@@ -109,7 +119,13 @@ class TensorManifest:
 @dataclass(frozen=True, kw_only=True)
 class GlobalManifest(TensorManifest):
     """``rounds/rNNNNNN/global/manifest.json``: the shared state at the start of the round."""
-    meta: dict = _field(dict)                                 # free JSON object from the publisher
+    meta: dict = _field(dict, check=_global_meta)             # free JSON object from the publisher; "blocks" checked
+
+    @property
+    def blocks(self) -> dict[str, str] | None:
+        """Tensor name -> aggregation block, as the publisher declared them (``meta["blocks"]``);
+        ``None`` for a global published without them."""
+        return self.meta.get("blocks")
 
 
 @dataclass(frozen=True, kw_only=True)

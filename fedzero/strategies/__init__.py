@@ -1,12 +1,14 @@
-"""Aggregation strategies: one class per file, the Gram-to-coefficients math in `coefficients.py`, built by name via `make_strategy`."""
+"""Aggregation strategies: one class per file, the Gram-to-coefficients math in `coefficients.py`,
+the server step in `server.py`, blocks in `blocks.py`; built by name via `make_strategy`."""
 
 from __future__ import annotations
 
 import inspect
 
-from .base import ClientUpdate, ServerOptimizer, Strategy
+from .base import BlockCoefficients, ClientUpdate, Strategy
 from .cmga import CMGA
 from .fedavg import FedAvg
+from .server import ServerOptimizer
 
 STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg, "cmga": CMGA}
 
@@ -23,4 +25,4 @@ def make_strategy(name: str, **options) -> Strategy:
     return cls(**options)
 
 
-__all__ = ["CMGA", "ClientUpdate", "FedAvg", "STRATEGIES", "ServerOptimizer", "Strategy", "make_strategy"]
+__all__ = ["BlockCoefficients", "CMGA", "ClientUpdate", "FedAvg", "STRATEGIES", "ServerOptimizer", "Strategy", "make_strategy"]

@@ -1,21 +1,24 @@
-"""What a strategy sees (ClientUpdate), what it decides (coefficients), and the server step.
+"""What a strategy sees (ClientUpdate) and what it decides (coefficients per block).
 
 A strategy's one real hook is `coefficients`: from the K x K Gram of the client updates within one
-block it returns β [K], and the block's aggregate update is Σ_k β_k Δ_k. Because it never touches
-the tensors, a multi-process aggregator can reduce the Gram, call `coefficients` on one process and
-form its own shard of Σ_k β_k Δ_k. `aggregate` is the in-process reference path built on the same hook.
-Communication lives outside the strategies.
+block it returns β [K], and the block's aggregate update is Σ_k β_k Δ_k. `block_coefficients` runs
+it over every block of a round, from the blocks' Grams alone, and is what both aggregation paths
+call: the in-process `aggregate` (the reference) and the sharded MPI aggregator, which reduces the
+Grams across ranks, calls it on one process and forms its own shard of Σ_k β_k Δ_k. Both then step
+with the strategy's `ServerOptimizer` (server.py). Communication lives outside the strategies.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .blocks import BlockOf, block_coverage, group_blocks
+from .server import ServerOptimizer
 
 
 @dataclass
@@ -27,45 +30,12 @@ class ClientUpdate:
     slot_use: dict[str, float] | None = None   # block -> how many of the client's layers use it (None: 1 each)
 
 
-class ServerOptimizer:
-    """θ ← θ + lr·m with m ← momentum·m + Δ (momentum = 0: plain θ + lr·Δ).
-
-    The math runs in at least float32 (a bf16 global state is not stepped in bf16) and the result is
-    cast back to each parameter's dtype. Keys absent from `delta` are left as they are, buffer included.
-    """
-
-    def __init__(self, lr: float = 1.0, momentum: float = 0.0):
-        if lr <= 0:
-            raise ValueError(f"server lr must be > 0, got {lr}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"server momentum must be in [0, 1), got {momentum}")
-        self.lr, self.momentum = float(lr), float(momentum)
-        self._buf: dict[str, Tensor] = {}
-
-    def step(self, global_state: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[str, Tensor]:
-        unknown = sorted(set(delta) - set(global_state))
-        if unknown:
-            raise ValueError(f"server step: delta has keys not in the global state: {unknown}")
-        new = {}
-        for key, theta in global_state.items():
-            if key not in delta:
-                new[key] = theta.clone()
-                continue
-            dtype = torch.promote_types(theta.dtype, torch.float32)
-            d = delta[key].to(device=theta.device, dtype=dtype)
-            if self.momentum:
-                prev = self._buf.get(key)
-                d = d.clone() if prev is None else self.momentum * prev.to(dtype) + d
-                self._buf[key] = d
-            new[key] = (theta.to(dtype) + self.lr * d).to(theta.dtype)
-        return new
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """The momentum buffers (tensors only, so they save with safetensors); empty without momentum."""
-        return {k: v.clone() for k, v in self._buf.items()}
-
-    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
-        self._buf = {k: v.clone() for k, v in sd.items()}
+@dataclass
+class BlockCoefficients:
+    """A round's coefficients: per block b, the aggregate update is Σ_k beta[b, k] Δ_k."""
+    beta: np.ndarray               # [B, K] float64
+    skipped: np.ndarray            # [B] bool: total weight 0, the block stays unchanged
+    stats: list[dict]              # per block: {"beta": [K floats], **strategy stats, "skipped": True if so}
 
 
 class Strategy(ABC):
@@ -101,36 +71,53 @@ class Strategy(ABC):
         Returns β [K] (the block's aggregate delta is Σ_k β_k Δ_k) and a stats dict (JSON-friendly).
         """
 
+    def block_coefficients(self, grams: np.ndarray, updates: list[ClientUpdate], blocks: list[str],
+                           covered: np.ndarray, *, round: int) -> BlockCoefficients:
+        """Coefficients of every block from its Gram: grams [B, K, K] float64 (block b's Gram of the
+        client deltas, zero rows and columns where a client lacks the block), covered [K, B] whether
+        client k holds block b. A client that does not hold a block (e.g. another width's
+        shape-matched projectors) has weight 0 there and contributes nothing; a block whose total
+        weight is 0 is skipped."""
+        weights = self.block_weights(updates, blocks) * covered       # [K, B]
+        groups = self.group_labels(updates)
+        out = BlockCoefficients(np.zeros((len(blocks), len(updates))), np.zeros(len(blocks), dtype=bool), [])
+        for b, block in enumerate(blocks):
+            beta, stats = self.coefficients(grams[b], weights[:, b], groups, block=block, round=round)
+            out.beta[b] = beta
+            stats = {"beta": [float(x) for x in beta], **stats}
+            if weights[:, b].sum() == 0:
+                out.skipped[b] = True
+                stats["skipped"] = True
+            out.stats.append(stats)
+        return out
+
     def aggregate(self, global_state: dict[str, Tensor], updates: list[ClientUpdate], *, round: int,
-                  block_of: Callable[[str], str]) -> tuple[dict[str, Tensor], dict]:
-        """In-process reference path: per block, Gram -> coefficients -> Σ_k β_k Δ_k; then one server step.
+                  block_of: BlockOf) -> tuple[dict[str, Tensor], dict]:
+        """In-process reference path: the blocks' Grams, `block_coefficients`, Σ_k β_k Δ_k per block,
+        then one server step. `block_of`: key -> block, a function or a mapping (e.g. the blocks a
+        global's manifest declares).
 
         Returns (new_state: same keys, shapes, dtypes as global_state; metrics =
         {"blocks": {block: {"beta": [K floats], **stats}}, "clients": [ids]}). A block whose total
         weight is 0 is left unchanged (its metrics get "skipped": True).
         """
-        blocks: dict[str, list[str]] = {}
-        for key in global_state:           # block order = first appearance in the global state
-            blocks.setdefault(block_of(key), []).append(key)
+        blocks = group_blocks(global_state, block_of)    # block order = first appearance in the global state
         covered = self._validate(global_state, updates, blocks)
-        # A client that does not hold a block (e.g. another width's shape-matched projectors) has
-        # weight 0 there and contributes nothing.
-        weights = self.block_weights(updates, list(blocks)) * covered
-        groups = self.group_labels(updates)
+        grams = np.zeros((len(blocks), len(updates), len(updates)))
+        for b, keys in enumerate(blocks.values()):
+            X = _block_matrix(global_state, updates, keys, covered[:, b])
+            grams[b] = (X @ X.T).numpy()
+        coef = self.block_coefficients(grams, updates, list(blocks), covered, round=round)
 
-        delta, metrics = {}, {"blocks": {}, "clients": [u.client_id for u in updates]}
-        for b, (block, keys) in enumerate(blocks.items()):
-            # [K, D] in float64: the Gram and the sum are the precision-sensitive parts.
-            X = torch.stack([torch.cat([_flat64(u.delta[k]) if covered[i, b] else torch.zeros(global_state[k].numel(), dtype=torch.float64)
-                                        for k in keys]) for i, u in enumerate(updates)])
-            beta, stats = self.coefficients((X @ X.T).numpy(), weights[:, b], groups, block=block, round=round)
-            metrics["blocks"][block] = {"beta": [float(x) for x in beta], **stats}
-            if weights[:, b].sum() == 0:
-                metrics["blocks"][block]["skipped"] = True
+        delta = {}
+        for b, keys in enumerate(blocks.values()):
+            if coef.skipped[b]:
                 continue
-            flat = torch.from_numpy(np.asarray(beta, dtype=np.float64)) @ X          # [D]
+            X = _block_matrix(global_state, updates, keys, covered[:, b])
+            flat = torch.from_numpy(coef.beta[b]) @ X          # [D]
             for key, part in zip(keys, flat.split([global_state[k].numel() for k in keys])):
                 delta[key] = part.reshape(global_state[key].shape)
+        metrics = {"blocks": dict(zip(blocks, coef.stats)), "clients": [u.client_id for u in updates]}
         return self.server_opt.step(global_state, delta), metrics
 
     @staticmethod
@@ -159,26 +146,16 @@ class Strategy(ABC):
         return covered
 
 
-def block_coverage(client_id: str, held_keys, blocks: dict[str, list[str]], global_keys: list[str]) -> np.ndarray:
-    """Which blocks an update holds: bool [B]. Each block is held whole or not at all (clients of
-    different widths hold different shape-matched projector blocks); a key outside the global state,
-    a partly held block, or an update holding no block is a ValueError. Shared by the in-process
-    strategy and the sharded MPI aggregator so both refuse the same updates with the same words."""
-    held, known = set(held_keys), set(global_keys)
-    unexpected = [k for k in held_keys if k not in known]
-    if unexpected:
-        raise ValueError(f"client {client_id!r}: delta keys not in the global state (unexpected {unexpected})")
-    row = np.zeros(len(blocks), dtype=bool)
-    for b, (block, keys) in enumerate(blocks.items()):
-        present = [k in held for k in keys]
-        if any(present) and not all(present):
-            missing = [k for k in keys if k not in held]
-            raise ValueError(f"client {client_id!r}: delta holds block {block!r} only in part (missing {missing})")
-        row[b] = all(present)
-    if not row.any():
-        raise ValueError(f"client {client_id!r}: delta keys do not match the global state "
-                         f"(missing {global_keys[:5]}…, it holds no block)")
-    return row
+def _block_matrix(global_state: dict[str, Tensor], updates: list[ClientUpdate], keys: list[str],
+                  holds: np.ndarray) -> Tensor:
+    """[K, D] float64: each client's delta over the block's keys, zeros for a client that lacks the
+    block. Float64 because the Gram and the sum are the precision-sensitive parts."""
+    def row(i: int, u: ClientUpdate) -> Tensor:
+        if not holds[i]:
+            return torch.zeros(sum(global_state[k].numel() for k in keys), dtype=torch.float64)
+        return torch.cat([_flat64(u.delta[k]) for k in keys])
+
+    return torch.stack([row(i, u) for i, u in enumerate(updates)])
 
 
 def _flat64(t: Tensor) -> Tensor:

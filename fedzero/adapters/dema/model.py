@@ -6,33 +6,16 @@ declares them: a DeMAShared module's parameters travel, a DeMAPrivate module's s
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from fedzero.backbones import DecoderLayout, decoder_layout
 
 from .anchors import load_anchor_texts, pooled_hidden_states
+from .blocks import bank_block, bank_name, declared_blocks, is_bank_key, side_out_block, slot_block
 from .config import DeMAConfig
 from .layer import (AnchorInProjector, CanonicalInProjector, DeMAParallelMLP, DeMAPrivate, DeMAShared, PostNormDelta,
                     ProjectorBank, SideStream)
-
-_SLOT_KEY = re.compile(r"^slots\.(\d+)\.")
-_BANK_SLOT_KEY = re.compile(r"^proj\.h(\d+)\.slots\.(\d+)\.")
-_BANK_OUT_KEY = re.compile(r"^proj\.h(\d+)\.out_proj\.")
-
-
-def shared_block(key: str) -> str:
-    """The aggregation block of a shared key. One block per depth slot (CMGA aligns each slot on its
-    own); shape-matched projectors form a block per slot and width, held only by that width's clients."""
-    if match := _SLOT_KEY.match(key):
-        return f"slot{match.group(1)}"
-    if match := _BANK_SLOT_KEY.match(key):
-        return f"slot{match.group(2)}.h{match.group(1)}"
-    if match := _BANK_OUT_KEY.match(key):
-        return f"side_out.h{match.group(1)}"
-    raise ValueError(f"{key!r} is not a DeMA shared key (expected 'slots.<s>.…' or 'proj.h<d>.…')")
 
 
 class DeMAModel:
@@ -88,7 +71,7 @@ class DeMAModel:
     def select_shared(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This client's part of a global state, which may also hold other widths' projector banks."""
         own = self.shared_parameters()
-        foreign = [k for k in state if k not in own and not _BANK_SLOT_KEY.match(k) and not _BANK_OUT_KEY.match(k)]
+        foreign = [k for k in state if k not in own and not is_bank_key(k)]
         if foreign:
             raise KeyError(f"shared DeMA state does not match the model: unexpected {foreign[:5]}")
         return {k: v for k, v in state.items() if k in own}
@@ -103,16 +86,21 @@ class DeMAModel:
     def slot_of_layer(self) -> list[int]:
         return [self.config.slot_of_layer(l, self.num_layers) for l in range(self.num_layers)]
 
+    def shared_blocks(self) -> dict[str, str]:
+        """Shared key -> aggregation block, as the shared container declares them (blocks.py)."""
+        return declared_blocks(self.shared)
+
     def slot_use(self) -> dict[str, int]:
         """How many of this client's layers use each shared block (0 for unused slots): its
         aggregation weight per block is samples × use."""
-        use = {f"slot{s}": 0 for s in range(self.config.num_slots)}
+        use = {slot_block(s): 0 for s in range(self.config.num_slots)}
         for s in self.slot_of_layer():
-            use[f"slot{s}"] += 1
+            use[slot_block(s)] += 1
         if self.config.shares_projectors:
-            use.update({f"{block}.h{self.hidden_size}": n for block, n in list(use.items())})
+            bank = bank_name(self.hidden_size)
+            use.update({bank_block(s, bank): use[slot_block(s)] for s in range(self.config.num_slots)})
             if self.config.placement == "side":
-                use[f"side_out.h{self.hidden_size}"] = 1
+                use[side_out_block(bank)] = 1
         return use
 
     def num_shared_parameters(self) -> int:
@@ -168,7 +156,7 @@ def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = to
     for projectors in bank.slots:
         projectors.reset_parameters(generator)
     if shape_matched:
-        shared.proj[f"h{hidden}"] = bank
+        shared.proj[bank_name(hidden)] = bank
         private = DeMAPrivate(None)
     else:
         private = DeMAPrivate(bank)

@@ -1,0 +1,60 @@
+"""The server step θ ← θ + lr·m with m ← momentum·m + Δ, used by both aggregation paths.
+
+`ServerOptimizer.apply` is the step as a function of (θ, Δ, buffers): the in-process path keeps
+the buffers in the optimizer (`step`), the sharded aggregator passes each rank's slices of θ, Δ
+and the buffers read from the store. The step is elementwise, so slicing changes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class ServerOptimizer:
+    """θ ← θ + lr·m with m ← momentum·m + Δ (momentum = 0: plain θ + lr·Δ).
+
+    The math runs in at least float32 (a bf16 global state is not stepped in bf16) and the result is
+    cast back to each parameter's dtype. Keys absent from `delta` are left as they are, buffer included.
+    """
+
+    def __init__(self, lr: float = 1.0, momentum: float = 0.0):
+        if lr <= 0:
+            raise ValueError(f"server lr must be > 0, got {lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"server momentum must be in [0, 1), got {momentum}")
+        self.lr, self.momentum = float(lr), float(momentum)
+        self._buf: dict[str, Tensor] = {}
+
+    def apply(self, global_state: dict[str, Tensor], delta: dict[str, Tensor],
+              buffers: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """One step from the given momentum buffers; returns (new state, new buffers). `buffers` is
+        not modified; the new buffers are the given ones plus every key of `delta` (none without momentum)."""
+        unknown = sorted(set(delta) - set(global_state))
+        if unknown:
+            raise ValueError(f"server step: delta has keys not in the global state: {unknown}")
+        new, buf = {}, dict(buffers)
+        for key, theta in global_state.items():
+            if key not in delta:
+                new[key] = theta.clone()
+                continue
+            dtype = torch.promote_types(theta.dtype, torch.float32)
+            d = delta[key].to(device=theta.device, dtype=dtype)
+            if self.momentum:
+                prev = buf.get(key)
+                d = d.clone() if prev is None else self.momentum * prev.to(dtype) + d
+                buf[key] = d
+            new[key] = (theta.to(dtype) + self.lr * d).to(theta.dtype)
+        return new, buf
+
+    def step(self, global_state: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`apply` with the buffers this optimizer holds, which it then keeps."""
+        new, self._buf = self.apply(global_state, delta, self._buf)
+        return new
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The momentum buffers (tensors only, so they save with safetensors); empty without momentum."""
+        return {k: v.clone() for k, v in self._buf.items()}
+
+    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
+        self._buf = {k: v.clone() for k, v in sd.items()}
