@@ -9,6 +9,7 @@ import pytest
 from fedzero.adapters.dema import DeMAConfig
 from fedzero.backbones.recipes import keep_layers
 from fedzero.bench import report
+from fedzero.bench.report import summary as report_summary
 from fedzero.bench.comm_table import PUBLIC_CONFIGS, comm_markdown, comm_rows, llama2_configs
 from fedzero.bench.data import DataSettings, dedup_key, split_tweets
 from fedzero.bench.methods import first_round_cosine, pairwise_cosines, view_metrics
@@ -169,14 +170,14 @@ def test_corpus_frame_pairs_a_mapped_client_in_the_corpus_labels_and_its_prior_i
                        {"id": "c1", "topics": ["t0"], "test_scores": encode_scores({"t0": right_in_own}),
                         "train_labels": dict(zip(labels, counts["c1"])), "label_map": SWAP_NEG_POS}]}
 
-    out = report.run_outcomes([run])[0]
+    out = report_summary.run_outcomes([run])[0]
     assert outcome_metrics(out)["own.accuracy"] == 1.0 and outcome_metrics(out)["own.macro_f1"] == 1.0
     np.testing.assert_array_equal(out.scores[1], np.eye(3)[y] * 3.0)
     np.testing.assert_array_equal(out.train_labels, [[5, 2, 1], [5, 2, 1]])     # c1's counts in corpus labels
-    assert report.corpus_frame(report.run_outcomes([run], own_labels=True)[0], [None, None]).scores[1].tolist() == \
+    assert report_summary.corpus_frame(report_summary.run_outcomes([run], own_labels=True)[0], [None, None]).scores[1].tolist() == \
         right_in_own.tolist()                                                    # no map: nothing moves
 
-    prior = report.prior_controls([run])[0]
+    prior = report_summary.prior_controls([run])[0]
     pooled_words = np.array(counts["c0"]) + counts["c1"]                        # [6, 4, 6] label words trained on
     own_shift = prior_shift(right_in_own, counts["c1"], pooled_words)
     np.testing.assert_allclose(prior.scores[1], own_shift[:, [2, 1, 0]])        # re-fit in own words, then read back
@@ -291,7 +292,7 @@ def test_report_mean_std_over_seeds_of_client_means():
     assert fed["curve"][0][0] == pytest.approx(0.3) and fed["curve"][2][0] == pytest.approx(0.8)
     assert local["per_client"]["c0"]["global"][0] == pytest.approx(0.55)
     assert s["zero_shot"]["global.accuracy"] == (pytest.approx(0.4), None, 1)
-    assert report.mean_std([1.0]) == (1.0, None, 1) and report.fmt((0.5, None, 1)) == "0.500 (n=1)"
+    assert report_summary.mean_std([1.0]) == (1.0, None, 1) and report_summary.fmt((0.5, None, 1)) == "0.500 (n=1)"
 
 
 def test_report_markdown_and_plots(tmp_path):
@@ -446,7 +447,7 @@ def test_bench_end_to_end_on_tiny_models_then_resumes(tmp_path):
     assert fedit["test_records"] == dema["test_records"] != by[("fedit", 1)]["test_records"]
     for run in results["runs"]:
         assert [c.get("label_map") for c in run["clients"]] == [None, None, SWAP_NEG_POS]
-        outcomes = report.run_outcomes([run])[run["seed"]]
+        outcomes = report_summary.run_outcomes([run])[run["seed"]]
         assert outcomes.scores.shape == (3, 12, 3) and outcomes.train_labels.sum(axis=1).tolist() == [8, 8, 8]
         levels = outcome_metrics(outcomes)
         for view in ("own", "unseen", "global"):
@@ -554,7 +555,7 @@ def test_lora_dw_cosine_equals_explicit_weight_updates_across_ranks():
 
 
 def test_gain_over_local_pairs_each_method_with_the_control_that_trains_alike():
-    from fedzero.bench.report import local_control, point_gain
+    from fedzero.bench.report.summary import local_control, point_gain
 
     methods = [{"name": "lora-local", "runner": "lora", "strategy": "local", "rank": 16},
                {"name": "lora-local-het", "runner": "lora", "strategy": "local", "rank": "client"},

@@ -319,6 +319,7 @@ def _results_with_outcomes():
 
 def test_report_gains_prior_only_control_and_shares_from_stored_outcomes(tmp_path):
     from fedzero.bench import report
+    from fedzero.bench.report import summary as report_summary
 
     results = _results_with_outcomes()
     entry = report.summarize(results)["A"]
@@ -333,7 +334,7 @@ def test_report_gains_prior_only_control_and_shares_from_stored_outcomes(tmp_pat
     for view in ("own", "unseen", "global"):
         for k in CLASS_METRICS:
             g = gains["fed"]["mean"][view][k]
-            finals = np.mean([report.run_metric(r, view, k) * (1 if r["method"] == "fed" else -1)
+            finals = np.mean([report_summary.run_metric(r, view, k) * (1 if r["method"] == "fed" else -1)
                               for r in results["runs"]]) * 2       # mean over seeds of fed - local
             assert g.point == pytest.approx(finals) and g.low <= g.point <= g.high
             # transfer = gain over local minus the prior-only control's gain over local (same records)
@@ -358,12 +359,13 @@ def test_report_gains_prior_only_control_and_shares_from_stored_outcomes(tmp_pat
 
 def test_prediction_spread_is_the_share_of_the_most_predicted_label_per_client_and_seed():
     from fedzero.bench import report
+    from fedzero.bench.report import summary as report_summary
 
     y = {"t0": np.array([0, 1, 2, 0]), "t1": np.array([2, 2, 1, 0])}
     const = {t: np.tile([0.0, 5.0, 0.0], (4, 1)) for t in y}                # always label 1
     three_one = {t: np.eye(3)[[0, 0, 0, 2]] for t in y}                       # 6 of 8 records label 0
     runs = [_run([const, three_one], y=y), {**_run([three_one, const], y=y), "seed": 1}]
-    assert report.prediction_spread(runs, ["c0", "c1"]) == {"c0": [1.0, 0.75], "c1": [0.75, 1.0]}
+    assert report_summary.prediction_spread(runs, ["c0", "c1"]) == {"c0": [1.0, 0.75], "c1": [0.75, 1.0]}
     results = _results_with_outcomes()
     md = report.markdown(results)
     assert "Prediction spread" in md and "| local | " in md.split("Prediction spread")[1]
@@ -382,6 +384,20 @@ def test_report_falls_back_to_points_when_a_seed_lacks_outcomes():
     assert entry["transfer"]["fed"]["seeds"] == [0]   # the prior-only comparison needs outcomes: seed 0 only
     assert all(v is None for shares in entry["shares"]["fed"].values() for v in shares.values())
     assert "| fed | local | " in report.markdown(results)
+
+
+@pytest.mark.slow
+def test_the_shipped_hetero_report_is_what_its_results_render():
+    """docs/benchmarks.md quotes docs/benchmarks/hetero/report.md: the report code must still write it
+    from its results.json, byte for byte (regenerate both when the report changes)."""
+    import json
+    from pathlib import Path
+
+    from fedzero.bench import report
+
+    folder = Path(__file__).parent.parent / "docs" / "benchmarks" / "hetero"
+    results = json.loads((folder / "results.json").read_text())
+    assert report.markdown(results) == (folder / "report.md").read_text()
 
 
 @pytest.mark.parametrize("suite", ["full", "long", "depth30", "tune"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedzero.bench import report
+from fedzero.bench.report import summary as report_summary, tables as report_tables
 from fedzero.bench.methods import block_effect, cmga_effect
 from fedzero.strategies import CMGA, ClientUpdate
 
@@ -92,13 +92,13 @@ def test_report_table_means_over_seeds_and_dashes_for_runs_without_the_record():
     runs = [_run("cmga", 0, [_row(1, 0, 0.0, 0.0, 0, 0.5), _row(2, 2, 0.1, 0.3, 1, 0.1)]),
             _run("cmga", 1, [_row(1, 1, 0.02, 0.08, 1, 0.3), _row(2, 4, 0.3, 0.5, 3, -0.1)]),
             _run("cmga", 2)]                                    # recorded before cmga_effect existed
-    summary = report.cmga_effect_summary(runs)
+    summary = report_summary.cmga_effect_summary(runs)
     assert summary["recorded"] == [0, 1] and summary["missing"] == [2]
     assert summary["rounds"][2]["changed_blocks"][0] == 3.0 and summary["rounds"][1]["rel_diff_max"][0] == 0.04
 
-    table = "\n".join(report._cmga_table({"cmga_effect": {"cmga": summary,
-                                                          "old-cmga": report.cmga_effect_summary([_run("x", 0)])}}))
+    table = "\n".join(report_tables._cmga_table({"cmga_effect": {"cmga": summary,
+                                                          "old-cmga": report_summary.cmga_effect_summary([_run("x", 0)])}}))
     assert "| cmga | 1 | 0.5 / 4 | 0.01 | 0.04 | 0.5 / 4 | +0.400 | [0, 1] (– for [2]) |" in table
     assert "| cmga | 2 | 3 / 4 | 0.2 | 0.4 | 2 / 4 | +0.000 | [0, 1] (– for [2]) |" in table
     assert "| old-cmga | – | – | – | – | – | – | [0] |" in table
-    assert report._cmga_table({"cmga_effect": {}}) == []
+    assert report_tables._cmga_table({"cmga_effect": {}}) == []

@@ -98,7 +98,7 @@ def test_a_replica_must_be_a_non_negative_integer(bad):
 
 
 def test_own_curves_average_clients_then_seeds_per_round():
-    from fedzero.bench.report import own_curves
+    from fedzero.bench.report.summary import own_curves
 
     def run(method, seed, values):
         return {"setting": "H", "method": method, "seed": seed,
@@ -111,7 +111,7 @@ def test_own_curves_average_clients_then_seeds_per_round():
     assert curves["macro_f1"]["m"][0] == pytest.approx((0.4, 0.1 * 2 ** 0.5, 2))   # seeds' means 0.3 and 0.5
     assert curves["macro_f1"]["m"][1][0] == pytest.approx(0.65)
     assert curves["label_nll"]["other"][1] == (pytest.approx(0.9), None, 1)
-    from fedzero.bench.report import _own_curve_tables
+    from fedzero.bench.report.tables import _own_curve_tables
     table = _own_curve_tables(results, "H")
     assert "| m | 0.400 | 0.650 |" in table and "| other | 0.900 | 0.900 |" in table
 

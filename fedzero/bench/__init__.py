@@ -1,11 +1,12 @@
-"""`fedzero bench`: the benchmark harness of issues 5 and 6.
+"""`fedzero bench`: suites of federated runs that compare the methods on one testbed, and their reports.
 
-Modules: `backbones` (the testbed: SmolLM2-135M, healed depth variants, a small LLaMA of another
-width, cached as local HF directories), `data` (tweets split by topic: per-client train, per-topic
-test, own / unseen / global views), `methods` (one federation run per method: DeMA local/FedAvg/CMGA,
-LoRA local/FedIT/HetLoRA/FLoRA/FlexLoRA), `suites` (quick and full), `report` (tables and plots),
-`comm_table` (LLaMA-2 communication from configs), `peakmem` (peak RSS per method, one process
-each), `runner` (run_bench: all of it, resumable). See docs/benchmarks.md.
+Modules: `data` (tweets split by topic: per-client train, per-topic test, own / unseen / global views),
+`lm_data` (the LM task's per-client fortunes domains), `methods` (one federation run per method: DeMA
+local/FedAvg/CMGA/distillation, LoRA local/FedIT/HetLoRA/FLoRA/FlexLoRA), `suites` (the named suites
+and the checks on a suite file), `stats` (classification and LM metrics, the prior-only control, the
+paired bootstrap), `report/` (numbers, tables and plots), `comm_table` (LLaMA-2 communication from
+configs), `peakmem` (peak RSS per method, one process each), `runner` (run_bench: all of it,
+resumable). The testbed's backbones are built by fedzero.backbones.recipes. See docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ A method is a dict from the suite (see suites.py), run by one of two runners:
 
 Common optional fields: "lr" (overrides the suite's lr for the runner), "description".
 DeMA only: "distill": {"weight", "anchors", "batch_size"} adds output distillation on the first
-`anchors` public anchor texts framed as task prompts (fedzero.strategies.distill), on top of the
+`anchors` public anchor texts framed as task prompts (fedzero.distill), on top of the
 weight strategy (which may be "local": then only anchor predictions travel). Its optional
 "anchor_source": "topic:<name>" takes the anchors from that corpus topic in place of the bundled
 public texts: in-domain but unlabelled, a topic no client of the setting holds (refused otherwise),

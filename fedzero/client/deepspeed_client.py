@@ -20,7 +20,7 @@ not see them); globals and private tensors reach the other ranks by broadcast.
 This module is the round loop. Around it, in fedzero.client: client_config (CLIENT.yaml),
 distributed (process group start-up and lock-step waiting), zero_engine (the engine: ds config,
 backbone and DeMA, deepspeed.initialize), state and state_layout (private state and checkpoints),
-bootstrap (round 0's global); fedzero.backbones_zero3 (the partitioned backbone) and
+bootstrap (round 0's global); fedzero.backbones.zero3 (the partitioned backbone) and
 fedzero.adapters.dema.zero (DeMA in the engine).
 """
 

@@ -326,7 +326,7 @@ class FederationStore:
     def write_anchor_predictions(self, round: int, client_id: str, probs: torch.Tensor, *,
                                  quality: float | None = None) -> Path:
         """The client's label distribution on the public anchor prompts after training ``round``
-        ([N, C], fedzero.client.distill), and optionally its quality: its mean loss on its own
+        ([N, C], fedzero.distill.distiller), and optionally its quality: its mean loss on its own
         held-out examples (nats per labelled token; finite, >= 0; lower is better), which the
         quality-weighted teachers need. Written *before* the client's update: the update's
         manifest marks the client's whole round complete."""
