@@ -113,7 +113,7 @@ def _check_updates(store: FederationStore, round: int, manifests: list[dict], gi
 
 def _server_state(store: FederationStore, round: int, strategy: Strategy, ginfo: dict[str, TensorInfo],
                   reset: bool) -> tuple[Source | None, list[str]]:
-    """Round-1's server state (momentum buffers) to continue from, if the strategy has momentum."""
+    """The server state (momentum buffers) round R-1 left, to continue from if the strategy has momentum."""
     momentum = strategy.server_opt.momentum
     if not momentum or round == 0 or reset:
         return None, []
