@@ -688,12 +688,12 @@ def test_lm_suite_end_to_end_on_tiny_models_then_resumes(tmp_path):
 
 
 def test_lm_suite_without_the_corpus_fails_before_any_backbone_is_built(tmp_path, monkeypatch):
-    from fedzero.bench import lm_data, run_bench, runner
+    from fedzero.bench import lm_corpus, run_bench, runner
 
     def no_backbones(*args, **kwargs):
         raise AssertionError("a backbone was prepared before the corpus was read")
 
-    monkeypatch.setattr(lm_data, "FORTUNES_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(lm_corpus, "FORTUNES_DIR", str(tmp_path / "absent"))
     monkeypatch.setattr(runner, "prepare_backbone", no_backbones)
     suite = tiny_lm_suite("fortunes")
     for c in suite["settings"]["A"]["clients"]:
@@ -784,14 +784,14 @@ def test_topic_anchors_come_from_a_topic_no_client_holds_disjoint_from_every_spl
 
 
 def test_anchor_source_is_a_checked_optional_distill_field():
-    from fedzero.bench.methods import check_method
+    from fedzero.bench.methods import parse_method
 
     base = {"name": "d", "runner": "dema", "strategy": "local"}
-    check_method({**base, "distill": {"weight": 1.0}})
-    check_method({**base, "distill": {"anchor_source": "topic:claritin"}})
+    assert parse_method({**base, "distill": {"weight": 1.0}}).distill.anchor_topic is None
+    assert parse_method({**base, "distill": {"anchor_source": "topic:claritin"}}).distill.anchor_topic == "claritin"
     for bad in ("claritin", "topic:", 3):
         with pytest.raises(ValueError, match="anchor_source must be 'topic:<name>'"):
-            check_method({**base, "distill": {"anchor_source": bad}})
+            parse_method({**base, "distill": {"anchor_source": bad}})
 
 
 def test_bench_distills_on_anchors_of_a_topic_no_client_holds(tmp_path):

@@ -1,4 +1,5 @@
-"""fedzero.bench.stats and the class metrics it builds on: exact answers on hand-made numbers."""
+"""fedzero.bench.stats, fedzero.bench.bootstrap and the class metrics they build on: exact answers on
+hand-made numbers."""
 
 import math
 
@@ -6,9 +7,9 @@ import numpy as np
 import pytest
 
 from fedzero.bench import stats
-from fedzero.bench.stats import (CLASS_METRICS, Outcomes, decode_run, draw_resamples, encode_records, encode_scores,
-                                 full_sample_gains, outcome_metrics, pair_outcomes, paired_bootstrap, prior_only,
-                                 prior_shift, slot_gains)
+from fedzero.bench.bootstrap import draw_resamples, full_sample_gains, pair_outcomes, paired_bootstrap, slot_gains
+from fedzero.bench.stats import (CLASS_METRICS, Outcomes, decode_run, encode_records, encode_scores, outcome_metrics,
+                                 prior_only, prior_shift)
 from fedzero.evaluate import classification_metrics, metrics_from_counts
 
 # -- class metrics ------------------------------------------------------------------------------------------
@@ -48,7 +49,8 @@ LABELS3 = ["negative", "neutral", "positive"]
 
 
 def _run(scores_by_client, *, train_labels=None, topics=("t0", "t1"), y=None, uids=None):
-    """A run record as methods.py writes it: clients c0.. with topics[k] as their own topic."""
+    """A run record as the bench's runners (fedzero.bench.methods) write it: clients c0.. with topics[k]
+    as their own topic."""
     y = y if y is not None else {"t0": [0, 1, 2], "t1": [2, 2]}
     uids = uids if uids is not None else {t: [10 * i + j for j in range(len(y[t]))] for i, t in enumerate(topics)}
     test = {t: [{"uid": u, "label": LABELS3[c]} for u, c in zip(uids[t], y[t])] for t in topics}
@@ -290,7 +292,7 @@ def _final(scores_by_topic, y_by_topic, own):
 
 def _results_with_outcomes():
     """Two seeds of a local-only method and a federated one (near-perfect), two clients with opposite
-    label skew, scores stored as methods.py stores them."""
+    label skew, scores stored as the bench's runners store them."""
     y = {"t0": np.array([0, 0, 1, 2, 0, 0, 1, 0]), "t1": np.array([2, 2, 1, 0, 2, 2, 1, 2])}
     clients = [("c0", "t0", [8, 1, 1]), ("c1", "t1", [1, 1, 8])]
     rng = np.random.default_rng(0)

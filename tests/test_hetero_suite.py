@@ -56,7 +56,7 @@ def test_a_replica_trains_with_other_randomness_on_the_same_records_and_is_its_n
     import numpy as np
 
     from fedzero.bench import run_bench
-    from fedzero.bench.methods import training_seed
+    from fedzero.bench.methods import parse_method
     from test_bench import _llama, synthetic_records
 
     source = tmp_path / "records.jsonl"
@@ -78,7 +78,8 @@ def test_a_replica_trains_with_other_randomness_on_the_same_records_and_is_its_n
     for seed in (0, 1):
         base, replica = by[("dema-local", seed)], by[("dema-local-replica", seed)]
         assert replica["seed"] == seed and replica["test_records"] == base["test_records"]
-        assert base["dema"]["seed"] == seed and replica["dema"]["seed"] == training_seed(seed, replica["spec"]) != seed
+        replica_seed = parse_method(replica["spec"]).training_seed(seed)
+        assert base["dema"]["seed"] == seed and replica["dema"]["seed"] == replica_seed != seed
         assert not np.allclose([c["rounds"][1]["train_loss"] for c in replica["clients"]],
                                [c["rounds"][1]["train_loss"] for c in base["clients"]])
     md = (out / "report.md").read_text()
@@ -91,10 +92,10 @@ def test_a_replica_trains_with_other_randomness_on_the_same_records_and_is_its_n
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "1", True])
 def test_a_replica_must_be_a_non_negative_integer(bad):
-    from fedzero.bench.methods import check_method
+    from fedzero.bench.methods import parse_method
 
     with pytest.raises(ValueError, match="replica must be an integer"):
-        check_method({"name": "m", "runner": "dema", "strategy": "local", "replica": bad})
+        parse_method({"name": "m", "runner": "dema", "strategy": "local", "replica": bad})
 
 
 def test_own_curves_average_clients_then_seeds_per_round():
@@ -121,14 +122,16 @@ def test_a_dema_run_made_before_a_config_field_existed_is_kept_at_that_fields_de
     (its default keeps the old behaviour), but must redo them when the method now sets it otherwise
     or when a field the run recorded changed."""
     from fedzero.adapters.dema import DeMAConfig
+    from fedzero.bench.methods import parse_method
     from fedzero.bench.runner import same_run
 
     method = {"name": "dema-local", "runner": "dema", "strategy": "local", "dema": {"share": "experts-only"}}
     recorded = json.loads(json.dumps(DeMAConfig.from_dict({"seed": 3, "share": "experts-only"}).to_dict()))
     old = {k: v for k, v in recorded.items() if k != "canonical_ridge"}      # made before the field existed
-    assert same_run({"seed": 3, "spec": method, "dema": recorded}, method)
-    assert same_run({"seed": 3, "spec": method, "dema": old}, method)
+    spec = parse_method(method)
+    assert same_run({"seed": 3, "spec": method, "dema": recorded}, spec)
+    assert same_run({"seed": 3, "spec": method, "dema": old}, spec)
     changed = {**method, "dema": {"share": "experts-only", "canonical_ridge": 0.5}}
-    assert not same_run({"seed": 3, "spec": changed, "dema": old}, changed)
-    assert not same_run({"seed": 3, "spec": method, "dema": {**old, "rank": old["rank"] + 1}}, method)
-    assert not same_run({"seed": 3, "spec": method, "dema": {**recorded, "gone": 1}}, method)
+    assert not same_run({"seed": 3, "spec": changed, "dema": old}, parse_method(changed))
+    assert not same_run({"seed": 3, "spec": method, "dema": {**old, "rank": old["rank"] + 1}}, spec)
+    assert not same_run({"seed": 3, "spec": method, "dema": {**recorded, "gone": 1}}, spec)

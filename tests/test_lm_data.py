@@ -1,7 +1,8 @@
-"""The LM task's data (fedzero/bench/lm_data.py): the fortune corpus' split (deterministic per seed,
-disjoint sides, near-duplicates never across sides, disjoint clients) on a small corpus written in
-the package's on-disk format, the same guarantees on the real corpus when it is installed, and the
-held-out NLL helper against a hand computation on a tiny random LLaMA with the byte tokenizer."""
+"""The LM task's data (fedzero/bench/lm_corpus.py, lm_data.py, lm_score.py): the fortune corpus'
+split (deterministic per seed, disjoint sides, near-duplicates never across sides, disjoint clients)
+on a small corpus written in the package's on-disk format, the same guarantees on the real corpus
+when it is installed, and the held-out NLL helper against a hand computation on a tiny random LLaMA
+with the byte tokenizer."""
 
 from __future__ import annotations
 
@@ -12,20 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedzero.bench import lm_data
-from fedzero.bench.lm_data import (
-    DEFAULT_DOMAINS,
-    LMDataSettings,
-    clean_text,
-    cut_text,
-    dedup_key,
-    heldout_nll_per_token,
-    score_records,
-    lm_split,
-    load_corpus,
-    near_duplicates,
-    shingles,
-)
+from fedzero.bench import lm_corpus, lm_score
+from fedzero.bench.lm_corpus import DEFAULT_DOMAINS, clean_text, dedup_key, load_corpus, near_duplicates, shingles
+from fedzero.bench.lm_data import LMDataSettings, cut_text, lm_split
+from fedzero.bench.lm_score import heldout_nll_per_token, score_records
 from fedzero.data import ByteTokenizer, build_examples, collate
 
 from conftest import tiny_llama, with_random_adapter
@@ -248,7 +239,7 @@ def test_split_errors_are_clear(corpus_dir, tmp_path, monkeypatch):
         split_of(corpus_dir, domains=["d1"], clients={"a": ["d0"]})
     with pytest.raises(ValueError, match="no clients"):
         split_of(corpus_dir, clients={})
-    monkeypatch.setattr(lm_data, "FORTUNES_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(lm_corpus, "FORTUNES_DIR", str(tmp_path / "absent"))
     with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
         lm_split(LMDataSettings(), 0, {"a": ["computers"]})
     with pytest.raises(FileNotFoundError, match="neither 'fortunes' nor a directory"):
@@ -261,12 +252,12 @@ def _real_corpus_or_skip():
     try:
         return load_corpus("fortunes")
     except FileNotFoundError:
-        pytest.skip(f"the fortunes corpus is not installed ({lm_data.FORTUNES_INSTALL})")
+        pytest.skip(f"the fortunes corpus is not installed ({lm_corpus.FORTUNES_INSTALL})")
 
 
 def test_real_corpus_domains_are_large_enough_and_the_split_does_not_leak():
     corpus = _real_corpus_or_skip()
-    assert set(corpus.domains) == set(lm_data.FORTUNES_DOMAINS)
+    assert set(corpus.domains) == set(lm_corpus.FORTUNES_DOMAINS)
     for d in DEFAULT_DOMAINS:
         assert len(corpus.docs[d]) >= 650 and corpus.chars[d] >= 140_000, d
     clients = {"a": ["computers"], "b": ["computers"], "c": ["definitions"], "d": ["songs-poems"], "e": ["people"]}
@@ -406,11 +397,11 @@ def test_score_records_through_adapters_and_families_equals_full_logits(family, 
     tok = ByteTokenizer()
     scored = score_records(model, tok, [{"text": t} for t in TEXTS], max_length=64, batch_size=3)
     np.testing.assert_allclose(scored.nll, [_hand_nll(model, tok, t)[0] for t in TEXTS], rtol=1e-5)
-    capture = lm_data._FinalHidden(model)
+    capture = lm_score._FinalHidden(model)
     try:
         batch = collate(build_examples([{"text": t} for t in TEXTS], tok, 64), tok.pad_token_id)
         with torch.no_grad():
-            lm_data._token_nll(model, batch, capture)
+            lm_score._token_nll(model, batch, capture)
     finally:
         capture.remove()
     assert capture.exact is shortcut

@@ -1,12 +1,15 @@
 """`fedzero bench`: suites of federated runs that compare the methods on one testbed, and their reports.
 
-Modules: `data` (tweets split by topic: per-client train, per-topic test, own / unseen / global views),
-`lm_data` (the LM task's per-client fortunes domains), `methods` (one federation run per method: DeMA
-local/FedAvg/CMGA/distillation, LoRA local/FedIT/HetLoRA/FLoRA/FlexLoRA), `suites` (the named suites
-and the checks on a suite file), `stats` (classification and LM metrics, the prior-only control, the
-paired bootstrap), `report/` (numbers, tables and plots), `comm_table` (LLaMA-2 communication from
-configs), `peakmem` (peak RSS per method, one process each), `runner` (run_bench: all of it,
-resumable). The testbed's backbones are built by fedzero.backbones.recipes. See docs/benchmarks.md.
+Modules: `runner` (run_bench: all of it, resumable), `suites` (the named suites and load_suite; their
+definitions in `suites_report`, `suites_hetero`, `suites_conflict`; the checks in `suite_checks`),
+`methods/` (one federation run per method: typed method specs, DeMA local/FedAvg/CMGA/distillation
+and LoRA local/FedIT/HetLoRA/FLoRA/FlexLoRA runners), `data` (tweets split by topic: per-client
+train, per-topic test, own / unseen / global views), `lm_corpus`, `lm_data`, `lm_score` (the LM
+task: the fortunes corpus, its per-client split, held-out NLL), `stats` (stored outcomes,
+classification and LM metrics, the prior-only control), `bootstrap` (paired bootstrap intervals),
+`report/` (numbers, tables and plots), `comm_table` (LLaMA-2 communication from configs), `peakmem`
+(peak RSS per method, one process each). The testbed's backbones are built by
+fedzero.backbones.recipes. See docs/benchmarks.md.
 """
 
 from __future__ import annotations

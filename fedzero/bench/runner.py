@@ -40,8 +40,9 @@ from fedzero.backbones.recipes import prepare_backbone
 
 from .comm_table import comm_rows
 from .data import DataSettings, load_records, split_tweets
-from .lm_data import LMDataSettings, LMSplit, load_corpus, lm_split
-from .methods import RunContext, run_method, training_seed, zero_shot_metrics, zero_shot_scores
+from .lm_corpus import load_corpus
+from .lm_data import LMDataSettings, LMSplit, lm_split
+from .methods import DeMAMethod, MethodSpec, RunContext, run_method, zero_shot_metrics, zero_shot_scores
 from .peakmem import measure_all
 from .report import markdown, plots, summarize
 from .suites import check_suite, load_suite
@@ -103,20 +104,20 @@ def _claim(lock: Path) -> bool:
     return True
 
 
-def same_run(run: dict, method: dict) -> bool:
-    """Whether a finished run trained what `method` asks for now. Descriptions do not count; a DeMA
-    method counts by its resolved DeMAConfig, so a default that changes later cannot pass off old
+def same_run(run: dict, spec: MethodSpec) -> bool:
+    """Whether a finished run trained what the method `spec` asks for now. Descriptions do not count; a
+    DeMA method counts by its resolved DeMAConfig, so a default that changes later cannot pass off old
     runs as new ones, and pinning the old value explicitly keeps them."""
     def essentials(m: dict) -> dict:
         return json.loads(json.dumps({k: v for k, v in m.items() if k not in ("description", "dema")}))
 
-    if essentials(run.get("spec") or {}) != essentials(method):
+    if essentials(run.get("spec") or {}) != essentials(spec.raw):
         return False
-    if method.get("runner") != "dema":
+    if not isinstance(spec, DeMAMethod):
         return True
     from fedzero.adapters.dema import DeMAConfig
-    seed = training_seed(run["seed"], method)
-    wanted = json.loads(json.dumps(DeMAConfig.from_dict({"seed": seed, **(method.get("dema") or {})}).to_dict()))
+    seed = spec.training_seed(run["seed"])
+    wanted = json.loads(json.dumps(spec.config(seed).to_dict()))
     defaults = json.loads(json.dumps(DeMAConfig.from_dict({"seed": seed}).to_dict()))
     stored = run.get("dema")
     if not isinstance(stored, dict):
@@ -151,7 +152,7 @@ def _check_resume(out: Path, suite: dict) -> None:
 
 def check_lm_lengths(split: LMSplit, clients: list[dict], backbones: dict, max_length: int) -> None:
     """Refuse, before any training, a split whose records do not fit train.max_length under some client's
-    tokenizer: training would silently cut them and scoring refuses them (lm_data.score_records)."""
+    tokenizer: training would silently cut them and scoring refuses them (lm_score.score_records)."""
     from fedzero.data import load_tokenizer
 
     texts = {r["text"] for recs in split.test.values() for r in recs}
@@ -177,11 +178,8 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
     import importlib.util
     if importlib.util.find_spec("matplotlib") is None:     # fail now, not after hours of runs
         raise ModuleNotFoundError("fedzero bench writes PNG plots with matplotlib: pip install matplotlib")
-    if isinstance(suite, dict):
-        spec = copy.deepcopy(suite)
-        check_suite(spec)
-    else:
-        spec = load_suite(suite)
+    spec = copy.deepcopy(suite) if isinstance(suite, dict) else load_suite(suite)
+    methods = check_suite(spec)         # {setting: typed method specs}: what the runs take
     if seeds:
         spec["seeds"] = [int(s) for s in seeds]
     unknown = sorted(set(settings or ()) - set(spec["settings"]))
@@ -236,16 +234,16 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
                 ctx.zero_shot = zero_shot_scores(ctx)
                 _write_json(zpath, {"scores": ctx.zero_shot, "seconds": round(time.time() - t, 1)})
             zero_shot.setdefault(sname, {})[str(seed)] = zero_shot_metrics(ctx)
-            for method in setting["methods"]:
-                path = runs_dir / f"{sname}-{method['name']}-seed{seed}.json"
+            for method in methods[sname]:
+                path = runs_dir / f"{sname}-{method.name}-seed{seed}.json"
                 if path.exists():
                     if same_run(json.loads(path.read_text()), method):
-                        log(f"[bench] {sname} / {method['name']} / seed {seed}: done earlier, kept")
+                        log(f"[bench] {sname} / {method.name} / seed {seed}: done earlier, kept")
                         continue
-                    log(f"[bench] {sname} / {method['name']} / seed {seed}: its method spec changed, rerunning")
+                    log(f"[bench] {sname} / {method.name} / seed {seed}: its method spec changed, rerunning")
                 lock = runs_dir / f".{path.stem}.lock"
                 if not _claim(lock):
-                    log(f"[bench] {sname} / {method['name']} / seed {seed}: another worker is running it, skipped")
+                    log(f"[bench] {sname} / {method.name} / seed {seed}: another worker is running it, skipped")
                     continue
                 if path.exists() and same_run(json.loads(path.read_text()), method):
                     lock.unlink(missing_ok=True)           # another worker finished it meanwhile
@@ -258,7 +256,7 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
                 ran += 1
                 key = "nll_per_token" if lm else "accuracy"
                 g = [c["final"]["global"][key] for c in result["clients"] if c.get("final")]
-                log(f"[bench] {sname} / {method['name']} / seed {seed}: global {'NLL/token' if lm else 'acc'} "
+                log(f"[bench] {sname} / {method.name} / seed {seed}: global {'NLL/token' if lm else 'acc'} "
                     f"{sum(g) / max(len(g), 1):.3f} (mean over clients), {result['wall_seconds']:.0f} s")
 
     mem_rows = None
@@ -278,7 +276,7 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
             _write_json(mpath, mem_rows)
 
     runs = []
-    specs = {(s, m["name"]): m for s, st in spec["settings"].items() for m in st["methods"]}
+    specs = {(s, m.name): m for s, ms in methods.items() for m in ms}
     for path in sorted(runs_dir.glob("*-seed*.json")):
         if "-zero-shot-" in path.name:
             continue

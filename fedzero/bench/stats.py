@@ -1,5 +1,6 @@
-"""Per-record test outcomes of bench runs, and the statistics the report draws from them: the
-prior-only control and paired bootstrap intervals for gains.
+"""Per-record test outcomes of bench runs: their stored format, view metrics, the prior-only
+control, and the per-unit metrics under record weights that the paired bootstrap (bootstrap.py)
+resamples.
 
 Stored format (written by fedzero.bench.methods into every run record, read by `decode_run`). Long
 lists are space-separated strings, since results.json is written one JSON value per line:
@@ -87,7 +88,7 @@ def encode_lm_records(test: dict[str, list[dict]]) -> dict:
 
 
 def encode_lm_scores(per_domain: dict, decimals: int = SCORE_DECIMALS) -> dict[str, dict[str, str]]:
-    """client["test_nll"] from {domain: (nll [n], tokens [n], bytes [n])} (lm_data.RecordNLL)."""
+    """client["test_nll"] from {domain: (nll [n], tokens [n], bytes [n])} (lm_score.RecordNLL)."""
     return {d: {"nll": " ".join(_number(x, decimals) for x in np.asarray(nll, dtype=np.float64)),
                 "tokens": " ".join(str(int(x)) for x in tokens), "bytes": " ".join(str(int(x)) for x in nbytes)}
             for d, (nll, tokens, nbytes) in per_domain.items()}
@@ -206,6 +207,20 @@ def decode_lm_run(run: dict) -> LMOutcomes | None:
                       [list(c["domains"]) for c in run["clients"]], nll, tokens, nbytes)
 
 
+# -- gains -------------------------------------------------------------------------------------------
+
+@dataclass
+class Interval:
+    """A gain: its point estimate and, where per-record outcomes were stored, a bootstrap interval."""
+
+    point: float                  # mean over seeds of the gain on all records
+    low: float | None = None      # 2.5th percentile of the bootstrap distribution (None: no records stored)
+    high: float | None = None     # 97.5th
+
+    def excludes_zero(self) -> bool:
+        return self.low is not None and (self.low > 0 or self.high < 0)
+
+
 # -- the prior-only control -------------------------------------------------------------------------
 
 def prior_shift(scores: np.ndarray, own_counts, pooled_counts) -> np.ndarray:
@@ -228,105 +243,7 @@ def prior_only(local: Outcomes) -> Outcomes:
                     local.client_topics, shifted, local.train_labels)
 
 
-# -- paired bootstrap ---------------------------------------------------------------------------------
-
-@dataclass
-class SeedPair:
-    """One seed: its test records, and two arms' (method a, control b) predictions per client on them.
-    A pair knows its gain metrics and computes them for any record weights (`gains`): the bootstrap
-    below is the same for every task."""
-
-    y: np.ndarray                # [N]
-    strata: np.ndarray           # [N] in 0..T-1
-    pred_a: np.ndarray           # [K, N]
-    pred_b: np.ndarray           # [K, N]
-    unit_client: np.ndarray      # [U]: a unit is one client's view,
-    unit_strata: np.ndarray      # [U, T] bool: made of whole strata (topics)
-    n_classes: int
-
-    metrics = CLASS_METRICS      # the gains: arm a minus arm b, in each class metric
-
-    def gains(self, weights: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """{metric: [M, U]} for record weights [M, n_t] per stratum t."""
-        m = _pair_metrics(self, weights)
-        return {k: m[k][:, 0] - m[k][:, 1] for k in self.metrics}
-
-
-@dataclass
-class LMSeedPair:
-    """One seed of the LM task: per client, two arms' per-record NLL on the same test records."""
-
-    strata: np.ndarray           # [N] in 0..T-1
-    nll_a: np.ndarray            # [K, N]
-    nll_b: np.ndarray            # [K, N]
-    tokens: np.ndarray           # [K, N], the same for both arms (checked)
-    unit_client: np.ndarray      # [U]
-    unit_strata: np.ndarray      # [U, T]
-
-    metrics = LM_GAINS           # the gain: relative reduction of the ratio of sums, 1 - a / b
-
-    def gains(self, weights: list[np.ndarray]) -> dict[str, np.ndarray]:
-        sums = _unit_sums(np.stack([self.nll_a, self.nll_b, self.tokens]), self.strata, self.unit_client,
-                          self.unit_strata, weights)                    # [M, 3, U]
-        per_token_a, per_token_b = sums[:, 0] / sums[:, 2], sums[:, 1] / sums[:, 2]
-        return {"nll_per_token": 1 - per_token_a / per_token_b}
-
-
-def _unit_sums(values: np.ndarray, strata, unit_client, unit_strata, weights) -> np.ndarray:
-    """values [A, K, N] (per-record quantities of A arrays, K clients) -> [M, A, U]: for every resample,
-    array and unit, the weighted sum over the records of the unit's strata and of its client."""
-    n_arrays, n_clients = values.shape[:2]
-    per_stratum = [w.astype(np.float64) @ values[:, :, strata == t].reshape(n_arrays * n_clients, -1).T
-                   for t, w in enumerate(weights)]                       # [M, A * K] each
-    sums = np.stack(per_stratum, axis=1).reshape(len(per_stratum[0]), len(weights), n_arrays, n_clients)
-    return np.einsum("mtau,ut->mau", sums[..., unit_client], unit_strata.astype(np.float64))
-
-
-def pair_outcomes(a: Outcomes | LMOutcomes, b: Outcomes | LMOutcomes) -> SeedPair | LMSeedPair:
-    """Pair two runs of one seed record by record; refuses runs that scored different records."""
-    if type(a) is not type(b):
-        raise ValueError("cannot pair an LM run with a classification run")
-    if a.topics != b.topics or not np.array_equal(a.uids, b.uids):
-        raise ValueError("the two runs scored different test records")
-    if a.clients != b.clients or a.client_topics != b.client_topics:
-        raise ValueError("the two runs have different clients")
-    unit_client, unit_strata = a.unit_layout()
-    if isinstance(a, LMOutcomes):
-        if not (np.array_equal(a.tokens, b.tokens) and np.array_equal(a.bytes, b.bytes)):
-            raise ValueError("the two runs tokenised the test records differently (another backbone per client?)")
-        return LMSeedPair(a.strata, a.nll, b.nll, a.tokens, unit_client, unit_strata)
-    if not np.array_equal(a.y, b.y):
-        raise ValueError("the two runs scored different test records")
-    return SeedPair(a.y, a.strata, a.predictions(), b.predictions(), unit_client, unit_strata, a.scores.shape[2])
-
-
-@dataclass
-class Draws:
-    """The bootstrap's random draws. seeds [B, S]: the seed in each of the S slots of resample b.
-    records[s][t]: [M_s, n_t] indices into stratum t of seed s, one row per slot that drew seed s,
-    in row-major slot order (np.nonzero(seeds == s))."""
-
-    seeds: np.ndarray
-    records: list[list[np.ndarray]]
-
-
-def draw_resamples(rng: np.random.Generator, stratum_sizes: list[list[int]], n_boot: int) -> Draws:
-    """Seeds with replacement, then within every drawn seed its records with replacement within each
-    stratum (so every view keeps its size). One record draw per slot, shared by both arms: the pairing."""
-    n_seeds = len(stratum_sizes)
-    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
-    picks = np.bincount(seeds.ravel(), minlength=n_seeds)
-    records = [[rng.integers(0, n, size=(picks[s], n)) for n in sizes] for s, sizes in enumerate(stratum_sizes)]
-    return Draws(seeds, records)
-
-
-def resample_counts(index: np.ndarray, n: int) -> np.ndarray:
-    """[M, k] draws from range(n) -> [M, n] how often each record was drawn (float32 holds these
-    integer counts exactly, and keeps the matrix product fast)."""
-    m = index.shape[0]
-    flat = (np.arange(m)[:, None] * n + index).ravel()
-    return np.bincount(flat, minlength=m * n).reshape(m, n).astype(np.float32)
-
+# -- weighted metrics per unit (the bootstrap's resamples; weights 1: the records as they are) ------
 
 def _stratum_features(y: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
     """[n, A * K * C * 2 + C] indicators per record: for every arm, client and class, correct-and-
@@ -340,7 +257,7 @@ def _stratum_features(y: np.ndarray, preds: np.ndarray, n_classes: int) -> np.nd
                            (y[:, None] == classes)], axis=1).astype(np.float32)
 
 
-def _unit_metrics(y, strata, preds, unit_client, unit_strata, n_classes, weights) -> dict[str, np.ndarray]:
+def unit_metrics(y, strata, preds, unit_client, unit_strata, n_classes, weights) -> dict[str, np.ndarray]:
     """Every class metric [M, A, U] per resample, arm and unit. preds [A, K, N] (arms: e.g. method and
     control); weights[t]: [M, n_t] how often each record of stratum t is in each resample. Counts are
     taken per stratum, then summed over each unit's strata."""
@@ -357,88 +274,14 @@ def _unit_metrics(y, strata, preds, unit_client, unit_strata, n_classes, weights
     return metrics_from_counts(arm_u[..., 0], arm_u[..., 1], np.broadcast_to(true_u, arm_u.shape[:-1]))
 
 
-def _pair_metrics(pair: SeedPair, weights: list[np.ndarray]) -> dict[str, np.ndarray]:
-    return _unit_metrics(pair.y, pair.strata, np.stack([pair.pred_a, pair.pred_b]), pair.unit_client,
-                         pair.unit_strata, pair.n_classes, weights)
-
-
-def _stratum_sizes(pair: SeedPair) -> list[int]:
-    return np.bincount(pair.strata, minlength=pair.unit_strata.shape[1]).tolist()
-
-
-def full_sample_gains(pairs: list[SeedPair | LMSeedPair]) -> dict[str, np.ndarray]:
-    """{metric: [S, U]}: the gain of arm a over arm b on every seed's records as they are."""
-    out = {k: [] for k in pairs[0].metrics}
-    for pair in pairs:
-        gains = pair.gains([np.ones((1, n), dtype=np.float32) for n in _stratum_sizes(pair)])
-        for k in out:
-            out[k].append(gains[k][0])
-    return {k: np.stack(v) for k, v in out.items()}
-
-
-def slot_gains(pairs: list[SeedPair | LMSeedPair], draws: Draws) -> dict[str, np.ndarray]:
-    """{metric: [B, S, U]}: the gain of arm a over arm b in every slot of every resample, on that slot's records."""
-    n_boot, n_slots = draws.seeds.shape
-    n_units = len(pairs[0].unit_client)
-    out = {k: np.empty((n_boot, n_slots, n_units)) for k in pairs[0].metrics}
-    for s, pair in enumerate(pairs):
-        rows, cols = np.nonzero(draws.seeds == s)
-        if not len(rows):
-            continue
-        weights = [resample_counts(idx, n) for idx, n in zip(draws.records[s], _stratum_sizes(pair))]
-        gains = pair.gains(weights)
-        for k in out:
-            out[k][rows, cols] = gains[k]
-    return out
-
-
-@dataclass
-class Interval:
-    point: float                  # mean over seeds of the gain on all records
-    low: float | None = None      # 2.5th percentile of the bootstrap distribution (None: no records stored)
-    high: float | None = None     # 97.5th
-
-    def excludes_zero(self) -> bool:
-        return self.low is not None and (self.low > 0 or self.high < 0)
-
-
-@dataclass
-class Bootstrap:
-    """A gain's full-sample values [S, U] and bootstrap slot values [B, S, U] per metric."""
-
-    units: list[tuple[str, str]]
-    seeds: list[int]
-    full: dict[str, np.ndarray]
-    slots: dict[str, np.ndarray]
-
-    @property
-    def metrics(self) -> list[str]:
-        return list(self.full)
-
-    def interval(self, metric: str, view: str, client: str | None = None) -> Interval | None:
-        """The gain in `view`, mean over the clients that have it (or of one client); None if none has."""
-        cols = [u for u, (c, v) in enumerate(self.units) if v == view and client in (None, c)]
-        if not cols:
-            return None
-        per_resample = self.slots[metric][:, :, cols].mean(axis=2).mean(axis=1)
-        low, high = np.percentile(per_resample, [2.5, 97.5])
-        return Interval(float(self.full[metric][:, cols].mean()), float(low), float(high))
-
-
-def paired_bootstrap(method: dict[int, Outcomes | LMOutcomes], control: dict[int, Outcomes | LMOutcomes], *,
-                     n_boot: int = 2000, seed: int = 0) -> Bootstrap | None:
-    """Gain of `method` over `control` ({seed: Outcomes} each, or LMOutcomes: then the gain is the
-    relative reduction of NLL per token), paired by seed and record, over the seeds both have (None
-    if none). Deterministic given `seed`."""
-    seeds = sorted(set(method) & set(control))
-    if not seeds:
-        return None
-    units = method[seeds[0]].units()
-    if any(method[s].units() != units for s in seeds):
-        raise ValueError("the seeds' runs have different clients or topics: their gains cannot be averaged")
-    pairs = [pair_outcomes(method[s], control[s]) for s in seeds]
-    draws = draw_resamples(np.random.default_rng(seed), [_stratum_sizes(p) for p in pairs], n_boot)
-    return Bootstrap(units, seeds, full_sample_gains(pairs), slot_gains(pairs, draws))
+def unit_sums(values: np.ndarray, strata, unit_client, unit_strata, weights) -> np.ndarray:
+    """values [A, K, N] (per-record quantities of A arrays, K clients) -> [M, A, U]: for every resample,
+    array and unit, the weighted sum over the records of the unit's strata and of its client."""
+    n_arrays, n_clients = values.shape[:2]
+    per_stratum = [w.astype(np.float64) @ values[:, :, strata == t].reshape(n_arrays * n_clients, -1).T
+                   for t, w in enumerate(weights)]                       # [M, A * K] each
+    sums = np.stack(per_stratum, axis=1).reshape(len(per_stratum[0]), len(weights), n_arrays, n_clients)
+    return np.einsum("mtau,ut->mau", sums[..., unit_client], unit_strata.astype(np.float64))
 
 
 def outcome_metrics(out: Outcomes) -> dict[str, float | None]:
@@ -446,8 +289,8 @@ def outcome_metrics(out: Outcomes) -> dict[str, float | None]:
     that has no final metrics of its own, such as the prior-only control)."""
     unit_client, unit_strata = out.unit_layout()
     sizes = np.bincount(out.strata, minlength=len(out.topics))
-    metrics = _unit_metrics(out.y, out.strata, out.predictions()[None], unit_client, unit_strata,
-                            out.scores.shape[2], [np.ones((1, n), dtype=np.float32) for n in sizes])
+    metrics = unit_metrics(out.y, out.strata, out.predictions()[None], unit_client, unit_strata,
+                           out.scores.shape[2], [np.ones((1, n), dtype=np.float32) for n in sizes])
     units = out.units()
     result = {}
     for view in VIEWS:
@@ -462,8 +305,8 @@ def lm_outcome_metrics(out: LMOutcomes) -> dict[str, float | None]:
     records: the ratios of sums of lm_view_metrics, from stored outcomes."""
     unit_client, unit_strata = out.unit_layout()
     sizes = np.bincount(out.strata, minlength=len(out.topics))
-    sums = _unit_sums(np.stack([out.nll, out.tokens, out.bytes]), out.strata, unit_client, unit_strata,
-                      [np.ones((1, n), dtype=np.float32) for n in sizes])[0]      # [3, U]
+    sums = unit_sums(np.stack([out.nll, out.tokens, out.bytes]), out.strata, unit_client, unit_strata,
+                     [np.ones((1, n), dtype=np.float32) for n in sizes])[0]      # [3, U]
     units = out.units()
     result = {}
     for view in VIEWS:

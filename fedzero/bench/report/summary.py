@@ -10,8 +10,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from ..stats import (CLASS_METRICS, LM_GAINS, LM_METRICS, Interval, Outcomes, decode_run, outcome_metrics,
-                     paired_bootstrap, prior_only)
+from ..bootstrap import paired_bootstrap
+from ..stats import CLASS_METRICS, LM_GAINS, LM_METRICS, Interval, Outcomes, decode_run, outcome_metrics, prior_only
 
 VIEWS = ("own", "unseen", "global")
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "label_nll")

@@ -1,0 +1,249 @@
+"""A suite's method dict, parsed once into a typed spec that the runners take.
+
+The dict format (the suite file's, unchanged):
+
+    {"name": "dema-cmga", "runner": "dema", "strategy": "cmga", "strategy_options": {...},
+     "dema": {DeMAConfig fields}, "distill": {"weight", "anchors", "batch_size", "anchor_source"}}
+        DeMA adapters on every client. "strategy": a name of fedzero.strategies ("fedavg", "cmga"),
+        or "local" (no aggregation, methods/exchange.py). The dema dict goes to DeMAConfig.from_dict
+        as is, so a new DeMA option is a suite entry without touching the bench (the run seed is
+        DeMAConfig.seed unless the dict sets it). "distill" adds output distillation (fedzero.distill)
+        on the first `anchors` public anchor texts framed as task prompts, on top of the weight
+        strategy (with "local", only anchor predictions travel); its optional "anchor_source":
+        "topic:<name>" takes the anchors from that corpus topic instead (data.topic_anchor_texts).
+    {"name": "fedit", "runner": "lora", "strategy": "fedit", "rank": 16}
+        PEFT LoRA on every client; "strategy" a fedzero.baselines name ("local", "fedit", "hetlora",
+        "flora", "flexlora"); "rank" an int for every client, or "client" for each client's own
+        `rank` from the setting (heterogeneous budgets).
+
+Common optional fields: "lr" (overrides the suite's lr for the runner), "replica" (k >= 1: the
+method again with other training randomness, `training_seed`), "description".
+
+A spec keeps the dict as written (`raw`): the run records it as its "spec", and resuming compares it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fedzero.adapters.dema import DeMAConfig
+from fedzero.baselines import LORA_STRATEGIES, make_lora_strategy
+from fedzero.distill.settings import DistillSettings
+
+from .exchange import DEMA_STRATEGIES, make_exchange
+
+COMMON_FIELDS = {"name", "runner", "strategy", "strategy_options", "lr", "replica", "description"}
+# A method's "distill" fields: DistillSettings' own, with its defaults (labels and template are the task's)
+DISTILL_FIELDS = {f.name: f.default for f in dataclasses.fields(DistillSettings)
+                  if f.name in ("weight", "anchors", "batch_size")}
+# ... and optional ones without a default: in a run's "distill" only when its method sets them, so the run
+# records (and resuming, which compares method dicts) of methods that leave them out do not mention them
+DISTILL_OPTIONS = {"anchor_source"}
+ANCHOR_TOPIC = "topic:"           # anchor_source "topic:<name>": the anchors are texts of that corpus topic
+CLIENT_RANK = "client"            # a LoRA method's "rank": each client's own rank from the setting
+REPLICA_SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class DistillSpec:
+    """A DeMA method's output distillation."""
+
+    weight: float
+    anchors: int
+    batch_size: int
+    anchor_topic: str | None      # anchors from this corpus topic; None: the bundled public texts
+    record: dict                  # the run's "distill": the defaults, then the fields as written
+
+    @property
+    def anchor_source(self) -> str | None:
+        return self.record.get("anchor_source")
+
+    def settings(self, labels: list[str], template: str) -> DistillSettings:
+        return DistillSettings(labels=list(labels), template=template, weight=self.weight, anchors=self.anchors,
+                               batch_size=self.batch_size)
+
+    @classmethod
+    def parse(cls, distill, where: str) -> DistillSpec:
+        allowed = set(DISTILL_FIELDS) | DISTILL_OPTIONS
+        bad = sorted(set(distill) - allowed) if isinstance(distill, dict) else ["?"]
+        if bad:
+            raise ValueError(f"{where}: 'distill' is a DeMA option with fields {sorted(allowed)}, got {bad}")
+        record = {**DISTILL_FIELDS, **distill}
+        try:
+            weight, anchors, batch_size = float(record["weight"]), int(record["anchors"]), int(record["batch_size"])
+        except (TypeError, ValueError):
+            weight = anchors = batch_size = 0
+        if not (weight > 0 and anchors >= 1 and batch_size >= 1):
+            raise ValueError(f"{where}: distill needs weight > 0, anchors >= 1, batch_size >= 1, got "
+                             f"{ {k: record[k] for k in DISTILL_FIELDS} }")
+        source = record.get("anchor_source")
+        if source is not None and not (isinstance(source, str) and source.startswith(ANCHOR_TOPIC)
+                                       and source[len(ANCHOR_TOPIC):]):
+            raise ValueError(f"{where}: distill.anchor_source must be '{ANCHOR_TOPIC}<name>' (a corpus topic "
+                             f"no client holds), got {source!r}")
+        return cls(weight, anchors, batch_size, source[len(ANCHOR_TOPIC):] if source else None, record)
+
+
+@dataclass
+class MethodSpec:
+    """What every method has. Subclasses: one per runner (RUNNERS)."""
+
+    runner: ClassVar[str]
+    strategies: ClassVar[dict]        # the strategy names this runner takes
+
+    name: str
+    strategy: str
+    strategy_options: dict
+    lr: float | None                  # None: the suite's lr for the runner
+    replica: int                      # 0: not a replica
+    raw: dict                         # the method dict as written
+
+    def training_seed(self, seed: int) -> int:
+        """The seed a run's randomness comes from (adapter init, data order, strategy): the run's seed,
+        or for a replica another one, so that a method against its own replica measures what training
+        randomness alone moves: the instrument's noise floor. The data split, and so the test records,
+        stay those of the run's seed."""
+        return seed + REPLICA_SEED_STRIDE * self.replica
+
+    def check_setting(self, clients: list[dict], *, lm: bool, where: str) -> None:
+        """Refuse a setting this method cannot run in (the suite check)."""
+
+    def run(self, ctx) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def _parse(cls, method: dict, common: dict, where: str) -> MethodSpec:
+        raise NotImplementedError
+
+
+@dataclass
+class DeMAMethod(MethodSpec):
+    runner: ClassVar[str] = "dema"
+    strategies: ClassVar[dict] = DEMA_STRATEGIES
+
+    dema: dict = dataclasses.field(default_factory=dict)      # DeMAConfig fields as written (seed aside)
+    distill: DistillSpec | None = None
+
+    def config(self, seed: int) -> DeMAConfig:
+        """The DeMAConfig of a run whose training seed is `seed` (the dict's own seed wins)."""
+        return DeMAConfig.from_dict({"seed": seed, **self.dema})
+
+    def exchange(self, seed: int):
+        """A fresh instance of the method's strategy (methods/exchange.py) for one run."""
+        return make_exchange(self.strategy, self.strategy_options, seed=seed)
+
+    def check_setting(self, clients: list[dict], *, lm: bool, where: str) -> None:
+        if lm and self.distill is not None:
+            raise ValueError(f"{where}: 'distill' exchanges label predictions (classification only); an LM suite "
+                             "cannot run it")
+
+    def run(self, ctx) -> dict:
+        from .dema import run_dema
+
+        return run_dema(self, ctx)
+
+    @classmethod
+    def _parse(cls, method: dict, common: dict, where: str) -> DeMAMethod:
+        dema = method.get("dema") or {}
+        if not isinstance(dema, dict):
+            raise ValueError(f"{where}: dema must be a mapping of DeMAConfig fields, got {dema!r}")
+        try:
+            DeMAConfig.from_dict({"seed": 0, **dema})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: dema: {err}") from None
+        distill = DistillSpec.parse(method["distill"], where) if method.get("distill") is not None else None
+        spec = cls(**common, dema=dema, distill=distill)
+        try:
+            spec.exchange(0)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: strategy_options: {err}") from None
+        return spec
+
+
+@dataclass
+class LoRAMethod(MethodSpec):
+    runner: ClassVar[str] = "lora"
+    strategies: ClassVar[dict] = LORA_STRATEGIES
+
+    rank: int | None = 16             # None: each client's own rank (the suite's "rank": "client")
+
+    def make_strategy(self):
+        return make_lora_strategy(self.strategy, **self.strategy_options)
+
+    def rank_of(self, client: dict) -> int:
+        rank = client.get("rank") if self.rank is None else self.rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"method {self.name!r}: client {client['id']!r} has no LoRA rank (setting 'rank')")
+        return rank
+
+    def check_setting(self, clients: list[dict], *, lm: bool, where: str) -> None:
+        if self.rank is None and any(isinstance(c.get("rank"), bool) or not isinstance(c.get("rank"), int)
+                                     for c in clients):
+            raise ValueError(f"{where}: rank '{CLIENT_RANK}' needs a 'rank' per client")
+
+    def run(self, ctx) -> dict:
+        from .lora import run_lora
+
+        return run_lora(self, ctx)
+
+    @classmethod
+    def _parse(cls, method: dict, common: dict, where: str) -> LoRAMethod:
+        if method.get("distill") is not None:
+            raise ValueError(f"{where}: 'distill' is a DeMA option with fields "
+                             f"{sorted(set(DISTILL_FIELDS) | DISTILL_OPTIONS)}")
+        if method.get("dema"):
+            raise ValueError(f"{where}: a LoRA method takes no 'dema' settings")
+        rank = method.get("rank", 16)
+        if rank != CLIENT_RANK and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"{where}: rank must be a positive int or '{CLIENT_RANK}', got {rank!r}")
+        spec = cls(**common, rank=None if rank == CLIENT_RANK else rank)
+        try:
+            spec.make_strategy()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: strategy_options: {err}") from None
+        return spec
+
+
+RUNNERS: dict[str, type[MethodSpec]] = {cls.runner: cls for cls in (DeMAMethod, LoRAMethod)}
+METHOD_FIELDS = COMMON_FIELDS | {"dema", "distill", "rank"}
+
+
+def parse_method(method: dict, setting: str | None = None) -> MethodSpec:
+    """The typed spec of a suite's method dict; a ValueError naming the setting (if given), the method
+    and the key for anything malformed, before any compute is spent on it."""
+    if not isinstance(method, dict):
+        raise ValueError(f"{'' if setting is None else f'setting {setting!r}: '}a method must be a mapping, "
+                         f"got {method!r}")
+    name = method.get("name")
+    where = ("" if setting is None else f"setting {setting!r}, ") + f"method {name!r}"
+    unknown = sorted(set(method) - METHOD_FIELDS)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; allowed {sorted(METHOD_FIELDS)}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: name must be a non-empty string")
+    replica = method.get("replica", 0)
+    if not (isinstance(replica, int) and not isinstance(replica, bool) and replica >= 0):
+        raise ValueError(f"{where}: replica must be an integer >= 1 (0: not a replica), got {replica!r}")
+    cls = RUNNERS.get(method.get("runner"))
+    if cls is None:
+        raise ValueError(f"{where}: runner must be one of {sorted(RUNNERS)}, got {method.get('runner')!r}")
+    strategy = method.get("strategy")
+    if strategy not in cls.strategies:
+        raise ValueError(f"{where}: strategy must be one of {list(cls.strategies)} for runner {cls.runner!r}, "
+                         f"got {strategy!r}")
+    options = method.get("strategy_options") or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"{where}: strategy_options must be a mapping, got {options!r}")
+    lr = method.get("lr")
+    if lr is not None:
+        try:
+            lr = float(lr)
+        except (TypeError, ValueError):
+            lr = 0.0
+        if not lr > 0:
+            raise ValueError(f"{where}: lr must be a number > 0, got {method['lr']!r}")
+    common = {"name": name, "strategy": strategy, "strategy_options": dict(options), "lr": lr, "replica": replica,
+              "raw": method}
+    return cls._parse(method, common, where)
