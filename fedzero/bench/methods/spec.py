@@ -111,10 +111,12 @@ class MethodSpec:
         """Refuse a setting this method cannot run in (the suite check)."""
 
     def run(self, ctx) -> dict:
+        """The runner's record of one run in `ctx` (a context.RunContext); context.run_method completes it."""
         raise NotImplementedError
 
     @classmethod
     def _parse(cls, method: dict, common: dict, where: str) -> MethodSpec:
+        """The runner's own fields of `method` checked; `common`: the fields every method has, parsed."""
         raise NotImplementedError
 
 
