@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+
+from fedzero.config.arguments import non_negative_float, positive_float, positive_int
 
 
 def _simulate(args) -> int:
@@ -12,13 +15,15 @@ def _simulate(args) -> int:
     from fedzero.simulate import simulate
 
     run = load_run_config(args.config)
-    if args.strategy and args.strategy != run.federation.strategy:
-        if run.federation.strategy_options:
+    fed = run.federation
+    if args.strategy and args.strategy != fed.strategy:
+        if fed.strategy_options:
             print(f"note: --strategy {args.strategy} drops the config's options for "
-                  f"{run.federation.strategy}: {run.federation.strategy_options}", file=sys.stderr)
-        run.federation.strategy, run.federation.strategy_options = args.strategy, {}
-    if args.rounds:
-        run.federation.rounds = args.rounds
+                  f"{fed.strategy}: {fed.strategy_options}", file=sys.stderr)
+        fed = dataclasses.replace(fed, strategy=args.strategy, strategy_options={})
+    if args.rounds is not None:
+        fed = dataclasses.replace(fed, rounds=args.rounds)
+    run.federation = fed          # replace() checks the overridden settings as the loader did
     summary = simulate(run, args.out, progress=not args.quiet)
     with_acc = summary.get("labels") is not None
     print(f"\n{'client':<16}{'eval loss before':>18}{'after':>10}" + (f"{'accuracy before':>18}{'after':>10}" if with_acc else ""))
@@ -114,8 +119,6 @@ def _prepare(args) -> int:
 
 
 def _align(args) -> int:
-    import dataclasses
-
     from fedzero.adapters.dema import alignment
     from fedzero.config import load_run_config
 
@@ -146,14 +149,18 @@ def _align(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # choices come from the registries and the settings' own tuples, so they cannot drift
+    from fedzero.adapters.dema.config import PLACEMENTS, PROJECTORS
+    from fedzero.strategies import STRATEGIES
+
     parser = argparse.ArgumentParser(prog="fedzero", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="run a whole federation in one process (CPU is fine)")
     p.add_argument("--config", required=True, help="run config YAML (see configs/demo.yaml)")
     p.add_argument("--out", required=True, help="new output directory")
-    p.add_argument("--strategy", choices=["fedavg", "cmga"], help="override federation.strategy")
-    p.add_argument("--rounds", type=int, help="override federation.rounds")
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), help="override federation.strategy")
+    p.add_argument("--rounds", type=positive_int, help="override federation.rounds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_simulate)
 
@@ -162,10 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="run config YAML (the same file `simulate` takes)")
     p.add_argument("--out", required=True, help="output directory (rerun into it to resume)")
     p.add_argument("--ds-config", help="DeepSpeed config for every client (default ds_configs/zero3.json)")
-    p.add_argument("--procs-per-client", type=int, default=1, help="DeepSpeed processes per client")
-    p.add_argument("--aggregator-ranks", type=int, default=1, help="MPI ranks of the aggregator")
-    p.add_argument("--quorum", type=int, help="clients needed per round (default: all)")
-    p.add_argument("--deadline", type=float, help="seconds the aggregator waits for the quorum")
+    p.add_argument("--procs-per-client", type=positive_int, default=1, help="DeepSpeed processes per client")
+    p.add_argument("--aggregator-ranks", type=positive_int, default=1, help="MPI ranks of the aggregator")
+    p.add_argument("--quorum", type=positive_int, help="clients needed per round (default: all)")
+    p.add_argument("--deadline", type=non_negative_float, help="seconds the aggregator waits for the quorum")
     p.set_defaults(func=_federate)
 
     p = sub.add_parser("prepare", help="lay out a run directory for the launchers: client YAMLs and the store "
@@ -181,9 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--texts", help="JSONL of texts ({'text': ...}, or {'prompt': ...}: the prompt is read); "
                                    "default: the DeMA config's anchor file (the bundled public anchors)")
     p.add_argument("--max-texts", type=int, help="use only the first N texts (at least 3)")
-    p.add_argument("--max-length", type=int, default=256, help="tokens read per text, bos included; a longer "
+    p.add_argument("--max-length", type=positive_int, default=256, help="tokens read per text, bos included; a longer "
                                                                "text loses its beginning (default 256)")
-    p.add_argument("--projector", choices=["learned", "anchor", "anchor+learned", "canonical", "canonical+learned"],
+    p.add_argument("--projector", choices=PROJECTORS,
                    help="override dema.projector, to compare projector kinds on one config")
     p.add_argument("--fit-texts", help="canonical projectors: JSONL of public texts to fit the canonical space on "
                                        "(its first dema.num_anchors; default: the DeMA config's anchor file); "
@@ -194,25 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("split", help="split a labelled JSONL dataset non-IID across clients")
     p.add_argument("--input", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--clients", type=int, required=True)
+    p.add_argument("--clients", type=positive_int, required=True)
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--by", metavar="FIELD", help="one client per value group of FIELD (e.g. topic)")
     how.add_argument("--dirichlet", metavar="LABEL_FIELD", help="Dirichlet over the labels in LABEL_FIELD")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skew)")
+    p.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet concentration (smaller = more skew)")
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_split)
 
     p = sub.add_parser("memory-estimate", help="memory per GPU and per node for a backbone config (no weights)")
     p.add_argument("--model-config", required=True, help="HF config.json (e.g. configs/models/llama-2-7b.json)")
-    p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence for the activation estimate")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step")
-    p.add_argument("--rank", type=int, default=64, help="DeMA r")
-    p.add_argument("--experts", type=int, default=4, help="DeMA M")
-    p.add_argument("--slots", type=int, default=8, help="DeMA S")
-    p.add_argument("--placement", choices=["parallel", "side"], default="parallel")
+    p.add_argument("--gpus", type=positive_int, required=True, help="GPUs per node")
+    p.add_argument("--nodes", type=positive_int, default=1)
+    p.add_argument("--seq-len", type=positive_int, default=4096, help="tokens per sequence for the activation estimate")
+    p.add_argument("--micro-batch", type=positive_int, default=1, help="sequences per GPU per micro-step")
+    p.add_argument("--rank", type=positive_int, default=64, help="DeMA r")
+    p.add_argument("--experts", type=positive_int, default=4, help="DeMA M")
+    p.add_argument("--slots", type=positive_int, default=8, help="DeMA S")
+    p.add_argument("--placement", choices=PLACEMENTS, default="parallel")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(func=_memory_estimate)
 

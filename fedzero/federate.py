@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from fedzero.config import RunConfig, load_run_config
+from fedzero.config import RunConfig, parse_run_config, read_yaml
 from fedzero.store import FederationStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -112,10 +112,11 @@ def _run(cmd: list[str], log_path: Path, what: str) -> float:
 
 def prepare(config: str | Path, out: str | Path, ds_config: Path, procs_per_client: int = 1) -> tuple[RunConfig, dict[str, Path]]:
     """Lay out a run directory: a CLIENT.yaml per client, a one-machine hostfile, and the store
-    with round 0's global published (the union of the clients' seeded initial shared states).
-    `fedzero federate` and the Slurm scripts (launch/slurm/) both start from it."""
-    run = load_run_config(config)
-    raw = yaml.safe_load(Path(config).read_text())
+    with round 0's global published (the union of the clients' seeded initial shared states, with
+    their aggregation blocks). `fedzero federate` and the Slurm scripts (launch/slurm/) both start
+    from it. The whole config is checked before anything is written."""
+    raw, path = read_yaml(config)
+    run = parse_run_config(raw, path.parent, source=path)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "federate.json").exists():
         raise FileExistsError(f"output directory {out} is not empty and holds no fedzero run")
@@ -126,12 +127,11 @@ def prepare(config: str | Path, out: str | Path, ds_config: Path, procs_per_clie
     (out / "federate.json").write_text(json.dumps({"config": str(Path(config).resolve())}))
     store = FederationStore(out / "store")
     if not store.has_global(0):
-        from fedzero.client.deepspeed_client import initial_shared_state, load_client_config
+        from fedzero.client.bootstrap import initial_shared_part, round0_meta, union_of_parts
+        from fedzero.client.client_config import load_client_config
 
-        state: dict = {}
-        for path in client_yaml.values():
-            state.update(initial_shared_state(load_client_config(path)))
-        store.publish_global(0, state, meta={"seed": run.seed, "dema": run.dema.to_dict(), "published_by": "fedzero"})
+        state, blocks = union_of_parts(initial_shared_part(load_client_config(p)) for p in client_yaml.values())
+        store.publish_global(0, state, meta=round0_meta(run.seed, run.dema, blocks, published_by="fedzero"))
     return run, client_yaml
 
 

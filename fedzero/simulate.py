@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fedzero.adapters.dema import DeMAModel, inject_dema, shared_block
+from fedzero.adapters.dema import DeMAModel, inject_dema
+from fedzero.adapters.dema.blocks import global_blocks
 from fedzero.adapters.dema.io import save_part
 from fedzero.backbones import load_backbone
 from fedzero.client import LocalClient
+from fedzero.client.bootstrap import round0_meta, union_of_parts
 from fedzero.comm import lora_params
 from fedzero.config import RunConfig
 from fedzero.data import build_examples, collate, load_tokenizer, read_jsonl
@@ -44,17 +46,15 @@ def build_client(cfg, run: RunConfig) -> LocalClient:
                        eval_records=test_records, distiller=distiller)
 
 
+def initial_global(clients: list[LocalClient]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Round 0's global state and its blocks: the union of the clients' seeded initial shared
+    states and of the blocks their shared containers declare (fedzero.client.bootstrap)."""
+    return union_of_parts((c.handle.shared_state_dict(), c.handle.shared_blocks()) for c in clients)
+
+
 def initial_global_state(clients: list[LocalClient]) -> dict[str, torch.Tensor]:
-    """Round 0's global state: the union of the clients' seeded initial shared states (with
-    shape-matched sharing each width contributes its own projector bank). Where clients overlap
-    they must agree: that is what the shared seed guarantees."""
-    state: dict[str, torch.Tensor] = {}
-    for client in clients:
-        for key, value in client.handle.shared_state_dict().items():
-            if key in state and not torch.equal(state[key], value):
-                raise ValueError(f"clients disagree on the initial value of shared tensor {key!r}")
-            state.setdefault(key, value)
-    return state
+    """Round 0's global state alone (initial_global without the blocks)."""
+    return initial_global(clients)[0]
 
 
 def label_set(clients: list[LocalClient]) -> list[str] | None:
@@ -87,8 +87,8 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
     fed = run.federation
     strategy = fed.make_strategy(seed=run.seed)
     store = FederationStore(out / "store")
-    global_state = initial_global_state(clients)
-    store.publish_global(0, global_state, meta={"seed": run.seed, "dema": run.dema.to_dict()})
+    global_state, blocks = initial_global(clients)
+    store.publish_global(0, global_state, meta=round0_meta(run.seed, run.dema, blocks))
 
     labels = label_set(clients)
     before = {c.client_id: evaluate_client(c, labels) for c in clients}
@@ -113,7 +113,9 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
 
     bar = tqdm(total=fed.rounds * len(clients), desc="federation", unit="client-round", disable=not progress)
     for rnd in range(fed.rounds):
-        global_state, _ = store.read_global(rnd)
+        global_state, manifest = store.read_global(rnd)
+        # the blocks the global declares, as the MPI aggregator reads them
+        block_of = global_blocks(global_state, manifest["meta"].get("blocks"))
         round_rows, updates = [], []
         uploaded = 0
         for client in clients:
@@ -140,13 +142,13 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
             uploaded += manifest["bytes"]
             updates.append(ClientUpdate(manifest["client_id"], delta, manifest["num_samples"],
                                         manifest["fingerprint"], manifest.get("slot_use")))
-        new_state, agg = strategy.aggregate(global_state, updates, round=rnd, block_of=shared_block)
-        diagnostics = {"updates": update_diagnostics(updates, shared_block)}
+        new_state, agg = strategy.aggregate(global_state, updates, round=rnd, block_of=block_of)
+        diagnostics = {"updates": update_diagnostics(updates, block_of.__getitem__)}
         store.write_server_state(rnd, strategy.server_opt.state_dict())   # as the MPI aggregator does: resumable
         distill = publish_teachers(store, rnd, {u.client_id: u.num_samples for u in updates},
                                    run.distill.teacher_rule if run.distill is not None else None)
         store.write_result(rnd, {"strategy": fed.strategy, **agg, "diagnostics": diagnostics, "distill": distill})
-        store.publish_global(rnd + 1, new_state, meta={"aggregated_from_round": rnd})
+        store.publish_global(rnd + 1, new_state, meta={"aggregated_from_round": rnd, "blocks": block_of})
 
         for client, row in zip(clients, round_rows):
             client.handle.load_shared_state_dict(new_state)   # evaluate what the federation produced

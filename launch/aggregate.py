@@ -17,22 +17,26 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from fedzero.aggregator.runner import VERIFY_MODES
+    from fedzero.config.arguments import client_id, non_negative_float, non_negative_int, positive_float, positive_int
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True, help="federation store directory (docs/store.md)")
-    p.add_argument("--round", type=int, required=True, help="round R to aggregate; publishes round R+1's global")
+    p.add_argument("--round", type=non_negative_int, required=True,
+                   help="round R to aggregate; publishes round R+1's global")
     p.add_argument("--config", required=True,
                    help="run YAML: reads seed, federation:, the ids under clients:, and distill.teacher/only_stronger")
-    p.add_argument("--quorum", type=int, default=None,
+    p.add_argument("--quorum", type=positive_int, default=None,
                    help="minimum number of updates (default: every expected client; 1 without an expected list)")
-    p.add_argument("--deadline", type=float, default=None,
+    p.add_argument("--deadline", type=non_negative_float, default=None,
                    help="seconds after the start: then go ahead with what arrived if it meets the quorum, else "
                         "fail (default: wait for every expected client)")
-    p.add_argument("--expected", nargs="+", default=None, metavar="ID",
+    p.add_argument("--expected", nargs="+", type=client_id, default=None, metavar="ID",
                    help="client ids to wait for (default: the ids under clients: in the YAML)")
-    p.add_argument("--verify", choices=["sha256", "size"], default="sha256",
+    p.add_argument("--verify", choices=VERIFY_MODES, default="sha256",
                    help="sha256: hash every file once, spread over the ranks; size: manifest sizes and headers only")
-    p.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the store while waiting")
-    p.add_argument("--cache-gb", type=float, default=8.0,
+    p.add_argument("--poll", type=positive_float, default=1.0, help="seconds between looks at the store while waiting")
+    p.add_argument("--cache-gb", type=non_negative_float, default=8.0,
                    help="per rank: keep the slices in memory between the two passes if they fit, else read twice")
     p.add_argument("--reset-server-state", action="store_true",
                    help="with server momentum: start afresh if the previous round left no server state")

@@ -20,12 +20,14 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from fedzero.config.arguments import non_negative_int, positive_int
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="client YAML (see configs/client_example.yaml)")
     p.add_argument("--store", required=True, help="federation store directory (docs/store.md)")
-    p.add_argument("--round", type=int, required=True, help="the round to train (the first one with --serve)")
+    p.add_argument("--round", type=non_negative_int, required=True, help="the round to train (the first one with --serve)")
     p.add_argument("--serve", action="store_true", help="one long-lived process serving consecutive rounds")
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--rounds", type=positive_int, default=None,
                    help="with --serve: how many rounds (default: up to federation.rounds)")
     p.add_argument("--init-store", action="store_true",
                    help="create the store and publish round 0's global (the seeded initial DeMA state) if "

@@ -73,6 +73,9 @@ def test_simulate_writes_summary_store_and_private_state(tmp_path, strategy):
         assert header["part"] == "private" and all(k.startswith("layers.") for k in tensors)
     assert store.read_result(0)["strategy"] == strategy
     assert store.read_server_state(1) == {}             # written every round, as the MPI aggregator does
+    for rnd in (0, 1, 2):                               # every global declares its blocks, round 0 included
+        state, manifest = store.read_global(rnd)
+        assert manifest["meta"]["blocks"] == {k: shared_block(k) for k in state}
 
 
 def test_published_global_is_the_strategy_applied_to_stored_updates(tmp_path):

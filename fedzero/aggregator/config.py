@@ -1,8 +1,10 @@
-"""The aggregator's slice of a run YAML: `seed`, the `federation:` section, the client ids, and the
-teacher rule of the `distill:` section (its `teacher` and `only_stronger` keys).
+"""What the aggregator takes from a run YAML: `seed`, the `federation:` section, the client ids and
+the teacher rule of the `distill:` section.
 
-`fedzero.config.parse_run_config` builds whole clients (backbones, data); the aggregator needs none
-of that, so it reads just these keys and leaves the rest of the file to its owners.
+The file is read by the run config's own reader (fedzero.config.run), so every key is typed and
+checked exactly as the clients check it, but without the clients' resources (`local=False`): the
+aggregator runs where the clients' data and backbones are not, and may read a copy of the file
+(RUN_DIR/config.yaml) from which their relative paths do not resolve.
 """
 
 from __future__ import annotations
@@ -10,55 +12,46 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from fedzero.config import FederationSettings, parse_run_config, read_yaml
 from fedzero.distill.teachers import TeacherRule
-from fedzero.strategies import Strategy, make_strategy
-
-_FEDERATION_KEYS = {"rounds", "strategy", "strategy_options", "server_lr", "server_momentum"}
+from fedzero.strategies import Strategy
 
 
 @dataclass
 class AggregatorSettings:
-    strategy: str = "cmga"
-    strategy_options: dict = field(default_factory=dict)
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
+    federation: FederationSettings = field(default_factory=FederationSettings)
     seed: int = 0
     client_ids: list[str] | None = None        # ids listed under `clients:`, if any
     teacher_rule: TeacherRule = field(default_factory=TeacherRule)   # how anchor teachers are mixed (distill:)
 
+    @property
+    def strategy(self) -> str:
+        return self.federation.strategy
+
+    @property
+    def strategy_options(self) -> dict:
+        return self.federation.strategy_options
+
+    @property
+    def server_lr(self) -> float:
+        return self.federation.server_lr
+
+    @property
+    def server_momentum(self) -> float:
+        return self.federation.server_momentum
+
     def make_strategy(self) -> Strategy:
-        return make_strategy(self.strategy, seed=self.seed, server_lr=self.server_lr,
-                             server_momentum=self.server_momentum, **self.strategy_options)
+        return self.federation.make_strategy(seed=self.seed)
 
 
-def aggregator_settings(data: dict) -> AggregatorSettings:
-    """From a parsed run YAML (a dict). Unknown `federation` keys are refused, as the run config does."""
-    if not isinstance(data, dict):
-        raise ValueError(f"run config must be a mapping, got {type(data).__name__}")
-    fed = data.get("federation") or {}
-    if not isinstance(fed, dict):
-        raise ValueError("config: 'federation' must be a mapping")
-    unknown = sorted(set(fed) - _FEDERATION_KEYS)
-    if unknown:
-        raise ValueError(f"federation: unknown key(s) {unknown}; valid: {sorted(_FEDERATION_KEYS)}")
-    options = fed.get("strategy_options") or {}
-    if not isinstance(options, dict):
-        raise ValueError("federation.strategy_options must be a mapping")
-    clients = data.get("clients")
-    ids = None
-    if clients:
-        ids = [str(c["id"]) for c in clients if isinstance(c, dict) and "id" in c]
-        if len(ids) != len(clients):
-            raise ValueError("config: every entry under 'clients' needs an 'id'")
-    return AggregatorSettings(strategy=str(fed.get("strategy", "cmga")), strategy_options=dict(options),
-                              server_lr=float(fed.get("server_lr", 1.0)),
-                              server_momentum=float(fed.get("server_momentum", 0.0)),
-                              seed=int(data.get("seed", 0)), client_ids=ids,
-                              teacher_rule=TeacherRule.from_config(data.get("distill")))
+def aggregator_settings(data, source: str | Path | None = None) -> AggregatorSettings:
+    """From a parsed run YAML (a dict); a fedzero.config.ConfigError lists every problem."""
+    base = Path(source).parent if source is not None else Path(".")
+    run = parse_run_config(data, base, source, local=False)
+    return AggregatorSettings(federation=run.federation, seed=run.seed, client_ids=run.client_ids or None,
+                              teacher_rule=run.distill.teacher_rule if run.distill is not None else TeacherRule())
 
 
 def load_aggregator_settings(path: str | Path) -> AggregatorSettings:
-    with open(path, encoding="utf-8") as f:
-        return aggregator_settings(yaml.safe_load(f) or {})
+    data, path = read_yaml(path, "run config")
+    return aggregator_settings(data, path)

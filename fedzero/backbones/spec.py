@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedzero.fields import from_known_fields
+
 from .fingerprints import causal_lm_class, fingerprint
 from .layout import decoder_layout
 
@@ -45,9 +47,10 @@ class BackboneSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "BackboneSpec":
-        known = {"path", "llama_config", "model_config", "init_seed", "dtype", "tokenizer"}
-        return cls(**{k: v for k, v in data.items() if k in known},
-                   extra={k: v for k, v in data.items() if k not in known})
+        """From a config mapping, with the settings classes' one builder (unknown keys refused)."""
+        if "extra" in data:             # a field of the class, but no setting a config may give
+            raise ValueError("unknown backbone field(s) ['extra']")
+        return from_known_fields(cls, data, "backbone field")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -6,7 +6,7 @@ one client's LoRA on its frozen backbone. Built by name via `make_lora_strategy`
 
 from __future__ import annotations
 
-import inspect
+from fedzero.registry import Registry
 
 from .base import LoRAAggregate, LoRAStrategy, lora_modules, lora_state, same_backbone_groups
 from .fedit import FedIT
@@ -15,21 +15,14 @@ from .flora import FLoRA
 from .hetlora import HetLoRA
 from .local import Local
 
-LORA_STRATEGIES: dict[str, type[LoRAStrategy]] = {
+LORA_STRATEGIES: Registry = Registry("LoRA baseline", {
     "local": Local, "fedit": FedIT, "hetlora": HetLoRA, "flora": FLoRA, "flexlora": FlexLoRA,
-}
+})
 
 
 def make_lora_strategy(name: str, **options) -> LoRAStrategy:
     """Build a LoRA baseline by registry name, e.g. make_lora_strategy("flexlora")."""
-    cls = LORA_STRATEGIES.get(name.lower())
-    if cls is None:
-        raise ValueError(f"unknown LoRA baseline {name!r}; valid: {sorted(LORA_STRATEGIES)}")
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise TypeError(f"LoRA baseline {name!r} got unknown option(s) {unknown}; valid: {valid}")
-    return cls(**options)
+    return LORA_STRATEGIES.build(name, **options)
 
 
 __all__ = ["FLoRA", "FedIT", "FlexLoRA", "HetLoRA", "LORA_STRATEGIES", "LoRAAggregate", "LoRAClient",

@@ -1,6 +1,7 @@
 """A CLIENT.yaml: one client of a federation, as a DeepSpeed process group runs it (launch/client.py).
 
-`seed`, `dema`, `federation` and `train` mean what they mean in a run config (configs/demo.yaml);
+`seed`, `dema`, `federation`, `train` and `distill` mean what they mean in a run config
+(configs/demo.yaml) and are read by the run config's own section readers (fedzero.config.run);
 `client` is one entry of its `clients:` list. Example: configs/client_example.yaml.
 """
 
@@ -10,8 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedzero.adapters.dema import DeMAConfig
-from fedzero.config import ClientConfig, _only, parse_run_config, read_yaml, resolve_path
+from fedzero.config.files import read_yaml, resolve_path
+from fedzero.config.problems import Problems
+from fedzero.config.run import (ClientConfig, check_held_out_data, read_client, read_dema, read_distill,
+                                read_federation, read_seed, read_train, section)
+from fedzero.config.values import MISSING, Rule, above, at_least, check_fields, checked, refuse_unknown
 from fedzero.distill.settings import DistillSettings
+from fedzero.ds_config import PRECISIONS
 
 
 @dataclass
@@ -21,6 +27,10 @@ class DeepSpeedSettings:
     precision: str = "auto"                        # auto | fp32 | bf16 | fp16 (auto: bf16 on GPU, fp32 on CPU)
     overrides: dict = field(default_factory=dict)  # merged into the file (e.g. bucket sizes)
     checkpoint_every: int = 0                      # optimizer steps between mid-round checkpoints (0: none)
+
+
+DEEPSPEED_RULES = {"gradient_accumulation_steps": at_least(1), "precision": Rule(choices=PRECISIONS),
+                   "checkpoint_every": at_least(0)}
 
 
 @dataclass
@@ -39,44 +49,61 @@ class ClientRunConfig:
     distill: DistillSettings | None = None    # output distillation on the public anchors
 
 
-_TOP_KEYS = {"seed", "dema", "federation", "train", "client", "deepspeed", "state_dir", "wait", "distill"}
+_TOP_KEYS = ("seed", "dema", "federation", "train", "client", "deepspeed", "state_dir", "wait", "distill")
+# A CLIENT.yaml without federation.rounds schedules over one round: a client tried on its own.
+_CLIENT_FEDERATION_DEFAULTS = {"rounds": 1}
 
 
-def parse_client_config(data: dict, base: Path, source: Path | None = None) -> ClientRunConfig:
-    """Parse a CLIENT.yaml mapping; relative paths are relative to `base`."""
+def parse_client_config(data, base: Path, source: Path | None = None) -> ClientRunConfig:
+    """Parse a CLIENT.yaml mapping; relative paths are relative to `base`. Every problem of the
+    file is reported at once (fedzero.config.ConfigError), each with its key path."""
+    problems = Problems(source, "client config")
     if not isinstance(data, dict):
-        raise ValueError("a client config must be a YAML mapping")
-    _only("client config", data, _TOP_KEYS)
-    for key in ("client", "deepspeed", "state_dir"):
-        if key not in data:
-            raise ValueError(f"client config: '{key}' is required")
-    federation = dict(data.get("federation") or {})
-    # The client only needs the schedule's horizon; the rest of the section belongs to the aggregator.
-    run = parse_run_config({"seed": data.get("seed", 0), "dema": data.get("dema") or {},
-                            "federation": {"rounds": federation.get("rounds", 1)},
-                            "train": data.get("train") or {}, "clients": [data["client"]],
-                            "distill": data.get("distill")}, base, source)
-    ds_data = dict(data["deepspeed"])
-    _only("deepspeed", ds_data, {"config", "gradient_accumulation_steps", "precision", "overrides", "checkpoint_every"})
-    if "config" not in ds_data:
-        raise ValueError("deepspeed.config (a file under ds_configs/) is required")
-    ds_path = resolve_path(str(ds_data["config"]), base)
-    if not ds_path.is_file():
-        raise FileNotFoundError(f"deepspeed.config: no such file {ds_path}")
-    ds = DeepSpeedSettings(config=ds_path,
-                           gradient_accumulation_steps=int(ds_data.get("gradient_accumulation_steps", 1)),
-                           precision=str(ds_data.get("precision", "auto")),
-                           overrides=dict(ds_data.get("overrides") or {}),
-                           checkpoint_every=int(ds_data.get("checkpoint_every", 0)))
-    if ds.checkpoint_every < 0 or ds.gradient_accumulation_steps < 1:
-        raise ValueError("deepspeed.checkpoint_every must be >= 0 and gradient_accumulation_steps >= 1")
-    wait = dict(data.get("wait") or {})
-    _only("wait", wait, {"timeout", "poll"})
-    timeout = wait.get("timeout", 3600.0)
-    return ClientRunConfig(seed=run.seed, dema=run.dema, total_rounds=run.federation.rounds, client=run.clients[0],
-                           deepspeed=ds, state_dir=resolve_path(str(data["state_dir"]), base),
-                           wait_timeout=None if timeout is None else float(timeout),
-                           poll=float(wait.get("poll", 2.0)), source=source, distill=run.distill)
+        problems.add("", f"a client config must be a YAML mapping of {list(_TOP_KEYS)}")
+        problems.raise_if_any()
+    refuse_unknown(data, _TOP_KEYS, "", problems)
+    seed = read_seed(data, problems)
+    dema = read_dema(data, seed, problems)
+    federation = read_federation(data, problems, defaults=_CLIENT_FEDERATION_DEFAULTS)
+    defaults = read_train(data.get("train"), "train", problems)
+    if "client" in data:
+        entry = read_client(data["client"], "client", defaults, base, problems, local=True)
+    else:
+        problems.add("client", "is required (one entry of a run config's clients: list)")
+        entry = None
+    deepspeed = _read_deepspeed(data, base, problems)
+    state_dir = checked(data, "state_dir", str, "", problems)
+    wait = _read_wait(data, problems)
+    distill = read_distill(data, base, problems, local=True)
+    if distill is not None and entry is not None:
+        check_held_out_data([entry], distill, problems)
+    problems.raise_if_any()
+    return ClientRunConfig(seed=seed, dema=dema, total_rounds=federation.rounds, client=entry.client,
+                           deepspeed=deepspeed, state_dir=resolve_path(state_dir, base),
+                           wait_timeout=wait["timeout"], poll=wait["poll"], source=source, distill=distill)
+
+
+def _read_deepspeed(data: dict, base: Path, problems: Problems) -> DeepSpeedSettings | None:
+    ds = section(data, "deepspeed", "deepspeed", problems, required=True)
+    if ds is None or not check_fields(DeepSpeedSettings, ds, "deepspeed", problems, DEEPSPEED_RULES,
+                                      types={"config": str}):
+        return None
+    path = resolve_path(ds["config"], base)
+    if not path.is_file():
+        problems.add("deepspeed.config", f"names no such file: {path} (see ds_configs/README.md)", missing_file=True)
+        return None
+    return DeepSpeedSettings(**{**ds, "config": path})
+
+
+def _read_wait(data: dict, problems: Problems) -> dict:
+    """`wait: {timeout, poll}`: seconds to wait for a round's global (timeout null: forever)."""
+    wait = section(data, "wait", "wait", problems) or {}
+    refuse_unknown(wait, ("timeout", "poll"), "wait", problems)
+    timeout = checked(wait, "timeout", float, "wait", problems, Rule(min=0, nullable=True), default=3600.0)
+    poll = checked(wait, "poll", float, "wait", problems, above(0), default=2.0)
+    # MISSING (a problem, already recorded) is never returned: the caller raises first
+    return {"timeout": timeout if timeout in (None, MISSING) else float(timeout),
+            "poll": poll if poll is MISSING else float(poll)}
 
 
 def load_client_config(path: str | Path) -> ClientRunConfig:
