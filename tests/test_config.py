@@ -207,3 +207,20 @@ def test_the_shipped_configs_load():
     assert run.client_ids == ["airlines", "apple", "coachella"]
     assert parse_run_config(yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()), REPO / "configs").federation \
         == run.federation
+
+
+def test_docs_config_md_names_every_key():
+    import dataclasses
+
+    from fedzero.adapters.dema import DeMAConfig
+    from fedzero.backbones import BackboneSpec
+    from fedzero.client import TrainSettings
+    from fedzero.client.client_config import DeepSpeedSettings
+    from fedzero.config import FederationSettings
+    from fedzero.distill.settings import DistillSettings
+
+    doc = (REPO / "docs" / "config.md").read_text()
+    for cls, prefix in ((DeMAConfig, ""), (TrainSettings, ""), (DistillSettings, ""), (FederationSettings, ""),
+                        (BackboneSpec, ""), (DeepSpeedSettings, "deepspeed.")):
+        missing = [f.name for f in dataclasses.fields(cls) if f.name != "extra" and f"`{prefix}{f.name}`" not in doc]
+        assert not missing, f"docs/config.md does not document {cls.__name__} field(s) {missing}"
