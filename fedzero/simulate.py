@@ -53,8 +53,8 @@ def initial_global(clients: list[LocalClient]) -> tuple[dict[str, torch.Tensor],
 
 
 def initial_global_state(clients: list[LocalClient]) -> dict[str, torch.Tensor]:
-    """Round 0's global state alone (initial_global without the blocks)."""
-    return initial_global(clients)[0]
+    """Round 0's global state alone, from the clients' shared states (their blocks are not asked for)."""
+    return union_of_parts((c.handle.shared_state_dict(), None) for c in clients)[0]
 
 
 def label_set(clients: list[LocalClient]) -> list[str] | None:

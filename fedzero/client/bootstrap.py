@@ -35,20 +35,23 @@ def initial_shared_state(cfg: ClientRunConfig) -> dict[str, torch.Tensor]:
     return initial_shared_part(cfg)[0]
 
 
-def union_of_parts(parts: Iterable[SharedPart]) -> SharedPart:
+def union_of_parts(parts: Iterable[tuple[dict[str, torch.Tensor], dict[str, str] | None]]) -> SharedPart:
     """Round 0's global: the union of the clients' parts (with shape-matched sharing each width
     contributes its own projector bank). Where clients overlap they must agree, on the values and
-    on the blocks: that is what the shared seed and config guarantee."""
+    on the blocks: that is what the shared seed and config guarantee. A part given without its
+    blocks (None) adds none."""
     state: dict[str, torch.Tensor] = {}
     blocks: dict[str, str] = {}
     for part_state, part_blocks in parts:
         for key, value in part_state.items():
             if key in state and not torch.equal(state[key], value):
                 raise ValueError(f"clients disagree on the initial value of shared tensor {key!r}")
+            state.setdefault(key, value)
+            if part_blocks is None:
+                continue
             if key in blocks and blocks[key] != part_blocks[key]:
                 raise ValueError(f"clients put shared tensor {key!r} in different blocks: "
                                  f"{blocks[key]!r} and {part_blocks[key]!r}")
-            state.setdefault(key, value)
             blocks.setdefault(key, part_blocks[key])
     return state, blocks
 
