@@ -31,7 +31,7 @@ def confusion_counts(pred: np.ndarray, true: np.ndarray, n_classes: int) -> tupl
 
 def metrics_from_counts(tp, predicted, true) -> dict[str, np.ndarray]:
     """accuracy, macro_f1, balanced_accuracy from per-class counts [..., C] (any leading batch axes, so
-    the bootstrap in fedzero.bench.stats evaluates thousands of resamples at once with this one
+    the bootstrap in fedzero.bench.bootstrap evaluates thousands of resamples at once with this one
     definition). Macro-F1 averages over the classes in the truth or the predictions (a class absent
     from both has no F1); balanced accuracy (mean recall) over the classes in the truth."""
     tp, predicted, true = (np.asarray(x, dtype=np.float64) for x in (tp, predicted, true))
