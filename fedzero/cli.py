@@ -8,6 +8,7 @@ import json
 import sys
 
 from fedzero.config.arguments import non_negative_float, positive_float, positive_int
+from fedzero.export import add_export_parser
 
 
 def _simulate(args) -> int:
@@ -233,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", nargs="+", help="run only these settings now (e.g. one process per setting "
                                                  "into the same --out; a last run without it writes the full report)")
     p.set_defaults(func=_bench)
+
+    add_export_parser(sub)          # its options live with the export code (fedzero/export.py)
     return parser
 
 

@@ -2,7 +2,6 @@
 federate run directory, a bare cluster store), loaded with PeftModel.from_pretrained on the client's
 backbone, computes the logits of the federation's own model of that client after that round."""
 
-import argparse
 import json
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from fedzero.backbones import BackboneSpec, load_backbone
 from fedzero.client.state_layout import ClientStateLayout
 from fedzero.config import load_run_config
 from fedzero.data import ByteTokenizer, load_tokenizer
-from fedzero.export import add_export_parser, export_adapter, export_lora_client
+from fedzero.export import export_adapter, export_lora_client
 from fedzero.peft import DeMAPeftConfig, dema_handle, get_dema_peft_model
 from fedzero.run_dirs import RunDirError
 from fedzero.store import FederationStore
@@ -240,18 +239,15 @@ def test_federate_and_cluster_store_exports(tmp_path):
 
 
 def test_export_subcommand(anchored, tmp_path, capsys):
+    from fedzero.cli import main
+
     out, _ = anchored
-    parser = argparse.ArgumentParser(prog="fedzero")
-    add_export_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["export", "--run", str(out), "--client", "neox", "--out", str(tmp_path / "ad")])
-    assert args.func(args) == 0
+    assert main(["export", "--run", str(out), "--client", "neox", "--out", str(tmp_path / "ad")]) == 0
     assert "client neox, round 1: wrote" in capsys.readouterr().out
-    args = parser.parse_args(["export", "--run", str(out), "--client", "neox", "--round", "5", "--out",
-                              str(tmp_path / "ad2")])
-    assert args.func(args) == 2
+    assert main(["export", "--run", str(out), "--client", "neox", "--round", "5", "--out", str(tmp_path / "ad2")]) == 2
     assert "fedzero export: error: round 5 of simulate run" in capsys.readouterr().err
-    args = parser.parse_args(["export", "--run", str(tmp_path / "nowhere"), "--client", "a", "--out", str(tmp_path / "b")])
-    assert args.func(args) == 2 and "nowhere does not exist" in capsys.readouterr().err
+    assert main(["export", "--run", str(tmp_path / "nowhere"), "--client", "a", "--out", str(tmp_path / "b")]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------- the PEFT method itself
