@@ -35,8 +35,7 @@ import torch
 
 from fedzero.adapters.dema.zero import gather_fp32, load_fp32, read_private, save_private
 from fedzero.client import state
-from fedzero.client.bootstrap import initial_shared_state
-from fedzero.client.client_config import ClientRunConfig, load_client_config
+from fedzero.client.client_config import ClientRunConfig
 from fedzero.client.distributed import broadcast_object, comm_device, init_distributed, poll_in_lock_step
 from fedzero.client.local import lr_factor, mean_token_loss, token_loss_sums
 from fedzero.client.state_layout import ClientStateLayout
@@ -46,8 +45,7 @@ from fedzero.data import batches, build_examples, read_jsonl
 from fedzero.ds_config import precision_of, zero_stage
 from fedzero.store import FederationStore, StoreIntegrityError, StoreTimeoutError
 
-# fedzero.federate imports initial_shared_state and load_client_config from here.
-__all__ = ["DeepSpeedClient", "StepHook", "run_client", "initial_shared_state", "load_client_config"]
+__all__ = ["DeepSpeedClient", "StepHook", "run_client"]
 
 log = logging.getLogger("fedzero.client")
 
