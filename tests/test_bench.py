@@ -831,3 +831,77 @@ def test_bench_distills_on_anchors_of_a_topic_no_client_holds(tmp_path):
     with pytest.raises(ValueError, match=r"setting 'A': distill.anchor_source: anchor topic 't2' is held by "
                                          r"client\(s\) \['c2'\]"):
         run_bench(held, tmp_path / "held", threads=1, memory=False, log=lambda _: None)
+
+
+# -- in-domain projector anchors, the canonical fit and quality teachers in the bench (issue 12) ------
+
+def test_projector_anchors_is_checked():
+    from fedzero.bench.methods import parse_method
+
+    base = {"name": "c", "runner": "dema", "strategy": "fedavg", "projector_anchors": "topic:t2"}
+    assert parse_method({**base, "dema": {"projector": "canonical"}}).projector_topic == "t2"
+    assert parse_method({**base, "dema": {"projector": "anchor"}}).projector_topic == "t2"
+    with pytest.raises(ValueError, match="projector_anchors is for projectors 'anchor' and 'canonical'.*'learned'"):
+        parse_method({**base, "dema": {}})
+    with pytest.raises(ValueError, match="dema.anchor_file or projector_anchors, not both"):
+        parse_method({**base, "dema": {"projector": "anchor", "anchor_file": "x.jsonl"}})
+    with pytest.raises(ValueError, match="projector_anchors must be 'topic:<name>'"):
+        parse_method({**base, "projector_anchors": "t2", "dema": {"projector": "anchor"}})
+    with pytest.raises(ValueError, match="LoRA method takes no 'dema' settings or 'projector_anchors'"):
+        parse_method({"name": "l", "runner": "lora", "strategy": "local", "projector_anchors": "topic:t2"})
+    with pytest.raises(ValueError, match="distill.teacher must be one of"):
+        parse_method({**base, "dema": {"projector": "anchor"}, "distill": {"teacher": "best"}})
+
+
+def test_bench_canonical_projectors_on_in_domain_anchors_and_quality_teachers(tmp_path):
+    """End to end on tiny models of two widths: a canonical projector fitted across the clients on a free
+    topic's texts (named in the run, with the round-0 alignment measured on other texts of that topic,
+    and the config recorded without the run's temporary anchor file, so resuming keeps the run); a
+    quality-teacher distillation whose clients report their val loss every round and train otherwise
+    than under the mean teacher."""
+    from fedzero.bench import run_bench
+    from fedzero.bench.data import topic_anchor_texts
+    from fedzero.bench.methods.dema import ALIGNMENT_TEXTS
+
+    records = synthetic_records(n_per_topic=120)
+    source = tmp_path / "records.jsonl"
+    source.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "uid"}) + "\n" for r in records))
+    suite = tiny_suite(source)
+    suite["seeds"] = [0]
+    suite["train"]["local_steps"] = 3
+    small = {"rank": 4, "num_experts": 2, "num_slots": 2, "share": "experts-only"}
+    distill = {"weight": 1.0, "anchors": 6, "batch_size": 2, "anchor_source": "topic:t2"}
+    clients = suite["settings"]["A"]["clients"]       # two on a, one on b; t1 is free: three clients, so the
+    clients[1]["topics"] = ["t0"]                      # rule weighs two teachers of each
+    suite["settings"]["A"].update(clients=clients, methods=[
+        {"name": "canonical", "runner": "dema", "strategy": "fedavg", "projector_anchors": "topic:t1",
+         "dema": {**small, "projector": "canonical+learned", "num_anchors": 12}},
+        {"name": "mean", "runner": "dema", "strategy": "local", "dema": small,
+         "distill": {**distill, "anchor_source": "topic:t1"}},
+        {"name": "quality", "runner": "dema", "strategy": "local", "dema": small,
+         "distill": {**distill, "anchor_source": "topic:t1", "teacher": "quality"}}])
+    results = run_bench(suite, tmp_path / "bench", threads=1, memory=False, log=lambda _: None)
+    by = {r["method"]: r for r in results["runs"]}
+    canonical = by["canonical"]
+    anchors = topic_anchor_texts(records, "t1", 12 + ALIGNMENT_TEXTS, clients=clients, seed=0, max_chars=30)
+    assert canonical["projector_anchors"] == {"source": "topic:t1", "uids": [a["uid"] for a in anchors[:12]],
+                                              "alignment_uids": [a["uid"] for a in anchors[12:]]}
+    assert canonical["dema"]["anchor_file"] is None and canonical["dema"]["projector"] == "canonical+learned"
+    assert canonical["canonical_fit"]["fit_texts"] == 12 and canonical["canonical_fit"]["components"] == 8
+    alignment = canonical["alignment"]
+    assert alignment["texts"] == ALIGNMENT_TEXTS and list(alignment["pairs"]) == ["c0~c1", "c0~c2", "c1~c2"]
+    per_slot = [a for pair in alignment["pairs"].values() for a in pair["per_slot"]]
+    assert len(per_slot) == 6 and all(-1 <= a <= 1 for a in per_slot)
+    assert alignment["mean"] == pytest.approx(sum(per_slot) / 6, abs=1e-4)
+    assert alignment["pairs"]["c0~c1"]["mean"] == pytest.approx(1.0)     # one backbone, one fit: the same z
+    assert "alignment" not in by["mean"]
+    for c in by["quality"]["clients"]:
+        assert all(r["val_loss"] > 0 for r in c["rounds"][1:])
+    assert all("val_loss" not in r for c in by["mean"]["clients"] for r in c["rounds"])
+    # round 1 trains without a teacher in both; from round 2 on, other teachers train otherwise
+    assert [c["rounds"][1]["train_loss"] for c in by["mean"]["clients"]] == \
+        [c["rounds"][1]["train_loss"] for c in by["quality"]["clients"]]
+    assert [c["rounds"][2]["train_loss"] for c in by["mean"]["clients"]] != \
+        [c["rounds"][2]["train_loss"] for c in by["quality"]["clients"]]
+    again = run_bench(suite, tmp_path / "bench", threads=1, memory=False, log=lambda _: None)
+    assert again["runs_this_invocation"] == 0

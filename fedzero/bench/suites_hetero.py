@@ -29,6 +29,35 @@ HETERO_CLIENTS = [{"id": "H-airlines-smol10", "backbone": "smol10", "topics": ["
                   {"id": "H-deflategate-small256", "backbone": "small256", "topics": ["deflategate"]}]
 
 
+# Issue 12's mechanisms on this testbed. The public in-domain pool is a topic no client holds
+# (driverless_cars: 4,801 tweets; the anchors are disjoint from every client's records, data.py).
+ANCHOR_TOPIC = "topic:driverless_cars"
+
+
+def transfer_methods() -> list[dict]:
+    """An aligned shared space (canonical projectors fitted across the clients on in-domain public
+    anchors, a learned private residual on top; its local-only control, since the projector changes
+    local training too) and in-domain output distillation (mean and quality-weighted teachers)."""
+    canonical = {"projector": "canonical+learned", "share": "experts-only"}
+    distill = {"weight": 1.0, "anchors": 64, "batch_size": 4, "anchor_source": ANCHOR_TOPIC}
+    return [
+        {"name": "dema-canonical-local", "runner": "dema", "strategy": "local", "dema": canonical,
+         "projector_anchors": ANCHOR_TOPIC,
+         "description": "DeMA, canonical projectors (fitted across clients on 256 in-domain public tweets) plus a "
+                        "learned residual, no federation: the projector's own control"},
+        {"name": "dema-canonical-fedavg", "runner": "dema", "strategy": "fedavg", "dema": canonical,
+         "projector_anchors": ANCHOR_TOPIC,
+         "description": "DeMA, canonical projectors on in-domain anchors, experts-only FedAvg"},
+        {"name": "dema-distill-indomain", "runner": "dema", "strategy": "local", "dema": {"share": "experts-only"},
+         "distill": distill,
+         "description": "DeMA, no weights travel; distillation on 64 in-domain public tweets, mean teacher"},
+        {"name": "dema-distill-quality", "runner": "dema", "strategy": "local", "dema": {"share": "experts-only"},
+         "distill": {**distill, "teacher": "quality"},
+         "description": "DeMA, no weights travel; distillation on 64 in-domain public tweets, quality-weighted "
+                        "teacher (val loss and confidence)"},
+    ]
+
+
 def _replica(method: dict) -> dict:
     """The method again with other training randomness (adapter init, data order) on the same test
     records: its gain over the method is what noise alone moves, the instrument's noise floor."""
@@ -44,6 +73,7 @@ def _hetero() -> dict:
     methods = [m for m in methods_a() if m["name"] in keep]
     methods += [m for m in dema_variants() if m["name"] in ("dema-shaped-fedavg", "dema-distill-local")]
     methods.append(_replica(next(m for m in methods if m["name"] == "dema-local")))
+    methods += transfer_methods()
     setting = {"description": "four clients, three widths, two families: two on the healed 10-layer SmolLM2 "
                               "variant (576, LLaMA layout; a FedIT group), one on a 384-wide GPT-NeoX-layout "
                               "model, one on the 256-wide LLaMA; one topic each",

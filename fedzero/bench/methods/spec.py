@@ -3,14 +3,21 @@
 The dict format (the suite file's, unchanged):
 
     {"name": "dema-cmga", "runner": "dema", "strategy": "cmga", "strategy_options": {...},
-     "dema": {DeMAConfig fields}, "distill": {"weight", "anchors", "batch_size", "anchor_source"}}
+     "dema": {DeMAConfig fields}, "projector_anchors": "topic:<name>",
+     "distill": {"weight", "anchors", "batch_size", "anchor_source", "teacher", "only_stronger"}}
         DeMA adapters on every client. "strategy": a name of fedzero.strategies ("fedavg", "cmga"),
         or "local" (no aggregation, methods/exchange.py). The dema dict goes to DeMAConfig.from_dict
         as is, so a new DeMA option is a suite entry without touching the bench (the run seed is
         DeMAConfig.seed unless the dict sets it). "distill" adds output distillation (fedzero.distill)
         on the first `anchors` public anchor texts framed as task prompts, on top of the weight
         strategy (with "local", only anchor predictions travel); its optional "anchor_source":
-        "topic:<name>" takes the anchors from that corpus topic instead (data.topic_anchor_texts).
+        "topic:<name>" takes the anchors from that corpus topic instead (data.topic_anchor_texts);
+        "teacher" and "only_stronger" are DistillSettings' (quality-weighted teachers: each client
+        reports its loss on its own val split). "projector_anchors": "topic:<name>" gives anchor and
+        canonical projectors in-domain public anchors (dema.num_anchors texts of that topic, which no
+        client may hold) in place of dema.anchor_file; with a canonical projector the space is fitted
+        across the clients on them, and every such run measures the round-0 alignment of the shared
+        space on other texts of the topic (dema.py).
     {"name": "fedit", "runner": "lora", "strategy": "fedit", "rank": 16}
         PEFT LoRA on every client; "strategy" a fedzero.baselines name ("local", "fedit", "hetlora",
         "flora", "flexlora"); "rank" an int for every client, or "client" for each client's own
@@ -31,6 +38,7 @@ from typing import ClassVar
 from fedzero.adapters.dema import DeMAConfig
 from fedzero.baselines import LORA_STRATEGIES, make_lora_strategy
 from fedzero.distill.settings import DistillSettings
+from fedzero.distill.teachers import TeacherRule
 
 from .exchange import DEMA_STRATEGIES, make_exchange
 
@@ -40,7 +48,7 @@ DISTILL_FIELDS = {f.name: f.default for f in dataclasses.fields(DistillSettings)
                   if f.name in ("weight", "anchors", "batch_size")}
 # ... and optional ones without a default: in a run's "distill" only when its method sets them, so the run
 # records (and resuming, which compares method dicts) of methods that leave them out do not mention them
-DISTILL_OPTIONS = {"anchor_source"}
+DISTILL_OPTIONS = {"anchor_source", "teacher", "only_stronger"}
 ANCHOR_TOPIC = "topic:"           # anchor_source "topic:<name>": the anchors are texts of that corpus topic
 CLIENT_RANK = "client"            # a LoRA method's "rank": each client's own rank from the setting
 REPLICA_SEED_STRIDE = 1_000_003
@@ -62,7 +70,8 @@ class DistillSpec:
 
     def settings(self, labels: list[str], template: str) -> DistillSettings:
         return DistillSettings(labels=list(labels), template=template, weight=self.weight, anchors=self.anchors,
-                               batch_size=self.batch_size)
+                               batch_size=self.batch_size, teacher=self.record.get("teacher", "mean"),
+                               only_stronger=self.record.get("only_stronger", False))
 
     @classmethod
     def parse(cls, distill, where: str) -> DistillSpec:
@@ -79,11 +88,20 @@ class DistillSpec:
             raise ValueError(f"{where}: distill needs weight > 0, anchors >= 1, batch_size >= 1, got "
                              f"{ {k: record[k] for k in DISTILL_FIELDS} }")
         source = record.get("anchor_source")
-        if source is not None and not (isinstance(source, str) and source.startswith(ANCHOR_TOPIC)
-                                       and source[len(ANCHOR_TOPIC):]):
-            raise ValueError(f"{where}: distill.anchor_source must be '{ANCHOR_TOPIC}<name>' (a corpus topic "
-                             f"no client holds), got {source!r}")
-        return cls(weight, anchors, batch_size, source[len(ANCHOR_TOPIC):] if source else None, record)
+        try:
+            TeacherRule(record.get("teacher", "mean"), record.get("only_stronger", False))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        return cls(weight, anchors, batch_size, topic_of(source, f"{where}: distill.anchor_source"), record)
+
+
+def topic_of(source, where: str) -> str | None:
+    """The topic of an anchor source "topic:<name>" (None: none given); a ValueError naming `where` else."""
+    if source is None:
+        return None
+    if not (isinstance(source, str) and source.startswith(ANCHOR_TOPIC) and source[len(ANCHOR_TOPIC):]):
+        raise ValueError(f"{where} must be '{ANCHOR_TOPIC}<name>' (a corpus topic no client holds), got {source!r}")
+    return source[len(ANCHOR_TOPIC):]
 
 
 @dataclass
@@ -127,6 +145,7 @@ class DeMAMethod(MethodSpec):
 
     dema: dict = dataclasses.field(default_factory=dict)      # DeMAConfig fields as written (seed aside)
     distill: DistillSpec | None = None
+    projector_topic: str | None = None     # "projector_anchors": in-domain anchors for anchor/canonical projectors
 
     def config(self, seed: int) -> DeMAConfig:
         """The DeMAConfig of a run whose training seed is `seed` (the dict's own seed wins)."""
@@ -140,6 +159,9 @@ class DeMAMethod(MethodSpec):
         if lm and self.distill is not None:
             raise ValueError(f"{where}: 'distill' exchanges label predictions (classification only); an LM suite "
                              "cannot run it")
+        if lm and self.projector_topic is not None:
+            raise ValueError(f"{where}: 'projector_anchors' carves anchors from a topic of the tweet corpus; an LM "
+                             "suite has none")
 
     def run(self, ctx) -> dict:
         from .dema import run_dema
@@ -156,7 +178,15 @@ class DeMAMethod(MethodSpec):
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: dema: {err}") from None
         distill = DistillSpec.parse(method["distill"], where) if method.get("distill") is not None else None
-        spec = cls(**common, dema=dema, distill=distill)
+        topic = topic_of(method.get("projector_anchors"), f"{where}: projector_anchors")
+        if topic is not None:
+            config = DeMAConfig.from_dict({"seed": 0, **dema})
+            if not (config.uses_anchors or config.uses_canonical):
+                raise ValueError(f"{where}: projector_anchors is for projectors 'anchor' and 'canonical' (with or "
+                                 f"without '+learned'), not {config.projector!r}")
+            if config.anchor_file is not None:
+                raise ValueError(f"{where}: give dema.anchor_file or projector_anchors, not both")
+        spec = cls(**common, dema=dema, distill=distill, projector_topic=topic)
         try:
             spec.exchange(0)
         except (TypeError, ValueError) as err:
@@ -195,8 +225,8 @@ class LoRAMethod(MethodSpec):
         if method.get("distill") is not None:
             raise ValueError(f"{where}: 'distill' is a DeMA option with fields "
                              f"{sorted(set(DISTILL_FIELDS) | DISTILL_OPTIONS)}")
-        if method.get("dema"):
-            raise ValueError(f"{where}: a LoRA method takes no 'dema' settings")
+        if method.get("dema") or method.get("projector_anchors") is not None:
+            raise ValueError(f"{where}: a LoRA method takes no 'dema' settings or 'projector_anchors'")
         rank = method.get("rank", 16)
         if rank != CLIENT_RANK and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"{where}: rank must be a positive int or '{CLIENT_RANK}', got {rank!r}")
@@ -209,7 +239,7 @@ class LoRAMethod(MethodSpec):
 
 
 RUNNERS: dict[str, type[MethodSpec]] = {cls.runner: cls for cls in (DeMAMethod, LoRAMethod)}
-METHOD_FIELDS = COMMON_FIELDS | {"dema", "distill", "rank"}
+METHOD_FIELDS = COMMON_FIELDS | {"dema", "distill", "projector_anchors", "rank"}
 
 
 def parse_method(method: dict, setting: str | None = None) -> MethodSpec:
