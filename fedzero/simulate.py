@@ -27,6 +27,7 @@ from fedzero.config import RunConfig
 from fedzero.data import build_examples, collate, load_tokenizer, read_jsonl
 from fedzero.diagnostics import gate_entropy, update_diagnostics
 from fedzero.distill.publish import publish_teachers
+from fedzero.distill.tokens import check_one_tokenizer
 from fedzero.evaluate import evaluate_classification
 from fedzero.store import FederationStore
 from fedzero.strategies import ClientUpdate
@@ -84,6 +85,8 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
     started = time.time()
 
     clients = [build_client(c, run) for c in run.clients]
+    if run.distill is not None and run.distill.level == "token":     # refused before any training
+        check_one_tokenizer({c.client_id: c.distiller.tokenizer for c in clients})
     fed = run.federation
     strategy = fed.make_strategy(seed=run.seed)
     store = FederationStore(out / "store")
@@ -121,14 +124,13 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
         for client in clients:
             bar.set_postfix_str(f"round {rnd + 1}/{fed.rounds} client {client.client_id}")
             if client.distiller is not None:
-                client.distiller.set_teacher(store.read_teacher(rnd, client.client_id))
+                client.distiller.set_teacher(client.distiller.read_teacher(store, rnd, client.client_id))
             delta, metrics = client.train_round(global_state)
             if client.distiller is not None:     # sent before the update, whose manifest closes the round
                 # its quality: the held-out loss of the model that made these predictions (trained, not yet averaged)
                 quality = client.evaluate() if client.distiller.reports_quality else None
-                sent = store.write_anchor_predictions(rnd, client.client_id,
-                                                      torch.as_tensor(client.distiller.predict(client.handle.model), dtype=torch.float32),
-                                                      quality=quality)
+                sent = client.distiller.write_predictions(store, rnd, client.client_id,
+                                                          client.distiller.predict(client.handle.model), quality=quality)
                 uploaded += sent.stat().st_size
             store.write_update(rnd, client.client_id, delta, fingerprint=client.fingerprint,
                                num_samples=client.num_samples, metrics=metrics, slot_use=client.handle.slot_use())

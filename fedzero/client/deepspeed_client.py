@@ -224,8 +224,8 @@ class DeepSpeedClient:
             return None
         load_fp32(self.shared, global_state, self.device)
         if self.distiller is not None:
-            teacher = self.store.read_teacher(rnd, cid) if self.rank == 0 else None
-            self.distiller.set_teacher(self._broadcast(None if teacher is None else teacher.numpy()))
+            teacher = self.distiller.read_teacher(self.store, rnd, cid) if self.rank == 0 else None
+            self.distiller.set_teacher(self._broadcast(teacher))
         if not self._private_loaded:
             self._load_private(rnd)
             self._private_loaded = True
@@ -273,8 +273,7 @@ class DeepSpeedClient:
         if self.rank == 0:
             delta = {k: trained[k] - global_state[k] for k in trained}
             if predictions is not None:     # before the update: its manifest marks the round complete
-                self.store.write_anchor_predictions(rnd, cid, torch.as_tensor(predictions, dtype=torch.float32),
-                                                    quality=quality)
+                self.distiller.write_predictions(self.store, rnd, cid, predictions, quality=quality)
             # The store commits the tensor file first and the manifest last: a crash here never
             # leaves a visible half-written update.
             self.store.write_update(rnd, cid, delta, fingerprint=self.fingerprint,

@@ -22,7 +22,7 @@ from fedzero.adapters.dema.config import PLACEMENTS, PROJECTORS, SHARING, TARGET
 from fedzero.backbones import BackboneSpec
 from fedzero.client import TrainSettings
 from fedzero.distill.settings import DistillSettings
-from fedzero.distill.teachers import TEACHERS
+from fedzero.distill.teachers import LEVELS, TEACHERS
 from fedzero.store.layout import validate_client_id
 from fedzero.strategies import STRATEGIES
 
@@ -48,7 +48,7 @@ DEMA_RULES = {"rank": at_least(1), "num_experts": at_least(1), "num_slots": at_l
               "anchor_lr_scale": at_least(0), "canonical_components": at_least(1), "canonical_ridge": at_least(0),
               "anchor_penalty": at_least(0), "seed": SEED}
 DISTILL_RULES = {"weight": above(0), "anchors": at_least(1), "batch_size": at_least(1), "max_chars": at_least(1),
-                 "teacher": one_of(*TEACHERS)}
+                 "teacher": one_of(*TEACHERS), "level": one_of(*LEVELS), "top_k": at_least(1)}
 BACKBONE_RULES = {"init_seed": SEED, "dtype": one_of("float32", "bfloat16", "float16")}
 # Options every strategy's constructor takes that the federation section sets itself.
 _SET_ELSEWHERE = {"seed": "seed", "server_lr": "federation.server_lr", "server_momentum": "federation.server_momentum"}
@@ -260,7 +260,7 @@ def read_distill(data: dict, base: Path, problems: Problems, *, local: bool) -> 
         return None
     distill = section(data, "distill", "distill", problems, required=True)
     if distill is None or not check_fields(DistillSettings, distill, "distill", problems, DISTILL_RULES,
-                                           what="distill setting"):
+                                           what="distill setting", required=DistillSettings.required_keys(distill)):
         return None
     distill = dict(distill)
     if local and distill.get("anchor_file") is not None:

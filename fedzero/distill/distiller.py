@@ -49,6 +49,8 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor], num_labels: int) 
 class AnchorDistiller:
     """Scores the anchor prompts and adds weight * KL(teacher || model) on `batch_size` of them per step."""
 
+    level = "label"
+
     def __init__(self, tokenizer, prompts: list[str], labels: list[str], *, weight: float, batch_size: int,
                  max_length: int, seed: int):
         if not prompts:
@@ -117,6 +119,21 @@ class AnchorDistiller:
             return None
         idx = self.anchors_at(step)
         return self.weight * kl_to_teacher(self.logprobs(model, idx), self.teacher[idx])
+
+    # -- the store's side (the same calls as fedzero.distill.token_distiller.TokenDistiller's) ---------
+    def write_predictions(self, store, rnd: int, client_id: str, predictions: np.ndarray, *,
+                          quality: float | None = None):
+        return store.write_anchor_predictions(rnd, client_id, torch.as_tensor(predictions, dtype=torch.float32),
+                                              quality=quality)
+
+    def read_teacher(self, store, rnd: int, client_id: str) -> np.ndarray | None:
+        teacher = store.read_teacher(rnd, client_id)
+        return None if teacher is None else teacher.numpy()
+
+    @staticmethod
+    def payload_bytes(predictions: np.ndarray) -> int:
+        """Bytes of what is sent: N x C float32."""
+        return int(np.asarray(predictions).size * 4)
 
 
 def kl_to_teacher(student_logp: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,8 @@ def publish_teachers(store, rnd: int, num_samples: dict[str, int], rule: Teacher
     from fedzero.store import StoreError
 
     rule = rule or TeacherRule()
+    if rule.level == "token":
+        return publish_token_teachers(store, rnd, num_samples, rule)
     predictions, qualities, dropped = {}, {}, {}
     for c in sorted(num_samples):
         try:
@@ -62,6 +64,54 @@ def publish_teachers(store, rnd: int, num_samples: dict[str, int], rule: Teacher
     else:
         store.clear_teachers(rnd + 1)
     out = {"used": sorted(predictions), "dropped": dropped}
+    if rule.needs_quality:
+        out.update(teacher=rule.teacher, only_stronger=rule.only_stronger, quality=val_losses,
+                   without_teacher=sorted(c for c in predictions if c not in teachers))
+    return out
+
+
+def publish_token_teachers(store, rnd: int, num_samples: dict[str, int], rule: TeacherRule) -> dict:
+    """publish_teachers at `distill.level: token` (fedzero.distill.tokens): the sparse next-token
+    predictions sent with round rnd's updates become round rnd+1's token teachers. Left out, named with
+    the reason in "dropped": unreadable or label-level files, malformed rows, no quality where the rule
+    needs one, and predictions over other positions than the majority's (other anchors, template or
+    max_length). Clients of different tokenizers are refused (ValueError naming them): their token ids
+    do not mean the same. The result also holds "level": "token" and the shared "tokenizer"."""
+    from fedzero.distill.tokens import check_one_tokenizer, check_sparse, round_token_teachers
+    from fedzero.store import StoreError
+
+    found, dropped = {}, {}
+    for c in sorted(num_samples):
+        try:
+            sent = store.read_token_predictions(rnd, c)
+        except StoreError as err:
+            dropped[c] = f"unreadable: {err}"
+            continue
+        if sent is None:
+            continue
+        reason = check_sparse(sent["ids"].numpy(), sent["probs"].numpy())
+        if not reason and rule.needs_quality and sent["quality"] is None:
+            reason = f"sent no quality (its held-out loss), which {rule} needs"
+        if reason:
+            dropped[c] = reason
+        else:
+            found[c] = sent
+    tokenizer = check_one_tokenizer({c: sent["tokenizer"] for c, sent in found.items()}, f" (round {rnd})")
+    digests = [sent["anchors"] for sent in found.values()]
+    if digests:
+        common = max(set(digests), key=lambda d: (digests.count(d), d))
+        for c in [c for c, sent in found.items() if sent["anchors"] != common]:
+            found.pop(c)
+            dropped[c] = "scored other anchor positions than the others (other anchors, template or max_length)"
+    predictions = {c: (sent["ids"].numpy(), sent["probs"].numpy()) for c, sent in found.items()}
+    val_losses = {c: found[c]["quality"] for c in found} if rule.needs_quality else None
+    teachers = round_token_teachers(predictions, num_samples, rule, val_losses) if predictions else {}
+    if teachers:
+        store.write_token_teachers(rnd + 1, teachers)
+    else:
+        store.clear_teachers(rnd + 1)
+    out = {"used": sorted(predictions), "dropped": dropped, "level": "token",
+           "tokenizer": tokenizer}
     if rule.needs_quality:
         out.update(teacher=rule.teacher, only_stronger=rule.only_stronger, quality=val_losses,
                    without_teacher=sorted(c for c in predictions if c not in teachers))

@@ -10,18 +10,22 @@ import numpy as np
 import torch
 
 TEACHERS = ("mean", "quality")
+LEVELS = ("label", "token")     # distill.level: what the clients exchange (fedzero.distill.tokens for "token")
 
 
 @dataclass(frozen=True)
 class TeacherRule:
     """How the other clients' predictions are mixed into a client's teacher: the run config's
-    `distill.teacher` and `distill.only_stronger` (fedzero.distill.settings.DistillSettings holds them
-    for the clients; the MPI aggregator reads just these two keys of the same section)."""
+    `distill.teacher`, `distill.only_stronger` and `distill.level` (fedzero.distill.settings.DistillSettings
+    holds them for the clients; the MPI aggregator reads just these keys of the same section)."""
 
     teacher: str = "mean"          # "mean": sample-weighted; "quality": also by held-out loss and confidence
     only_stronger: bool = False    # distil only from clients whose held-out loss is lower than one's own
+    level: str = "label"           # "label": [N, C] label distributions; "token": sparse next-token ones
 
     def __post_init__(self):
+        if self.level not in LEVELS:
+            raise ValueError(f"distill.level must be one of {list(LEVELS)}, got {self.level!r}")
         if self.teacher not in TEACHERS:
             raise ValueError(f"distill.teacher must be one of {list(TEACHERS)}, got {self.teacher!r}")
         if not isinstance(self.only_stronger, bool):
@@ -46,7 +50,7 @@ class TeacherRule:
             return cls()
         if not isinstance(distill, dict):
             raise ValueError(f"config: 'distill' must be a mapping, got {type(distill).__name__}")
-        return cls(distill.get("teacher", "mean"), distill.get("only_stronger", False))
+        return cls(distill.get("teacher", "mean"), distill.get("only_stronger", False), distill.get("level", "label"))
 
 
 def check_val_losses(val_losses: dict[str, float] | None, clients) -> dict[str, float]:

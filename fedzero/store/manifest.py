@@ -89,6 +89,19 @@ def _quality(v: Any) -> str | None:
     return None if is_valid_quality(v) else f"must be a finite number >= 0 (the client's held-out loss), got {v!r}"
 
 
+def _token_level(v: str) -> str | None:
+    # absent: label-level (files written before token-level distillation existed are label-level)
+    return None if v == "token" else f"must be 'token' when present (absent: label level), got {v!r}"
+
+
+def _non_empty(v: str) -> str | None:
+    return None if v else "must not be empty"
+
+
+def _positive(v: int) -> str | None:
+    return None if v >= 1 else "must be >= 1"
+
+
 # --------------------------------------------------------------------------- the kinds
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,13 +154,22 @@ class UpdateManifest(TensorManifest):
 
 @dataclass(frozen=True, kw_only=True)
 class PredictionsManifest(TensorManifest):
-    """``.../updates/<client_id>/anchor_predictions.manifest.json``: output distillation."""
+    """``.../updates/<client_id>/anchor_predictions.manifest.json``: output distillation. Label level
+    (no ``level``): one tensor ``probs`` [N, C]. Token level (``level: "token"``): ``ids`` [P, top_k]
+    int32 and ``probs`` [P, top_k] float32, with the client's ``tokenizer`` fingerprint and the
+    ``anchors`` digest of the positions it scored (fedzero.distill.tokens)."""
     quality: float | None = _field(required=False, check=_quality)   # the client's held-out loss
+    level: str | None = _field(str, required=False, check=_token_level)
+    tokenizer: str | None = _field(str, required=False, check=_non_empty)
+    anchors: str | None = _field(str, required=False, check=_hex_sha)
+    top_k: int | None = _field(int, required=False, check=_positive)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TeachersManifest(TensorManifest):
-    """``rounds/rNNNNNN/global/teachers.manifest.json``: the anchor teachers of the round."""
+    """``rounds/rNNNNNN/global/teachers.manifest.json``: the anchor teachers of the round (token
+    level, ``level: "token"``: tensors ``<client>/ids`` and ``<client>/probs``)."""
+    level: str | None = _field(str, required=False, check=_token_level)
 
 
 @dataclass(frozen=True, kw_only=True)
