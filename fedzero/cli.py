@@ -7,8 +7,10 @@ import dataclasses
 import json
 import sys
 
+from fedzero import __version__, logs
 from fedzero.config.arguments import non_negative_float, positive_float, positive_int
 from fedzero.export import add_export_parser
+from fedzero.generate import add_evaluate_parser, add_generate_parser
 
 
 def _simulate(args) -> int:
@@ -25,7 +27,7 @@ def _simulate(args) -> int:
     if args.rounds is not None:
         fed = dataclasses.replace(fed, rounds=args.rounds)
     run.federation = fed          # replace() checks the overridden settings as the loader did
-    summary = simulate(run, args.out, progress=not args.quiet)
+    summary = simulate(run, args.out, progress=not args.quiet and logs.progress_enabled())
     with_acc = summary.get("labels") is not None
     print(f"\n{'client':<16}{'eval loss before':>18}{'after':>10}" + (f"{'accuracy before':>18}{'after':>10}" if with_acc else ""))
     for row in summary["final"]:
@@ -155,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     from fedzero.strategies import STRATEGIES
 
     parser = argparse.ArgumentParser(prog="fedzero", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fedzero {__version__}")
+    parser.add_argument("--log-level", choices=logs.LEVELS, default=logs.DEFAULT,
+                        help="debug: third-party warnings, loading bars and DeepSpeed notices too; info (default): "
+                             "fedzero's own output, third-party noise filtered; warning: also no progress bars")
+    parser.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning",
+                        help="no progress bars (= --log-level warning)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="run a whole federation in one process (CPU is fine)")
@@ -236,14 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench)
 
     add_export_parser(sub)          # its options live with the export code (fedzero/export.py)
+    add_generate_parser(sub)        # generate / evaluate: fedzero/generate.py
+    add_evaluate_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.configure(args.log_level)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"fedzero {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        from fedzero.store import StoreError      # a refusal by the federation store names its path
+
+        if not isinstance(err, StoreError):
+            raise
         print(f"fedzero {args.command}: error: {err}", file=sys.stderr)
         return 2
 

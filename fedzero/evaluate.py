@@ -188,8 +188,24 @@ def _per_label_scores(model, tokenizer, records, labels, max_length: int, batch_
 
 
 def evaluate_classification(model, tokenizer, records, labels, *, max_length: int, batch_size: int = 32) -> dict:
+    return classify(model, tokenizer, records, labels, max_length=max_length, batch_size=batch_size)[0]
+
+
+def classify(model, tokenizer, records, labels, *, max_length: int, batch_size: int = 32) -> tuple[dict, np.ndarray]:
+    """evaluate_classification's metrics and the label scores [N, C] they come from (each record's
+    prediction is its row's argmax): the federation's evaluation and `fedzero evaluate` alike."""
     missing = [i for i, r in enumerate(records) if r.get("label") not in labels]
     if missing:
         raise ValueError(f"records {missing[:5]} have no label in {list(labels)}")
     scores = label_scores(model, tokenizer, records, labels, max_length=max_length, batch_size=batch_size)
-    return classification_metrics(scores, np.array([labels.index(r["label"]) for r in records]))
+    return classification_metrics(scores, np.array([labels.index(r["label"]) for r in records])), scores
+
+
+def eval_loss(model, examples, *, batch_size: int, pad_id: int) -> float:
+    """Mean token loss over the labelled tokens of `examples` (fedzero.data.build_examples): a
+    client's eval loss in the federation (LocalClient.evaluate) and in `fedzero evaluate`, one code
+    path (fedzero.client.local.mean_token_loss)."""
+    from fedzero.client.local import mean_token_loss
+
+    model.eval()
+    return mean_token_loss(model, examples, batch_size=batch_size, pad_id=pad_id)

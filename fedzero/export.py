@@ -44,11 +44,12 @@ def export_adapter(run: str | os.PathLike, client_id: str, out: str | os.PathLik
     return out
 
 
-def dema_model_of(run_dir, found):
+def dema_model_of(run_dir, found, *, weights: bool = False):
     """The DeMA PeftModel of `found` (a client after a round): its shared part from the global of round
-    R+1, its private part from the client's saved file. The backbone is the client's own, its weights
-    loaded only where the adapter needs them (anchor projectors are computed from them): otherwise it is
-    built on the meta device, which is enough to save the adapter."""
+    R+1 (strategy local: the client's own shared file), its private part from the client's saved file.
+    The backbone is the client's own, its weights loaded where the adapter needs them (anchor projectors
+    are computed from them) or `weights` asks for them (to run the model: fedzero generate / evaluate):
+    otherwise it is built on the meta device, which is enough to save the adapter."""
     import fedzero
     from fedzero.adapters.dema import DeMAConfig
     from fedzero.adapters.dema.io import read_part
@@ -64,7 +65,7 @@ def dema_model_of(run_dir, found):
         # The canonical fit (mu, W per layer) is computed across clients and never saved in a run.
         raise RunDirError(f"client {client.client_id!r} uses projector {dema.projector!r}: its canonical map is not "
                           "kept in the run directory, so the adapter cannot be rebuilt from it")
-    base, fp, tokenizer = _backbone(client.backbone, weights=dema.uses_anchors)
+    base, fp, tokenizer = _backbone(client.backbone, weights=weights or dema.uses_anchors)
     if fp != header["fingerprint"]:
         raise RunDirError(f"the backbone of client {client.client_id!r} in {client.described_in} (fingerprint {fp}) is "
                           f"not the one its private part {found.private_path} was trained on ({header['fingerprint']})")
@@ -73,6 +74,14 @@ def dema_model_of(run_dir, found):
                   "client": client.client_id, "round": rnd, "global_round": rnd + 1,
                   "global_sha256": manifest["sha256"], "private_file": str(found.private_path),
                   "private_round": found.private_round}
+    shared_source = run_dir.store.global_path(rnd + 1)
+    if found.shared_path is not None:           # strategy local: nothing aggregated, the client's own shared part
+        own, own_header = read_part(found.shared_path)
+        if own_header["part"] != "shared" or own_header["fingerprint"] != fp:
+            raise RunDirError(f"{found.shared_path} is not client {client.client_id!r}'s shared part (part "
+                              f"{own_header['part']!r}, fingerprint {own_header['fingerprint']}; its backbone's is {fp})")
+        global_state, shared_source = own, found.shared_path
+        provenance.update(strategy="local", shared_file=str(found.shared_path))
     peft_config = DeMAPeftConfig.from_dema(dema, hidden_size=header["hidden_size"], num_layers=header["num_layers"],
                                            fingerprint=fp, provenance=provenance)
     model = get_dema_peft_model(base, peft_config, tokenizer=tokenizer)
@@ -83,7 +92,7 @@ def dema_model_of(run_dir, found):
         handle.load_shared_state_dict({k: v.float() for k, v in global_state.items()})
         handle.load_private_state_dict(private)
     except (KeyError, ValueError) as err:
-        raise RunDirError(f"client {client.client_id!r}, round {rnd}: the global {run_dir.store.global_path(rnd + 1)} "
+        raise RunDirError(f"client {client.client_id!r}, round {rnd}: the shared part {shared_source} "
                           f"and private part {found.private_path} do not fit its DeMA adapter: {err}") from None
     return model
 

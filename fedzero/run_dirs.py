@@ -29,7 +29,10 @@ from safetensors import safe_open
 from fedzero.backbones import BackboneSpec
 from fedzero.client.state import latest_private_before
 from fedzero.client.state_layout import ClientStateLayout, round_of_private
+from fedzero.client.local import TrainSettings
 from fedzero.config import read_yaml, resolve_path
+from fedzero.config.problems import Problems
+from fedzero.config.run import read_client, read_train
 from fedzero.store import FederationStore
 from fedzero.store.layout import STORE_FILE, validate_client_id, validate_round
 
@@ -38,6 +41,8 @@ STORE_DIR = "store"                        # where simulate and prepare put the 
 CLIENTS_DIR = "clients"
 RUN_CONFIG_COPY = "config.yaml"
 SIMULATE_PRIVATE = "private.safetensors"   # simulate.py: clients/<id>/private.safetensors
+SIMULATE_LOCAL_SHARED = "shared.safetensors"  # simulate.py, strategy local: clients/<id>/shared.safetensors
+LOCAL_STRATEGY = "local"                   # a global published with meta strategy "local" aggregated nothing
 CLIENT_YAML = "client.yaml"                # federate.write_client_configs: clients/<id>/client.yaml
 
 
@@ -53,6 +58,9 @@ class ClientSource:
     described_in: Path                 # the YAML file the backbone came from
     state_dir: Path | None = None      # federate / cluster: private/r<R>.safetensors under it
     private_file: Path | None = None   # simulate: its one private file
+    train: TrainSettings | None = None  # its train settings (the run's `train:` under its own): eval batch, length
+    test_data: Path | None = None      # its data.test, resolved (not checked to exist)
+    local_shared_file: Path | None = None   # simulate, strategy local: its own shared part (never in the store)
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class ClientRound:
     round: int
     private_path: Path
     private_round: int | None          # the round it was saved after (None: an empty part, the same after every round)
+    shared_path: Path | None = None    # strategy local: the client's own shared part (else: the global of round R+1)
 
 
 class RunDir:
@@ -96,6 +105,8 @@ class RunDir:
         if not self.store.has_global(round + 1):
             raise RunDirError(f"round {round} of {self.kind} run {self.root} has not finished: the global of round "
                               f"{round + 1} is not published ({self.store.global_path(round + 1)}); {done}")
+        if self.is_local(round):
+            return self._local_round(client, round)
         if client.private_file is not None:
             return self._simulate_private(client, round)
         found = latest_private_before(client.state_dir, round + 1)
@@ -105,6 +116,29 @@ class RunDir:
                               f"{ClientStateLayout(client.state_dir).private_dir} (saved after rounds {saved or 'none'}; "
                               "a client keeps those of its last two rounds)")
         return ClientRound(client, round, found[1], found[0])
+
+    def is_local(self, round: int) -> bool:
+        """Whether round `round` aggregated nothing (strategy local): its global of round R+1 is round R's,
+        and each client's model is its own shared part."""
+        return (self.store.global_manifest(round + 1).meta or {}).get("strategy") == LOCAL_STRATEGY
+
+    def _local_round(self, client: ClientSource, round: int) -> ClientRound:
+        """Strategy local: the client's own shared part, kept beside its private part after every round it
+        trains (simulate keeps the latest only)."""
+        if client.local_shared_file is None:
+            raise RunDirError(f"round {round} of {self.kind} run {self.root} used strategy local (nothing aggregated), "
+                              f"but client {client.client_id!r} keeps no shared part of its own here: only "
+                              "`fedzero simulate` runs strategy local")
+        path = client.local_shared_file
+        trained = [r for r in self.store.list_global_rounds() if self.store.has_update(r, client.client_id)]
+        latest = trained[-1] if trained else None
+        if not path.is_file() or latest != round:
+            raise RunDirError(f"strategy local: simulate keeps only each client's latest own shared part: {path} is "
+                              f"client {client.client_id!r}'s after round {latest}, not round {round}"
+                              + (f"; use round {latest}" if latest is not None and self.store.has_global(latest + 1)
+                                 else " (that round has not finished)"))
+        found = self._simulate_private(client, round)
+        return ClientRound(client, round, found.private_path, found.private_round, shared_path=path)
 
     def _simulate_private(self, client: ClientSource, round: int) -> ClientRound:
         path = client.private_file
@@ -180,14 +214,20 @@ def _simulate_clients(root: Path, config: str | os.PathLike | None) -> dict[str,
     if not isinstance(entries, list):
         raise RunDirError(f"{path}: no 'clients' list: not a run config")
     clients = {}
-    for entry in entries:
+    problems = Problems(path, "run config")
+    defaults = read_train(data.get("train"), "train", problems)
+    for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise RunDirError(f"{path}: every entry of 'clients' must be a mapping, got {entry!r}")
         cid = str(entry.get("id", ""))
         copy_note = (f" ({path} is simulate's copy of the run config: relative paths in it mean the original "
                      "file's directory; give that file with --config)") if config is None else ""
         backbone = _backbone(entry.get("backbone"), path, f"client {cid!r}", copy_note)
-        clients[cid] = ClientSource(cid, backbone, path, private_file=root / CLIENTS_DIR / cid / SIMULATE_PRIVATE)
+        read = read_client(entry, f"clients[{i}]", defaults, path.parent, problems, local=False)
+        clients[cid] = ClientSource(cid, backbone, path, private_file=root / CLIENTS_DIR / cid / SIMULATE_PRIVATE,
+                                    train=read.train, test_data=read.test,
+                                    local_shared_file=root / CLIENTS_DIR / cid / SIMULATE_LOCAL_SHARED)
+    problems.raise_if_any()
     return clients
 
 
@@ -201,7 +241,12 @@ def _client_yaml(path: Path) -> ClientSource:
         raise RunDirError(f"{path}: not a client config (needs 'client' and 'state_dir')")
     cid = validate_client_id(str(client.get("id", "")))
     backbone = _backbone(client.get("backbone"), path, f"client {cid!r}", "")
-    return ClientSource(cid, backbone, path, state_dir=resolve_path(str(data["state_dir"]), path.parent))
+    problems = Problems(path, "client config")
+    read = read_client(client, "client", read_train(data.get("train"), "train", problems), path.parent, problems,
+                       local=False)
+    problems.raise_if_any()
+    return ClientSource(cid, backbone, path, state_dir=resolve_path(str(data["state_dir"]), path.parent),
+                        train=read.train, test_data=read.test)
 
 
 def _backbone(entry, path: Path, who: str, note: str) -> BackboneSpec:
