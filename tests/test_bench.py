@@ -839,14 +839,20 @@ def test_projector_anchors_is_checked():
     from fedzero.bench.methods import parse_method
 
     base = {"name": "c", "runner": "dema", "strategy": "fedavg", "projector_anchors": "topic:t2"}
-    assert parse_method({**base, "dema": {"projector": "canonical"}}).projector_topic == "t2"
-    assert parse_method({**base, "dema": {"projector": "anchor"}}).projector_topic == "t2"
+    assert parse_method({**base, "dema": {"projector": "canonical"}}).projector_anchors == ("topic", "t2")
+    assert parse_method({**base, "dema": {"projector": "anchor"}}).projector_anchors == ("topic", "t2")
+    lm = parse_method({**base, "projector_anchors": "domain:wisdom", "dema": {"projector": "canonical"}})
+    assert lm.projector_anchors == ("domain", "wisdom")
+    lm.check_setting([], lm=True, where="w")
+    with pytest.raises(ValueError, match="projector_anchors of a classification suite must be 'topic:<name>'"):
+        lm.check_setting([], lm=False, where="w")
     with pytest.raises(ValueError, match="projector_anchors is for projectors 'anchor' and 'canonical'.*'learned'"):
         parse_method({**base, "dema": {}})
     with pytest.raises(ValueError, match="dema.anchor_file or projector_anchors, not both"):
         parse_method({**base, "dema": {"projector": "anchor", "anchor_file": "x.jsonl"}})
-    with pytest.raises(ValueError, match="projector_anchors must be 'topic:<name>'"):
-        parse_method({**base, "projector_anchors": "t2", "dema": {"projector": "anchor"}})
+    for bad in ("t2", "domain:", 3):
+        with pytest.raises(ValueError, match="projector_anchors must be 'topic:<name>' .* or 'domain:<name>'"):
+            parse_method({**base, "projector_anchors": bad, "dema": {"projector": "anchor"}})
     with pytest.raises(ValueError, match="LoRA method takes no 'dema' settings or 'projector_anchors'"):
         parse_method({"name": "l", "runner": "lora", "strategy": "local", "projector_anchors": "topic:t2"})
     with pytest.raises(ValueError, match="distill.teacher must be one of"):
@@ -905,3 +911,34 @@ def test_bench_canonical_projectors_on_in_domain_anchors_and_quality_teachers(tm
         [c["rounds"][2]["train_loss"] for c in by["quality"]["clients"]]
     again = run_bench(suite, tmp_path / "bench", threads=1, memory=False, log=lambda _: None)
     assert again["runs_this_invocation"] == 0
+
+
+def test_lm_bench_canonical_projectors_on_a_domain_no_client_holds(tmp_path):
+    """projector_anchors "domain:<name>" on the LM task: the canonical space fitted on that domain's records,
+    named in the run with the round-0 alignment; a topic source is refused before any run."""
+    from test_lm_data import fake_corpus
+
+    from fedzero.bench import run_bench
+    from fedzero.bench.lm_corpus import load_corpus
+    from fedzero.bench.lm_data import domain_anchor_texts
+    from fedzero.bench.methods.dema import ALIGNMENT_TEXTS
+
+    fake_corpus(str(tmp_path / "corpus"), n_docs=150)
+    suite = tiny_lm_suite(tmp_path / "corpus")
+    suite["seeds"] = [0]
+    setting = suite["settings"]["A"]
+    setting["clients"][2]["domains"] = ["d2"]                           # d3 is free
+    method = {"name": "canonical", "runner": "dema", "strategy": "fedavg", "projector_anchors": "domain:d3",
+              "dema": {"rank": 4, "num_experts": 2, "num_slots": 2, "share": "experts-only",
+                       "projector": "canonical", "num_anchors": 12}}
+    setting["methods"] = [method]
+    results = run_bench(suite, tmp_path / "bench", threads=1, memory=False, log=lambda *_: None)
+    run = results["runs"][0]
+    anchors = domain_anchor_texts(load_corpus(str(tmp_path / "corpus")), "d3", 12 + ALIGNMENT_TEXTS,
+                                  clients=setting["clients"], seed=0, max_chars=64)
+    assert run["projector_anchors"]["uids"] == [a["uid"] for a in anchors[:12]]
+    assert run["alignment"]["texts"] == ALIGNMENT_TEXTS and run["alignment"]["pairs"]["c0~c1"]["mean"] == pytest.approx(1.0)
+    assert run["canonical_fit"]["fit_texts"] == 12
+    setting["methods"] = [{**method, "projector_anchors": "topic:d3"}]
+    with pytest.raises(ValueError, match="projector_anchors of an LM suite must be 'domain:<name>'"):
+        run_bench(suite, tmp_path / "bench2", threads=1, memory=False, log=lambda *_: None)

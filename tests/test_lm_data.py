@@ -405,3 +405,24 @@ def test_score_records_through_adapters_and_families_equals_full_logits(family, 
     finally:
         capture.remove()
     assert capture.exact is shortcut
+
+
+def test_domain_anchor_texts_come_from_a_domain_no_client_holds(corpus_dir):
+    """projector_anchors "domain:<name>" (the bench's in-domain public anchors for the LM task): records of
+    that domain, cut like the task's, in a seeded order of its documents; a held domain is refused."""
+    from fedzero.bench.lm_data import domain_anchor_texts, to_records
+
+    corpus = load_corpus(corpus_dir)
+    clients = [{"id": "c0", "domains": ["d0"]}, {"id": "c1", "domains": ["d1"]}]
+    anchors = domain_anchor_texts(corpus, "d2", 12, clients=clients, seed=0, max_chars=64)
+    pieces = {r["uid"]: r["text"] for doc in corpus.docs["d2"] for r in to_records(doc, 64)}
+    assert len(anchors) == 12 and all(pieces[a["uid"]] == a["text"] for a in anchors)
+    assert len({a["uid"] for a in anchors}) == 12
+    assert domain_anchor_texts(corpus, "d2", 12, clients=clients, seed=0, max_chars=64) == anchors
+    assert domain_anchor_texts(corpus, "d2", 12, clients=clients, seed=1, max_chars=64) != anchors
+    with pytest.raises(ValueError, match=r"anchor domain 'd1' is held by client\(s\) \['c1'\]"):
+        domain_anchor_texts(corpus, "d1", 5, clients=clients, seed=0, max_chars=64)
+    with pytest.raises(ValueError, match=r"anchor domain 'd3' has \d+ records .* 10000 are needed"):
+        domain_anchor_texts(corpus, "d3", 10000, clients=clients, seed=0, max_chars=64)
+    with pytest.raises(ValueError, match="unknown domain 'x'"):
+        domain_anchor_texts(corpus, "x", 5, clients=clients, seed=0, max_chars=64)

@@ -209,3 +209,23 @@ def lm_split(settings: LMDataSettings, seed: int, client_domains: dict[str, list
     if settings.score == "val":       # tuning: everything downstream scores `test`; the real test sets stay unread
         test, val = val, {}
     return LMSplit(seed, scored, clients, test, val, info, settings.round_eval_docs)
+
+
+def domain_anchor_texts(corpus: Corpus, domain: str, count: int, *, clients: list[dict], seed: int,
+                        max_chars: int) -> list[dict]:
+    """In-domain public anchors for the LM task: `count` records (documents cut to max_chars, as the
+    task's records are) of a fortunes domain that no client holds (clients: [{"id", "domains"}]; a
+    holder is refused), as [{"uid", "text"}]. The corpus is deduplicated across domains, so no anchor
+    repeats a client's document. Documents in a seeded order that depends only on (seed, domain)."""
+    holders = [c["id"] for c in clients if domain in c["domains"]]
+    if holders:
+        raise ValueError(f"anchor domain {domain!r} is held by client(s) {holders}: choose a domain no client holds")
+    if domain not in corpus.docs:
+        raise ValueError(f"unknown domain {domain!r}; the corpus at {corpus.path} has {corpus.domains}")
+    rng = np.random.default_rng([seed, zlib.crc32(f"anchors:{domain}".encode())])
+    docs = corpus.docs[domain]
+    records = [r for i in rng.permutation(len(docs)) for r in to_records(docs[i], max_chars)]
+    if len(records) < count:
+        raise ValueError(f"anchor domain {domain!r} has {len(records)} records of at most {max_chars} characters, "
+                         f"{count} are needed")
+    return [{"uid": r["uid"], "text": r["text"]} for r in records[:count]]

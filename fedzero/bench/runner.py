@@ -224,7 +224,9 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
             splits.setdefault(sname, {})[str(seed)] = split.summary()
             ctx = RunContext(sname, seed, setting["clients"], backbones, split, int(spec["rounds"]),
                              dict(spec["train"]), dict(spec["lr"]), int(spec.get("eval_every", 1)), log=log)
-            if not lm:      # distill.anchor_source carves anchors from a topic of the same corpus
+            if lm:          # projector_anchors "domain:<name>" carves anchors from a domain of the corpus
+                ctx.corpus, ctx.max_chars = load_corpus(lm_settings.source), lm_settings.max_chars
+            else:           # distill.anchor_source carves anchors from a topic of the same corpus
                 ctx.corpus, ctx.max_chars = records, data_settings.max_chars
             zpath = runs_dir / f"{sname}-zero-shot-seed{seed}.json"
             if zpath.exists():

@@ -32,6 +32,7 @@ HETERO_CLIENTS = [{"id": "H-airlines-smol10", "backbone": "smol10", "topics": ["
 # Issue 12's mechanisms on this testbed. The public in-domain pool is a topic no client holds
 # (driverless_cars: 4,801 tweets; the anchors are disjoint from every client's records, data.py).
 ANCHOR_TOPIC = "topic:driverless_cars"
+LM_ANCHOR_DOMAIN = "domain:cookie"      # the LM task's: 1,068 documents, 1,846 records of <= 192 characters
 
 
 def transfer_methods() -> list[dict]:
@@ -150,6 +151,10 @@ def _hetero_lm() -> dict:
     suite reads its 192 tweets twice)."""
     hetero = _hetero()
     methods = [m for m in hetero["settings"]["H"]["methods"] if m["name"] in HETERO_LM_METHODS]
+    # the aligned shared space on the LM task: canonical projectors fitted on a fortunes domain no client holds
+    methods += [{**m, "projector_anchors": LM_ANCHOR_DOMAIN, "description": m["description"].replace(
+        "256 in-domain public tweets", "256 public records of the fortunes 'cookie' domain")}
+        for m in transfer_methods() if m["name"].startswith("dema-canonical")]
     setting = {"description": "four clients, three widths, two families: two on the healed 10-layer SmolLM2 "
                               "variant (576, LLaMA layout; a FedIT group), one on a 384-wide GPT-NeoX-layout "
                               "model, one on the 256-wide LLaMA; one fortunes domain each",

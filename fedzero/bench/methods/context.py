@@ -34,7 +34,7 @@ class RunContext:
     lr: dict                                  # {"dema": float, "lora": float}
     eval_every: int = 1
     zero_shot: dict = field(default_factory=dict)   # client id -> {topic: [N, C] scores} on the test sets
-    corpus: list[dict] = field(default_factory=list)   # the records the split was cut from (distill.anchor_source)
+    corpus: object = field(default_factory=list)   # what the split was cut from: tweet records, or the LM task's Corpus (anchor sources)
     max_chars: int | None = None                    # data.max_chars: prompts' texts are cut to it
     log: object = print
     _tokenizers: dict = field(default_factory=dict)

@@ -25,6 +25,7 @@ from fedzero.distill.teachers import leave_one_out_teachers
 from fedzero.strategies import ClientUpdate
 
 from ..data import relabel, topic_anchor_texts
+from ..lm_data import domain_anchor_texts
 from .context import RunContext, client_record, log_round, record_training
 from .evaluation import evaluate_round, round_zero
 from .geometry import first_round_cosine
@@ -35,13 +36,18 @@ ALIGNMENT_TEXTS = 96    # projector_anchors: texts of the topic, beyond the proj
 
 
 def run_dema(spec: DeMAMethod, ctx: RunContext) -> dict:
-    if spec.projector_topic is None:
+    if spec.projector_anchors is None:
         return _run_dema(spec, ctx, spec.config(ctx.seed))
     # In-domain projector anchors: the texts go to inject_dema as an anchor file, written for this run only;
     # the run records its config with the source in place of that file's temporary path.
     config = spec.config(ctx.seed)
-    anchors = topic_anchor_texts(ctx.corpus, spec.projector_topic, config.num_anchors + ALIGNMENT_TEXTS,
-                                 clients=ctx.clients, seed=ctx.split.seed, max_chars=ctx.max_chars)
+    kind, name = spec.projector_anchors
+    carve = domain_anchor_texts if kind == "domain" else topic_anchor_texts
+    try:
+        anchors = carve(ctx.corpus, name, config.num_anchors + ALIGNMENT_TEXTS, clients=ctx.clients,
+                        seed=ctx.split.seed, max_chars=ctx.max_chars)
+    except ValueError as err:
+        raise ValueError(f"method {spec.name!r}, setting {ctx.setting!r}: projector_anchors: {err}") from None
     fit, measure = anchors[:config.num_anchors], anchors[config.num_anchors:]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "anchors.jsonl"

@@ -3,7 +3,7 @@
 The dict format (the suite file's, unchanged):
 
     {"name": "dema-cmga", "runner": "dema", "strategy": "cmga", "strategy_options": {...},
-     "dema": {DeMAConfig fields}, "projector_anchors": "topic:<name>",
+     "dema": {DeMAConfig fields}, "projector_anchors": "topic:<name>" or "domain:<name>",
      "distill": {"weight", "anchors", "batch_size", "anchor_source", "teacher", "only_stronger"}}
         DeMA adapters on every client. "strategy": a name of fedzero.strategies ("fedavg", "cmga"),
         or "local" (no aggregation, methods/exchange.py). The dema dict goes to DeMAConfig.from_dict
@@ -13,11 +13,12 @@ The dict format (the suite file's, unchanged):
         strategy (with "local", only anchor predictions travel); its optional "anchor_source":
         "topic:<name>" takes the anchors from that corpus topic instead (data.topic_anchor_texts);
         "teacher" and "only_stronger" are DistillSettings' (quality-weighted teachers: each client
-        reports its loss on its own val split). "projector_anchors": "topic:<name>" gives anchor and
-        canonical projectors in-domain public anchors (dema.num_anchors texts of that topic, which no
-        client may hold) in place of dema.anchor_file; with a canonical projector the space is fitted
-        across the clients on them, and every such run measures the round-0 alignment of the shared
-        space on other texts of the topic (dema.py).
+        reports its loss on its own val split). "projector_anchors": "topic:<name>" (classification)
+        or "domain:<name>" (the LM task: a fortunes domain) gives anchor and canonical projectors
+        in-domain public anchors (dema.num_anchors texts of that topic or domain, which no client may
+        hold) in place of dema.anchor_file; with a canonical projector the space is fitted across the
+        clients on them, and every such run measures the round-0 alignment of the shared space on
+        other texts of the same source (dema.py).
     {"name": "fedit", "runner": "lora", "strategy": "fedit", "rank": 16}
         PEFT LoRA on every client; "strategy" a fedzero.baselines name ("local", "fedit", "hetlora",
         "flora", "flexlora"); "rank" an int for every client, or "client" for each client's own
@@ -50,6 +51,7 @@ DISTILL_FIELDS = {f.name: f.default for f in dataclasses.fields(DistillSettings)
 # records (and resuming, which compares method dicts) of methods that leave them out do not mention them
 DISTILL_OPTIONS = {"anchor_source", "teacher", "only_stronger"}
 ANCHOR_TOPIC = "topic:"           # anchor_source "topic:<name>": the anchors are texts of that corpus topic
+ANCHOR_DOMAIN = "domain:"         # projector_anchors "domain:<name>" (LM task): texts of that fortunes domain
 CLIENT_RANK = "client"            # a LoRA method's "rank": each client's own rank from the setting
 REPLICA_SEED_STRIDE = 1_000_003
 
@@ -145,7 +147,7 @@ class DeMAMethod(MethodSpec):
 
     dema: dict = dataclasses.field(default_factory=dict)      # DeMAConfig fields as written (seed aside)
     distill: DistillSpec | None = None
-    projector_topic: str | None = None     # "projector_anchors": in-domain anchors for anchor/canonical projectors
+    projector_anchors: tuple[str, str] | None = None   # ("topic" | "domain", name): in-domain projector anchors
 
     def config(self, seed: int) -> DeMAConfig:
         """The DeMAConfig of a run whose training seed is `seed` (the dict's own seed wins)."""
@@ -159,9 +161,9 @@ class DeMAMethod(MethodSpec):
         if lm and self.distill is not None:
             raise ValueError(f"{where}: 'distill' exchanges label predictions (classification only); an LM suite "
                              "cannot run it")
-        if lm and self.projector_topic is not None:
-            raise ValueError(f"{where}: 'projector_anchors' carves anchors from a topic of the tweet corpus; an LM "
-                             "suite has none")
+        if self.projector_anchors is not None and self.projector_anchors[0] != ("domain" if lm else "topic"):
+            raise ValueError(f"{where}: projector_anchors of {'an LM' if lm else 'a classification'} suite must be "
+                             f"'{ANCHOR_DOMAIN if lm else ANCHOR_TOPIC}<name>', got {self.raw['projector_anchors']!r}")
 
     def run(self, ctx) -> dict:
         from .dema import run_dema
@@ -178,15 +180,21 @@ class DeMAMethod(MethodSpec):
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: dema: {err}") from None
         distill = DistillSpec.parse(method["distill"], where) if method.get("distill") is not None else None
-        topic = topic_of(method.get("projector_anchors"), f"{where}: projector_anchors")
-        if topic is not None:
+        anchors = method.get("projector_anchors")
+        if anchors is not None:
+            prefix = next((p for p in (ANCHOR_TOPIC, ANCHOR_DOMAIN) if isinstance(anchors, str) and anchors.startswith(p)
+                           and anchors[len(p):]), None)
+            if prefix is None:
+                raise ValueError(f"{where}: projector_anchors must be '{ANCHOR_TOPIC}<name>' (classification) or "
+                                 f"'{ANCHOR_DOMAIN}<name>' (LM), naming a source no client holds; got {anchors!r}")
+            anchors = (prefix[:-1], anchors[len(prefix):])
             config = DeMAConfig.from_dict({"seed": 0, **dema})
             if not (config.uses_anchors or config.uses_canonical):
                 raise ValueError(f"{where}: projector_anchors is for projectors 'anchor' and 'canonical' (with or "
                                  f"without '+learned'), not {config.projector!r}")
             if config.anchor_file is not None:
                 raise ValueError(f"{where}: give dema.anchor_file or projector_anchors, not both")
-        spec = cls(**common, dema=dema, distill=distill, projector_topic=topic)
+        spec = cls(**common, dema=dema, distill=distill, projector_anchors=anchors)
         try:
             spec.exchange(0)
         except (TypeError, ValueError) as err:
