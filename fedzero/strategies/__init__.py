@@ -8,9 +8,10 @@ from fedzero.registry import Registry
 from .base import BlockCoefficients, ClientUpdate, Strategy
 from .cmga import CMGA
 from .fedavg import FedAvg
+from .local import Local
 from .server import ServerOptimizer
 
-STRATEGIES: Registry = Registry("strategy", {"fedavg": FedAvg, "cmga": CMGA})
+STRATEGIES: Registry = Registry("strategy", {"fedavg": FedAvg, "cmga": CMGA, "local": Local})
 
 
 def make_strategy(name: str, **options) -> Strategy:

@@ -112,7 +112,10 @@ def _aggregation(name: str):
     return build
 
 
-DEMA_STRATEGIES = {NoAggregation.name: NoAggregation, **{name: _aggregation(name) for name in STRATEGIES}}
+# fedzero.strategies registers "local" too (fedzero simulate's no-aggregation control, which aggregates
+# nothing); the bench's own NoAggregation stays its "local".
+DEMA_STRATEGIES = {NoAggregation.name: NoAggregation,
+                   **{name: _aggregation(name) for name in STRATEGIES if name != NoAggregation.name}}
 
 
 def make_exchange(name: str, options: dict, *, seed: int) -> Exchange:
