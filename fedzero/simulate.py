@@ -133,7 +133,8 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
                                                           client.distiller.predict(client.handle.model), quality=quality)
                 uploaded += sent.stat().st_size
             store.write_update(rnd, client.client_id, delta, fingerprint=client.fingerprint,
-                               num_samples=client.num_samples, metrics=metrics, slot_use=client.handle.slot_use())
+                               num_samples=client.num_samples, metrics=metrics, slot_use=client.handle.slot_use(),
+                               depth=client.handle.depth_declaration())
             # Private projectors persist locally between rounds and never enter the store.
             save_part(client.handle, out / "clients" / client.client_id / "private.safetensors", "private",
                       fingerprint=client.fingerprint)
@@ -143,7 +144,7 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
             delta, _ = store.read_update(rnd, manifest["client_id"])
             uploaded += manifest["bytes"]
             updates.append(ClientUpdate(manifest["client_id"], delta, manifest["num_samples"],
-                                        manifest["fingerprint"], manifest.get("slot_use")))
+                                        manifest["fingerprint"], manifest.get("slot_use"), manifest.get("depth")))
         new_state, agg = strategy.aggregate(global_state, updates, round=rnd, block_of=block_of)
         diagnostics = {"updates": update_diagnostics(updates, block_of.__getitem__)}
         store.write_server_state(rnd, strategy.server_opt.state_dict())   # as the MPI aggregator does: resumable

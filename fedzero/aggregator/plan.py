@@ -106,7 +106,7 @@ def _check_updates(store: FederationStore, round: int, manifests: list[dict], gi
             if uinfo[key].shape != ginfo[key].shape:
                 raise AggregationError(f"client {cid!r}, key {key!r}: update shape {list(uinfo[key].shape)} "
                                        f"!= global shape {list(ginfo[key].shape)}")
-        updates.append(ClientUpdate(cid, {}, m["num_samples"], m["fingerprint"], m.get("slot_use")))
+        updates.append(ClientUpdate(cid, {}, m["num_samples"], m["fingerprint"], m.get("slot_use"), m.get("depth")))
         files.append(Source(f"update of client {cid}", str(path), m["sha256"], m["bytes"]))
     return updates, files, covered
 

@@ -278,7 +278,7 @@ class DeepSpeedClient:
             # leaves a visible half-written update.
             self.store.write_update(rnd, cid, delta, fingerprint=self.fingerprint,
                                     num_samples=len(self.examples), metrics=metrics,
-                                    slot_use=self.handle.slot_use())
+                                    slot_use=self.handle.slot_use(), depth=self.handle.depth_declaration())
             # Saved after the upload and named by round: a rerun of this round still loads round
             # rnd-1's file, so the order of the two writes never matters.
             save_private(self.handle, private, self.layout.private_path(rnd), fingerprint=self.fingerprint)

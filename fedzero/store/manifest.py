@@ -102,6 +102,13 @@ def _positive(v: int) -> str | None:
     return None if v >= 1 else "must be >= 1"
 
 
+def _depth(v: dict) -> str | None:
+    from fedzero.strategies.depth import declaration_problem    # DeMA's depth-aware sharing declares it
+
+    problem = declaration_problem(v, "")
+    return None if problem is None else f"is invalid: {problem.lstrip('.')}"
+
+
 # --------------------------------------------------------------------------- the kinds
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,6 +156,7 @@ class UpdateManifest(TensorManifest):
     num_samples: int = _field(int, check=_non_negative)       # the aggregation weight
     metrics: dict = _field(dict)
     slot_use: dict | None = _field(dict, nullable=True)
+    depth: dict | None = _field(dict, required=False, check=_depth)  # DeMA share 'depth-aware' (absent otherwise)
     created: str = _field(str)
 
 

@@ -194,7 +194,7 @@ class FederationStore:
 
     def write_update(self, round: int, client_id: str, delta: Mapping[str, torch.Tensor], *,
                      fingerprint: str, num_samples: int, metrics: dict | None = None,
-                     slot_use: dict | None = None) -> Path:
+                     slot_use: dict | None = None, depth: dict | None = None) -> Path:
         """Write the client's delta (theta_k - theta of the shared tensors) for ``round``;
         returns the tensor path.
 
@@ -213,10 +213,15 @@ class FederationStore:
             raise ValueError(f"slot_use must be a dict or None, got {type(slot_use).__name__}")
         check_jsonable(metrics, "metrics")
         check_jsonable(slot_use, "slot_use")
+        if depth is not None:       # DeMA share 'depth-aware': the client's per-slot depth ranges
+            from fedzero.strategies.depth import check_declaration
+
+            check_declaration(client_id, depth)
+            check_jsonable(depth, "depth")
         tensors = prepare_tensors(delta, f"update of client {client_id!r}")
         return write_artifact(files, tensors, UpdateManifest, round=round, client_id=client_id,
                               fingerprint=fingerprint, num_samples=int(num_samples), metrics=metrics,
-                              slot_use=slot_use)
+                              slot_use=slot_use, depth=depth)
 
     def list_updates(self, round: int) -> list[dict]:
         """Manifests of the COMPLETE updates of ``round``, sorted by client id.

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import coefficients as _coefficients
 from .blocks import BlockOf, block_coverage, group_blocks
+from .depth import DepthPlan, block_delta
 from .server import ServerOptimizer
 
 
@@ -28,6 +30,7 @@ class ClientUpdate:
     num_samples: int
     group: str                         # backbone fingerprint by default
     slot_use: dict[str, float] | None = None   # block -> how many of the client's layers use it (None: 1 each)
+    depth: dict | None = None          # depth-aware projector banks: {"overlap_min", "blocks"} (depth.py)
 
 
 @dataclass
@@ -36,6 +39,7 @@ class BlockCoefficients:
     beta: np.ndarray               # [B, K] float64
     skipped: np.ndarray            # [B] bool: total weight 0, the block stays unchanged
     stats: list[dict]              # per block: {"beta": [K floats], **strategy stats, "skipped": True if so}
+    depth: DepthPlan | None = None  # the round's depth-aware blocks, if any (depth.py)
 
 
 class Strategy(ABC):
@@ -77,12 +81,22 @@ class Strategy(ABC):
         client deltas, zero rows and columns where a client lacks the block), covered [K, B] whether
         client k holds block b. A client that does not hold a block (e.g. another width's
         shape-matched projectors) has weight 0 there and contributes nothing; a block whose total
-        weight is 0 is skipped."""
-        weights = self.block_weights(updates, blocks) * covered       # [K, B]
+        weight is 0 is skipped. A depth-aware projector block (declared by the updates' `depth`) is
+        the overlap-weighted mean over its family (depth.py), whatever the strategy: β_ak = c_ak / Σc_a."""
+        plain = self.block_weights(updates, blocks)
+        weights = plain * covered       # [K, B]
         groups = self.group_labels(updates)
-        out = BlockCoefficients(np.zeros((len(blocks), len(updates))), np.zeros(len(blocks), dtype=bool), [])
+        depth = DepthPlan(updates, blocks, covered, plain) if any(u.depth is not None for u in updates) else None
+        out = BlockCoefficients(np.zeros((len(blocks), len(updates))), np.zeros(len(blocks), dtype=bool), [],
+                                depth if depth is not None and depth.family else None)
         for b, block in enumerate(blocks):
-            beta, stats = self.coefficients(grams[b], weights[:, b], groups, block=block, round=round)
+            if depth is not None and b in depth:
+                weights[:, b] = depth.weights[b]
+                beta, stats = _coefficients.fedavg_coefficients(grams[b], weights[:, b], groups)
+                stats["depth"] = {"family": depth.family[b], "ranges": depth.ranges[b],
+                                  "overlap_min": depth.overlap_min, "overlap": depth.overlaps[b]}
+            else:
+                beta, stats = self.coefficients(grams[b], weights[:, b], groups, block=block, round=round)
             out.beta[b] = beta
             stats = {"beta": [float(x) for x in beta], **stats}
             if weights[:, b].sum() == 0:
@@ -110,8 +124,15 @@ class Strategy(ABC):
         coef = self.block_coefficients(grams, updates, list(blocks), covered, round=round)
 
         delta = {}
+        block_keys = dict(enumerate(blocks.values()))
         for b, keys in enumerate(blocks.values()):
             if coef.skipped[b]:
+                continue
+            if coef.depth is not None and b in coef.depth:
+                delta.update(block_delta(coef.depth, b, coef.beta[b], block_keys, lambda k: global_state[k].shape,
+                                         [u.delta for u in updates], global_state))
+                for key in keys:
+                    delta[key] = delta[key].reshape(global_state[key].shape)
                 continue
             X = _block_matrix(global_state, updates, keys, covered[:, b])
             flat = torch.from_numpy(coef.beta[b]) @ X          # [D]

@@ -3,7 +3,10 @@
 One block per depth slot (`slot{s}`: the slot's gate and experts, CMGA aligns each slot on its own);
 with shape-matched sharing also one per (slot, width) for the width-d projector bank
 (`slot{s}.h{d}`) and one per width for the side stream's out-projector (`side_out.h{d}`), held
-only by that width's clients.
+only by that width's clients. With depth-aware sharing a bank is per (width, depth ranges): `h{d}_{tag}`
+(`bank_name(d, tag)`, tag a digest of the clients' per-slot depth ranges, fedzero/adapters/dema/depth.py);
+the blocks of the banks of one width and slot form one family (`bank_family`), which the aggregator
+mixes across banks by depth overlap (fedzero/strategies/depth.py).
 
 The blocks are declared by the shared container's structure (`declared_blocks`), and the aggregator
 writes them into every global it publishes (the manifest's `meta["blocks"]`). A global published
@@ -19,13 +22,22 @@ from typing import Iterable, Mapping
 from torch import nn
 
 _SLOT_KEY = re.compile(r"^slots\.(\d+)\.")
-_BANK_SLOT_KEY = re.compile(r"^proj\.h(\d+)\.slots\.(\d+)\.")
-_BANK_OUT_KEY = re.compile(r"^proj\.h(\d+)\.out_proj\.")
+_BANK = r"h\d+(?:_[0-9a-f]+)?"
+_BANK_SLOT_KEY = re.compile(rf"^proj\.({_BANK})\.slots\.(\d+)\.")
+_BANK_OUT_KEY = re.compile(rf"^proj\.({_BANK})\.out_proj\.")
 
 
-def bank_name(width: int | str) -> str:
-    """The name of the width-d projector bank inside the shared container (`proj.<name>.…`)."""
-    return f"h{width}"
+def bank_name(width: int | str, tag: str | None = None) -> str:
+    """The name of the width-d projector bank inside the shared container (`proj.<name>.…`); with
+    depth-aware sharing also its depth tag: `h576_3fa9c0d21b`."""
+    return f"h{width}" if tag is None else f"h{width}_{tag}"
+
+
+def bank_family(block: str) -> str:
+    """The family of a projector bank's block: the block without the bank's depth tag
+    (`slot3.h576_3fa9c0d21b` -> `slot3.h576`); the blocks of one family hold tensors of equal shapes."""
+    head, _, bank = block.rpartition(".")
+    return f"{head}.{bank.split('_')[0]}"
 
 
 def slot_block(slot: int | str) -> str:
@@ -62,9 +74,9 @@ def shared_block(key: str) -> str:
     if match := _SLOT_KEY.match(key):
         return slot_block(match.group(1))
     if match := _BANK_SLOT_KEY.match(key):
-        return bank_block(match.group(2), bank_name(match.group(1)))
+        return bank_block(match.group(2), match.group(1))
     if match := _BANK_OUT_KEY.match(key):
-        return side_out_block(bank_name(match.group(1)))
+        return side_out_block(match.group(1))
     raise ValueError(f"{key!r} is not a DeMA shared key (expected 'slots.<s>.…' or 'proj.h<d>.…')")
 
 

@@ -14,7 +14,7 @@ from fedzero.fields import from_known_fields
 PLACEMENTS = ("parallel", "side")
 TARGETS = ("mlp",)
 PROJECTORS = ("learned", "anchor", "anchor+learned", "canonical", "canonical+learned")
-SHARING = ("experts-only", "shape-matched")
+SHARING = ("experts-only", "shape-matched", "depth-aware")
 
 # Fields that define the shared space. Two clients whose values differ here cannot aggregate.
 SHARED_FIELDS = ("rank", "num_experts", "num_slots", "expert_hidden")
@@ -31,7 +31,8 @@ class DeMAConfig:
     target: str = field(default="mlp", metadata={"help": "which block of each decoder layer the adapter runs beside"})
     projector: str = field(default="learned", metadata={"help": "in-projector: 'learned' (trained), 'anchor' (frozen relative representation over the public anchor set), 'anchor+learned' (anchor start, fine-tuned with a penalty), 'canonical' (frozen linear map onto a shared space fitted on the anchor set across clients: fedzero/adapters/dema/canonical.py) or 'canonical+learned' (plus a learned private residual, zero-initialised)"})
     anchor_out: bool = field(default=False, metadata={"help": "anchor-defined out-projector U = (A - mu)^T diag(g), g learned and zero-initialised (needs an anchor projector)"})
-    share: str = field(default="shape-matched", metadata={"help": "'shape-matched' (default: clients of equal hidden size also share their learned per-slot projectors; anchor projectors stay private) or 'experts-only' (projectors stay on the client)"})
+    share: str = field(default="shape-matched", metadata={"help": "'shape-matched' (default: clients of equal hidden size also share their learned per-slot projectors; anchor projectors stay private), 'depth-aware' (as shape-matched, but a slot's projector is averaged only among clients whose depth ranges for that slot overlap by at least depth_overlap_min, weighted by the overlap: fedzero/adapters/dema/depth.py) or 'experts-only' (projectors stay on the client)"})
+    depth_overlap_min: float = field(default=0.5, metadata={"help": "share 'depth-aware': the least overlap (intersection over union of two clients' depth ranges for a slot) at which a client's projector enters another's average; in (0, 1]"})
     anchor_file: str | None = field(default=None, metadata={"help": "JSONL of public anchor texts ({'text': ...}); default: the bundled set. Every client must use the same file"})
     num_anchors: int = field(default=256, metadata={"help": "anchor texts used for the mean mu (the first `rank` of them define the directions)"})
     anchor_lr_scale: float = field(default=0.1, metadata={"help": "anchor+learned: learning-rate factor of the in-projector"})
@@ -53,6 +54,10 @@ class DeMAConfig:
         for name, allowed in (("placement", PLACEMENTS), ("target", TARGETS), ("projector", PROJECTORS), ("share", SHARING)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DeMAConfig.{name}={getattr(self, name)!r} is not supported; choose one of {allowed}")
+
+        if not (isinstance(self.depth_overlap_min, (int, float)) and not isinstance(self.depth_overlap_min, bool)
+                and 0 < self.depth_overlap_min <= 1):
+            raise ValueError(f"DeMAConfig.depth_overlap_min must be in (0, 1], got {self.depth_overlap_min!r}")
 
         if self.anchor_out and not self.uses_anchors:
             raise ValueError("DeMAConfig.anchor_out needs projector 'anchor' or 'anchor+learned'")
@@ -100,9 +105,15 @@ class DeMAConfig:
 
     @property
     def shares_projectors(self) -> bool:
-        """Whether the projectors travel (per slot, among clients of one width). Anchor and canonical
-        projectors are defined by each backbone's own anchor states, so they stay private under either `share`."""
-        return self.share == "shape-matched" and self.projector == "learned"
+        """Whether the projectors travel (per slot, among clients of one width; with 'depth-aware', per
+        slot among those of one width whose depth ranges overlap). Anchor and canonical projectors are
+        defined by each backbone's own anchor states, so they stay private under any `share`."""
+        return self.share in ("shape-matched", "depth-aware") and self.projector == "learned"
+
+    @property
+    def depth_aware(self) -> bool:
+        """Whether the shared projectors are averaged depth-aware (docs/method.md, "Depth-aware projector sharing")."""
+        return self.shares_projectors and self.share == "depth-aware"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -14,6 +14,7 @@ from fedzero.backbones import DecoderLayout, decoder_layout
 from .anchors import load_anchor_texts, pooled_hidden_states
 from .blocks import bank_block, bank_name, declared_blocks, is_bank_key, side_out_block, slot_block
 from .config import DeMAConfig
+from .depth import depth_tag, layer_depths, slot_ranges
 from .layer import (AnchorInProjector, CanonicalInProjector, DeMAParallelMLP, DeMAPrivate, DeMAShared, PostNormDelta,
                     ProjectorBank, SideStream)
 
@@ -22,7 +23,7 @@ class DeMAModel:
     """Handle over a backbone with DeMA injected. Holds no tensors of its own."""
 
     def __init__(self, model: nn.Module, config: DeMAConfig, shared: DeMAShared, private: DeMAPrivate,
-                 side_stream: SideStream | None, num_layers: int):
+                 side_stream: SideStream | None, num_layers: int, depth_ranges: list | None = None):
         self.model = model
         self.config = config
         self.shared = shared
@@ -30,6 +31,10 @@ class DeMAModel:
         self.side_stream = side_stream
         self.num_layers = num_layers
         self.hidden_size = model.config.get_text_config().hidden_size
+        # share 'depth-aware': per slot, the union of its layers' ranges on the common depth axis (depth.py)
+        self.depth_ranges = depth_ranges
+        self.bank = (bank_name(self.hidden_size, depth_tag(depth_ranges) if depth_ranges is not None else None)
+                     if config.shares_projectors else None)
 
     # -- what trains and what travels ------------------------------------------------------------
     def shared_parameters(self) -> dict[str, nn.Parameter]:
@@ -97,11 +102,25 @@ class DeMAModel:
         for s in self.slot_of_layer():
             use[slot_block(s)] += 1
         if self.config.shares_projectors:
-            bank = bank_name(self.hidden_size)
+            bank = self.bank
             use.update({bank_block(s, bank): use[slot_block(s)] for s in range(self.config.num_slots)})
             if self.config.placement == "side":
                 use[side_out_block(bank)] = 1
         return use
+
+    def depth_declaration(self) -> dict | None:
+        """What a depth-aware client sends with its update (the manifest's `depth`, checked by
+        fedzero.strategies.depth.check_declaration): the least overlap, and per projector-bank block
+        its family and depth ranges (the side out-projector reads the final state, the same place
+        in every model: [0, 1]). None unless share is 'depth-aware'."""
+        if not self.config.depth_aware:
+            return None
+        family = bank_name(self.hidden_size)
+        blocks = {bank_block(s, self.bank): {"family": bank_block(s, family), "ranges": self.depth_ranges[s]}
+                  for s in range(self.config.num_slots)}
+        if self.config.placement == "side":
+            blocks[side_out_block(self.bank)] = {"family": side_out_block(family), "ranges": [[0.0, 1.0]]}
+        return {"overlap_min": float(self.config.depth_overlap_min), "blocks": blocks}
 
     def num_shared_parameters(self) -> int:
         return sum(p.numel() for p in self.shared.parameters())
@@ -144,6 +163,8 @@ def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = to
     model.requires_grad_(False)
     shape_matched = config.shares_projectors
     slots = [config.slot_of_layer(l, num_layers) for l in range(num_layers)]
+    depth_ranges = (slot_ranges(layer_depths(model.config, num_layers), slots, config.num_slots)
+                    if config.depth_aware else None)
 
     shared = DeMAShared(config.rank, config.num_experts, config.expert_hidden, config.num_slots, config.temperature)
     bank = ProjectorBank(config.num_slots if shape_matched else num_layers, hidden, config.rank,
@@ -151,12 +172,13 @@ def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = to
     generator = torch.Generator().manual_seed(config.seed)
     for mixture in shared.slots:
         mixture.reset_parameters(generator)
-    # Shape-matched banks must start identical on every client of the same width.
+    # Shape-matched banks must start identical on every client of the same width (depth-aware banks
+    # of one width too, whatever their depth tag: the aggregator mixes them).
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + (hidden if shape_matched else 1))
     for projectors in bank.slots:
         projectors.reset_parameters(generator)
     if shape_matched:
-        shared.proj[bank_name(hidden)] = bank
+        shared.proj[bank_name(hidden, depth_tag(depth_ranges) if depth_ranges is not None else None)] = bank
         private = DeMAPrivate(None)
     else:
         private = DeMAPrivate(bank)
@@ -187,7 +209,7 @@ def inject_dema(model: nn.Module, config: DeMAConfig, *, dtype: torch.dtype = to
     else:
         side = SideStream(layers, [p.in_proj for p in layer_projectors], [shared.slots[s] for s in slots],
                           bank.out_proj, layout.final_norm)
-    return DeMAModel(model, config, shared, private, side, num_layers)
+    return DeMAModel(model, config, shared, private, side, num_layers, depth_ranges)
 
 
 def _check_canonical(config: DeMAConfig, canonical, num_layers: int) -> None:
