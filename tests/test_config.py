@@ -162,7 +162,7 @@ def test_a_file_that_is_not_a_plain_yaml_mapping_is_refused_with_its_line(tmp_pa
     ("clients[0].train.lr_typo", 1, "unknown train setting(s) ['lr_typo']"),
     ("dema.rnk", 4, "unknown DeMAConfig field(s) ['rnk'] (did you mean 'rank'?)"),
     ("dema.projector", "anchor", "DeMAConfig.num_anchors (256) must be >= rank"),     # the class's own rule
-    ("federation.strategy", "fedprox", "must be one of ['cmga', 'fedavg'], got 'fedprox'"),
+    ("federation.strategy", "fedprox", "must be one of ['cmga', 'fedavg', 'local'], got 'fedprox'"),
     ("federation.strategy_options.seed", 3, "is set by `seed`, not as a strategy option"),
     ("federation.strategy_options.c_max", 0.5, "CMGA c_max must be >= 1"),           # the strategy's own rule
     ("clients", [], "clients must list at least one client"),

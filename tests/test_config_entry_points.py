@@ -113,11 +113,11 @@ def test_launch_client_exits_2_naming_the_problem(tmp_path, capsys):
 
 def test_both_strategy_registries_are_one_helper():
     assert isinstance(STRATEGIES, Registry) and isinstance(LORA_STRATEGIES, Registry)
-    assert sorted(STRATEGIES) == ["cmga", "fedavg"] and "flexlora" in LORA_STRATEGIES
+    assert sorted(STRATEGIES) == ["cmga", "fedavg", "local"] and "flexlora" in LORA_STRATEGIES
     assert set(STRATEGIES.options("cmga")) == {"harmonize_norms", "c_max", "groups", "server_lr", "server_momentum", "seed"}
     assert STRATEGIES.options("cmga")["c_max"].annotation is float
     assert LORA_STRATEGIES.options("fedit") == {}
-    with pytest.raises(ValueError, match=r"unknown strategy 'fedprox'; valid: \['cmga', 'fedavg'\]"):
+    with pytest.raises(ValueError, match=r"unknown strategy 'fedprox'; valid: \['cmga', 'fedavg', 'local'\]"):
         make_strategy("fedprox")
     with pytest.raises(TypeError, match=r"LoRA baseline 'fedit' got unknown option\(s\) \['mu'\]"):
         make_lora_strategy("fedit", mu=0.1)

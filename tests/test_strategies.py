@@ -359,7 +359,7 @@ def test_make_strategy():
     assert isinstance(s, CMGA) and s.harmonize_norms and s.c_max == 3.0 and s.seed == 4
     assert s.server_opt.lr == 0.5
     assert isinstance(make_strategy("fedavg"), FedAvg)
-    with pytest.raises(ValueError, match=r"unknown strategy 'fedprox'.*\['cmga', 'fedavg'\]"):
+    with pytest.raises(ValueError, match=r"unknown strategy 'fedprox'.*\['cmga', 'fedavg', 'local'\]"):
         make_strategy("fedprox")
     with pytest.raises(TypeError, match="harmonize_norms"):
         make_strategy("fedavg", harmonize_norms=True)
