@@ -95,6 +95,10 @@ def _env() -> dict:
     except ImportError:
         pass
     env["PYTHONUNBUFFERED"] = "1"
+    from fedzero.logs import child_environment      # the --log-level's filtering, in the launched processes too
+
+    for key, value in child_environment().items():
+        env.setdefault(key, value)
     return env
 
 
@@ -117,6 +121,11 @@ def prepare(config: str | Path, out: str | Path, ds_config: Path, procs_per_clie
     from it. The whole config is checked before anything is written."""
     raw, path = read_yaml(config)
     run = parse_run_config(raw, path.parent, source=path)
+    if run.federation.strategy.lower() == "local":
+        raise ValueError(f"{path}: federation.strategy 'local' runs in `fedzero simulate` only: a DeepSpeed client "
+                         "starts every round from the store's global, so it cannot keep its own adapter between "
+                         "rounds; run the local control with `fedzero simulate --config "
+                         f"{config} --strategy local --out DIR`")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "federate.json").exists():
         raise FileExistsError(f"output directory {out} is not empty and holds no fedzero run")

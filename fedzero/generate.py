@@ -201,7 +201,7 @@ def evaluate_trained(trained, records: list[dict], labels: list[str] | None, *, 
                        tokens=int((example["labels"][1:] != -100).sum()))
     if labels:
         scored, scores = classify(model, tok, records, labels, max_length=trained.max_length,
-                                  batch_size=trained.batch_size)
+                                  batch_size=trained.label_batch_size)
         metrics.update(scored, labels=list(labels))
         for row, record, score in zip(rows, records, scores):
             row.update(label=record["label"], predicted=labels[int(score.argmax())],
@@ -226,8 +226,10 @@ def add_evaluate_parser(subparsers):
                                                        "label words, else the records' own")
     p.add_argument("--max-length", type=_positive_int, help="tokens per example (default: the client's "
                                                            "train.max_length in its run, else 128)")
-    p.add_argument("--batch-size", type=_positive_int, help="examples per forward pass (default: the client's "
-                                                           "train.eval_batch_size in its run, else 32)")
+    p.add_argument("--batch-size", type=_positive_int, help="examples per forward pass (default: as the run "
+                                                           "evaluated: the client's train.eval_batch_size for the "
+                                                           "loss, 32 for label scoring; else 32). Padding differs "
+                                                           "with it, so results can differ in the last digits")
     p.add_argument("--out", help="also write the results: .jsonl (one line per record: loss, tokens, prediction) or "
                                  ".json (the metrics and those records)")
     p.set_defaults(func=run_evaluate)
@@ -245,14 +247,15 @@ def run_evaluate(args) -> int:
     if args.max_length is not None:
         trained.max_length = args.max_length
     if args.batch_size is not None:
-        trained.batch_size = args.batch_size
+        trained.batch_size = trained.label_batch_size = args.batch_size
     labels = labels_for(records, args.labels, trained.run_labels, source)
     metrics, rows = evaluate_trained(trained, records, labels, per_record=out is not None)
     print(f"{trained.description}\ninput: {source}\n")
     print(format_metrics(metrics))
     if out is not None:
         _write(out, {"model": trained.description, "provenance": trained.provenance, "input": source,
-                     "settings": {"max_length": trained.max_length, "batch_size": trained.batch_size},
+                     "settings": {"max_length": trained.max_length, "batch_size": trained.batch_size,
+                                  "label_batch_size": trained.label_batch_size},
                      "metrics": metrics}, rows)
         print(f"\nwrote {out}")
     return 0

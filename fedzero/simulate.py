@@ -89,6 +89,9 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
         check_one_tokenizer({c.client_id: c.distiller.tokenizer for c in clients})
     fed = run.federation
     strategy = fed.make_strategy(seed=run.seed)
+    # strategy local: nothing aggregated; each client starts every round from its own shared state,
+    # which it keeps beside its private part (clients/<id>/shared.safetensors; never in the store)
+    own_states = None if getattr(strategy, "aggregates", True) else {}
     store = FederationStore(out / "store")
     global_state, blocks = initial_global(clients)
     store.publish_global(0, global_state, meta=round0_meta(run.seed, run.dema, blocks))
@@ -122,10 +125,11 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
         round_rows, updates = [], []
         uploaded = 0
         for client in clients:
-            bar.set_postfix_str(f"round {rnd + 1}/{fed.rounds} client {client.client_id}")
+            bar.set_postfix_str(f"round {rnd} (of 0..{fed.rounds - 1}) client {client.client_id}")
             if client.distiller is not None:
                 client.distiller.set_teacher(client.distiller.read_teacher(store, rnd, client.client_id))
-            delta, metrics = client.train_round(global_state)
+            start = global_state if own_states is None else own_states.get(client.client_id, global_state)
+            delta, metrics = client.train_round(start)
             if client.distiller is not None:     # sent before the update, whose manifest closes the round
                 # its quality: the held-out loss of the model that made these predictions (trained, not yet averaged)
                 quality = client.evaluate() if client.distiller.reports_quality else None
@@ -138,11 +142,15 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
             # Private projectors persist locally between rounds and never enter the store.
             save_part(client.handle, out / "clients" / client.client_id / "private.safetensors", "private",
                       fingerprint=client.fingerprint)
+            if own_states is not None:
+                own_states[client.client_id] = client.handle.shared_state_dict()
+                save_part(client.handle, out / "clients" / client.client_id / "shared.safetensors", "shared",
+                          fingerprint=client.fingerprint)
             round_rows.append({"id": client.client_id, "fingerprint": client.fingerprint, **metrics})
             bar.update(1)
         for manifest in store.list_updates(rnd):
             delta, _ = store.read_update(rnd, manifest["client_id"])
-            uploaded += manifest["bytes"]
+            uploaded += manifest["bytes"] if own_states is None else 0      # local: recorded, never sent
             updates.append(ClientUpdate(manifest["client_id"], delta, manifest["num_samples"],
                                         manifest["fingerprint"], manifest.get("slot_use"), manifest.get("depth")))
         new_state, agg = strategy.aggregate(global_state, updates, round=rnd, block_of=block_of)
@@ -151,10 +159,12 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
         distill = publish_teachers(store, rnd, {u.client_id: u.num_samples for u in updates},
                                    run.distill.teacher_rule if run.distill is not None else None)
         store.write_result(rnd, {"strategy": fed.strategy, **agg, "diagnostics": diagnostics, "distill": distill})
-        store.publish_global(rnd + 1, new_state, meta={"aggregated_from_round": rnd, "blocks": block_of})
+        store.publish_global(rnd + 1, new_state, meta={"aggregated_from_round": rnd, "blocks": block_of,
+                                                       "strategy": fed.strategy})
 
         for client, row in zip(clients, round_rows):
-            client.handle.load_shared_state_dict(new_state)   # evaluate what the federation produced
+            if own_states is None:
+                client.handle.load_shared_state_dict(new_state)   # evaluate what the federation produced
             # Label scoring costs several forward passes per example: only before and after the run.
             row.update(evaluate_client(client, labels if rnd == fed.rounds - 1 else None))
             row["gate_entropy"] = gate_entropy(client.handle, collate(client.eval_examples[:8], client.pad_id))

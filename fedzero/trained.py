@@ -33,7 +33,8 @@ class Trained:
     client_id: str | None = None
     round: int | None = None
     max_length: int = DEFAULT_MAX_LENGTH
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int = DEFAULT_BATCH_SIZE            # eval loss: the client's train.eval_batch_size
+    label_batch_size: int = DEFAULT_BATCH_SIZE      # label scoring: what simulate's evaluation uses (32)
     max_eval_examples: int | None = None
     test_data: Path | None = None      # the client's held-out data in its run (None: unknown)
     run_labels: list[str] | None = None    # the label words the run scored (summary.json), if any
