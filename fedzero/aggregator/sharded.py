@@ -18,7 +18,8 @@ import torch
 from fedzero.strategies import Strategy
 
 from .assemble import assemble, buffer_dtypes
-from .mpi import all_ok, allreduce_sum, rank_of, size_of
+from .depth import DepthBanks, depth_keys, depth_plan
+from .mpi import all_ok, allreduce_sum, on_root, rank_of, size_of
 from .passes import UpdateReader, combine, exchange_coefficients, partial_grams, rank_slices, step_slices
 from .plan import RoundPlan
 from .shards import plan_shards
@@ -42,10 +43,14 @@ class ShardResult:
 def aggregate_sharded(comm, plan: RoundPlan, strategy: Strategy, *, cache_bytes: int,
                       chunk_bytes: int) -> ShardResult:
     """Both passes, the reductions and the assembly (collective: every rank calls it)."""
-    shards = plan_shards(plan.infos, size_of(comm))
+    # depth-aware projector banks mix across keys: rank 0 handles them whole (depth.py)
+    depth = depth_plan(plan, strategy)
+    whole = depth_keys(plan, depth)
+    shards = plan_shards([i for i in plan.infos if i.key not in whole], size_of(comm))
     slices = rank_slices(plan, shards[rank_of(comm)], cache_bytes=cache_bytes, chunk_bytes=chunk_bytes)
     K, B = len(plan.updates), len(plan.blocks)
     grams = np.zeros((B, K, K))
+    banks: dict[str, DepthBanks] = {}
     cache: dict[tuple[str, int], list[torch.Tensor]] = {}
     seconds: dict[str, float] = {}
 
@@ -55,6 +60,11 @@ def aggregate_sharded(comm, plan: RoundPlan, strategy: Strategy, *, cache_bytes:
         all_ok(comm, lambda: partial_grams(plan, slices, reader, grams, cache), "reading updates (pass 1)")
         tick = _lap(seconds, "pass1_s", tick)
         allreduce_sum(comm, grams)
+        if depth is not None:
+            def read_banks() -> None:
+                banks["root"] = DepthBanks(plan, depth)
+                banks["root"].grams(grams)          # rank 0's grams are the ones the coefficients use
+            on_root(comm, read_banks, "reading the depth-aware projector banks")
         coef = exchange_coefficients(comm, plan, strategy, grams)
         tick = _lap(seconds, "coefficients_s", tick)
 
@@ -66,8 +76,16 @@ def aggregate_sharded(comm, plan: RoundPlan, strategy: Strategy, *, cache_bytes:
 
     buf_dtype = buffer_dtypes(plan, coef.skipped, strategy.server_opt.momentum)
     state, buffers = assemble(comm, plan, shards, new_theta, new_buf, buf_dtype)
+    update_bytes = reader.bytes_read
+    if depth is not None:
+        def step_banks() -> tuple[int, int]:
+            read = banks["root"].step(strategy, coef.beta, coef.skipped, state, buffers)
+            return banks["root"].bytes_read, read
+        extra = on_root(comm, step_banks, "stepping the depth-aware projector banks")
+        if rank_of(comm) == 0:              # every rank reports its own reads; rank 0 read the banks
+            update_bytes, other_bytes = update_bytes + extra[0], other_bytes + extra[1]
     _lap(seconds, "assemble_s", tick)
-    return ShardResult(grams, coef.beta, coef.skipped, coef.stats, update_bytes=reader.bytes_read,
+    return ShardResult(grams, coef.beta, coef.skipped, coef.stats, update_bytes=update_bytes,
                        other_bytes=other_bytes, passes=1 if slices.keep else 2, seconds=seconds,
                        state=state, buffers=buffers)
 

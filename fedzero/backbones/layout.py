@@ -180,7 +180,8 @@ def attention_projections(model: nn.Module) -> tuple[str, ...]:
 
 def keep_decoder_layers(model: nn.Module, kept: list[int]) -> None:
     """Drop every decoder layer not in `kept` (in place), renumbering what the cache and per-layer
-    config read: each submodule's layer_idx, config.num_hidden_layers and config.layer_types."""
+    config read: each submodule's layer_idx, config.num_hidden_layers and config.layer_types; and
+    recording the kept layers' depth ranges in the source model (config.fedzero_layer_depths)."""
     layout = decoder_layout(model)
     layers = nn.ModuleList([layout.layers[i] for i in kept])
     setattr(layout.decoder, layout.layers_name, layers)
@@ -189,6 +190,12 @@ def keep_decoder_layers(model: nn.Module, kept: list[int]) -> None:
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new
     config = model.config.get_text_config()
+    # where the kept layers sit in the source model, for DeMA's depth-aware sharing: saved with the
+    # config (config.json), read by fedzero/adapters/dema/depth.py
+    from fedzero.adapters.dema.depth import LAYER_DEPTHS_KEY, cut_layer_depths, layer_depths
+
+    source = layer_depths(config, config.num_hidden_layers)
+    setattr(config, LAYER_DEPTHS_KEY, [list(d) for d in cut_layer_depths(kept, source)])
     config.num_hidden_layers = len(kept)
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = [config.layer_types[i] for i in kept]
