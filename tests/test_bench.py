@@ -722,7 +722,9 @@ def test_lm_suites_load_and_lm_mistakes_are_refused_naming_the_key():
         assert [c["backbone"] for c in suite["settings"]["H"]["clients"]] == ["smol10", "smol10", "neox384", "small256"]
         assert not any(m.get("distill") for m in suite["settings"]["H"]["methods"])
     assert {m["name"] for m in load_suite("hetero-lm")["settings"]["H"]["methods"]} == {
-        "lora-local", "fedit", "dema-local", "dema-fedavg", "dema-shaped-fedavg", "dema-local-replica"}
+        "lora-local", "fedit", "dema-local", "dema-fedavg", "dema-shaped-fedavg", "dema-local-replica",
+        "dema-canonical-local", "dema-canonical-fedavg"}
+    assert {m.get("projector_anchors") for m in load_suite("hetero-lm")["settings"]["H"]["methods"]} == {None, "domain:cookie"}
 
     def refused(change, match):
         suite = load_suite("hetero-lm-quick")
