@@ -17,9 +17,15 @@ loss travel: 64 anchors x 3 labels = 768 B per client-round). It composes with a
 (local, fedavg, cmga). Every path that publishes teachers (fedzero simulate, the MPI aggregator,
 the benchmark) calls leave_one_out_teachers.
 
+``distill.level: token`` (among clients of one tokenizer) exchanges next-token distributions instead:
+at every scored anchor position the top-k token ids and their probabilities renormalised over the k,
+teachers on the union of the others' supports under the same rules, and KL(T_k || model) against the
+model's full-vocabulary softmax (``tokens``, ``token_distiller``; docs/method.md).
+
 Modules: ``settings`` (the run config's ``distill:`` section, DistillSettings), ``distiller`` (the
 client side: anchor predictions and the KL term, AnchorDistiller), ``teachers`` (the server side:
 TeacherRule and the leave-one-out mixtures), ``publish`` (the aggregator's step: predictions in the
-store become the next round's teachers). The store keeps the files (anchor predictions, teachers).
+store become the next round's teachers), ``tokens`` (token level: top-k encoding, sparse teachers,
+the sparse KL, tokenizer fingerprints) and ``token_distiller`` (token level: TokenDistiller). The store keeps the files (anchor predictions, teachers).
 Nothing is imported here: the MPI aggregator needs only ``teachers``, without the clients' stack.
 """
