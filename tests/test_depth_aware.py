@@ -156,21 +156,26 @@ def test_aggregate_equals_its_closed_form_and_a_far_bank_keeps_its_own():
 @pytest.mark.parametrize("strategy", ["fedavg", "cmga"])
 def test_full_overlap_is_shape_matched_fedavg_bit_for_bit(strategy):
     """Every client with the same ranges: one bank, and the depth-aware rule is FedAvg on it exactly
-    (two rounds, server lr and momentum); under CMGA the bank is FedAvg'd, the experts CMGA'd."""
-    theta_d = theta_p = {k: v for k, v in _global(4).items() if f".{B}." not in k}
+    (two rounds, server lr and momentum) against today's untagged shape-matched bank `h4`; under
+    CMGA the bank is FedAvg'd, the experts CMGA'd."""
+    def plain(d):
+        return {k.replace(f".{A}.", ".h4."): v for k, v in d.items()}
+
+    theta_d = {k: v for k, v in _global(4).items() if f".{B}." not in k}
+    theta_p = theta_f = plain(theta_d)
     opts = {"server_lr": 0.7, "server_momentum": 0.5}
     sd, sp, sf = make_strategy(strategy, **opts), make_strategy(strategy, **opts), make_strategy("fedavg", **opts)
-    theta_f = theta_p
     for r in range(2):
         ups = [_update(c, A, n, 10 * r + s) for c, n, s in (("a1", 10, 1), ("a2", 30, 2), ("a3", 20, 3))]
-        plain = [ClientUpdate(u.client_id, u.delta, u.num_samples, u.group, u.slot_use) for u in ups]
+        today = [ClientUpdate(u.client_id, plain(u.delta), u.num_samples, u.group, {"slot0": 1, "slot0.h4": 1})
+                 for u in ups]
         theta_d, md = sd.aggregate(theta_d, ups, round=r, block_of=shared_block)
-        theta_p, mp = sp.aggregate(theta_p, plain, round=r, block_of=shared_block)
-        theta_f, _ = sf.aggregate(theta_f, plain, round=r, block_of=shared_block)
+        theta_p, _ = sp.aggregate(theta_p, today, round=r, block_of=shared_block)
+        theta_f, _ = sf.aggregate(theta_f, today, round=r, block_of=shared_block)
         assert md["blocks"][f"slot0.{A}"]["depth"]["overlap"] == [1.0, 1.0, 1.0]
-    for k in theta_d:
-        want = theta_f[k] if f".{A}." in k else theta_p[k]
-        assert torch.equal(theta_d[k], want), k
+    for k, v in plain(theta_d).items():
+        want = theta_f[k] if ".h4." in k else theta_p[k]
+        assert torch.equal(v, want), k
 
 
 def test_declarations_are_checked_naming_the_client():
@@ -185,6 +190,9 @@ def test_declarations_are_checked_naming_the_client():
     with pytest.raises(ValueError, match=r"client 'a2' holds the depth-aware block 'slot0.h4_aaaa' but its update "
                                          r"declares no depth ranges"):
         run([_update("a1", A, 10, 1), _update("a2", A, 10, 2, depth=False)])
+    with pytest.raises(ValueError, match=r"client 'a1' holds the depth-aware block 'slot0.h4_aaaa' but its update "
+                                         r"declares no depth ranges"):     # nobody declares: refused, not averaged per bank
+        run([_update("a1", A, 10, 1, depth=False), _update("b", B, 10, 2, depth=False)])
     bad = _update("a2", A, 10, 2)
     bad.depth = _decl(A, 0.3, [[0.0, 0.4]])
     with pytest.raises(ValueError, match=r"client 'a2': depth.blocks\['slot0.h4_aaaa'\] declares family 'slot0.h4', "

@@ -16,7 +16,7 @@ from fedzero.store import FederationStore, StoreError
 from fedzero.store.artifact import check_file, check_keys, check_size
 from fedzero.strategies import ClientUpdate, Strategy
 from fedzero.strategies.blocks import block_coverage, group_blocks
-from fedzero.strategies.depth import DepthPlan
+from fedzero.strategies.depth import DepthPlan, require_declarations
 
 from .mpi import AggregationError, all_ok, rank_of, size_of
 from .shards import TensorInfo, header
@@ -80,11 +80,13 @@ def make_plan(store: FederationStore, round: int, manifests: list[dict], strateg
     grouped = group_blocks(keys, block_of)
     block_of_key = {key: b for b, members in enumerate(grouped.values()) for key in members}
     updates, files, covered = _check_updates(store, round, manifests, ginfo, grouped, keys)
-    if any(u.depth is not None for u in updates):        # depth-aware projector banks: declarations agree
-        try:
+    try:                                                  # depth-aware projector banks: declarations agree
+        if any(u.depth is not None for u in updates):
             DepthPlan(updates, list(grouped), covered, strategy.block_weights(updates, list(grouped)))
-        except ValueError as err:
-            raise AggregationError(str(err)) from None
+        else:
+            require_declarations(updates, list(grouped), covered)
+    except ValueError as err:
+        raise AggregationError(str(err)) from None
     state_file, state_keys = _server_state(store, round, strategy, ginfo, reset_server_state)
     return RoundPlan(round, infos, list(grouped), block_of_key, updates, files, covered,
                      Source(f"global of round {round}", str(gpath), gman.sha256, gman.bytes),

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import coefficients as _coefficients
 from .blocks import BlockOf, block_coverage, group_blocks
-from .depth import DepthPlan, block_delta
+from .depth import DepthPlan, block_delta, require_declarations
 from .server import ServerOptimizer
 
 
@@ -87,6 +87,8 @@ class Strategy(ABC):
         weights = plain * covered       # [K, B]
         groups = self.group_labels(updates)
         depth = DepthPlan(updates, blocks, covered, plain) if any(u.depth is not None for u in updates) else None
+        if depth is None:
+            require_declarations(updates, blocks, covered)
         out = BlockCoefficients(np.zeros((len(blocks), len(updates))), np.zeros(len(blocks), dtype=bool), [],
                                 depth if depth is not None and depth.family else None)
         for b, block in enumerate(blocks):

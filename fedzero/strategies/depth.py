@@ -27,6 +27,7 @@ projector). Depth-aware blocks use this rule under every strategy; CMGA aligns t
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -34,6 +35,20 @@ import torch
 from torch import Tensor
 
 DECLARATION_KEYS = ("overlap_min", "blocks")
+# DeMA's depth-aware bank blocks (fedzero/adapters/dema/blocks.py: `slot{s}.h{d}_{tag}`, `side_out.h{d}_{tag}`)
+_TAGGED_BANK = re.compile(r"(^|\.)h\d+_[0-9a-f]+$")
+
+
+def require_declarations(updates, blocks: list[str], covered: np.ndarray) -> None:
+    """Without any depth declaration, a held depth-aware bank block would be averaged over its own
+    bank only, silently: refuse it, naming the client and the block."""
+    for b, block in enumerate(blocks):
+        if _TAGGED_BANK.search(block):
+            for k, u in enumerate(updates):
+                if covered[k, b]:
+                    raise ValueError(f"client {u.client_id!r} holds the depth-aware block {block!r} but its update "
+                                     "declares no depth ranges for it (manifest field 'depth'; "
+                                     "ClientUpdate.depth = DeMAModel.depth_declaration())")
 
 
 def check_declaration(client_id: str, depth) -> None:
