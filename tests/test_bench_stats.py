@@ -524,3 +524,55 @@ def test_lm_vectorised_bootstrap_equals_a_slow_loop_with_the_same_draws():
             sel = rec[strata[p.strata[rec]]]
             ratio = (p.nll_a[k][sel].sum() / p.tokens[k][sel].sum()) / (p.nll_b[k][sel].sum() / p.tokens[k][sel].sum())
             assert fast[b, i, u] == pytest.approx(1 - ratio, abs=1e-12)
+
+
+def test_the_gate_passes_a_method_far_above_every_reference_and_names_why_others_fail():
+    """fedzero.bench.report.gate on stored outcomes: 'strong' (near-perfect) beats dema-local, lora-local and
+    fedit by far more than 5 points with intervals above 0, its transfer above 0, no client worse on its own
+    topic: it passes; 'same' trains like dema-local (its own gains are noise around 0) and fails, naming the
+    references; with fewer than 5 seeds nothing passes."""
+    from fedzero.bench import report
+    from fedzero.bench.report.gate import MIN_SEEDS, gate_table
+
+    y = {"t0": np.array([0, 0, 1, 2, 0, 0, 1, 0, 2, 1]), "t1": np.array([2, 2, 1, 0, 2, 2, 1, 2, 0, 1])}
+    clients = [("c0", "t0", [6, 2, 2]), ("c1", "t1", [2, 2, 6])]
+    rng = np.random.default_rng(0)
+    methods = [("dema-local", "dema", "local", 0.0), ("lora-local", "lora", "local", 0.0),
+               ("fedit", "lora", "fedit", 0.5), ("strong", "dema", "fedavg", 8.0), ("same", "dema", "fedavg", 0.0)]
+    runs = []
+    for seed in range(MIN_SEEDS):
+        test = {t: [{"uid": 100 * seed + 20 * i + j, "label": LABELS3[c]} for j, c in enumerate(y[t])]
+                for i, t in enumerate(y)}
+        for name, runner, strategy, skill in methods:
+            recs = []
+            for cid, topic, counts in clients:
+                scores = {t: np.round(rng.normal(size=(len(y[t]), 3)) + skill * np.eye(3)[y[t]]
+                                      + np.log(np.array(counts) + 1.0), 4) for t in y}
+                recs.append({"id": cid, "backbone": "a", "topics": [topic], "rounds": [{"round": 0}],
+                             "final": _final(scores, y, topic), "test_scores": encode_scores(scores),
+                             "train_labels": dict(zip(LABELS3, counts)), "train_steps": 4, "train_seconds": 1.0})
+            runs.append({"setting": "A", "method": name, "seed": seed, "runner": runner, "clients": recs,
+                         "comm": [{"round": 1, "upload_bytes": [0, 0], "download_bytes": [0, 0]}],
+                         "first_round_cosine": None, "test_records": encode_records(test, LABELS3)})
+    specs = [{"name": n, "runner": r, "strategy": s, **({"dema": {"share": "experts-only"}} if r == "dema" else {})}
+             for n, r, s, _ in methods]
+    suite = {"name": "fake", "seeds": list(range(MIN_SEEDS)), "rounds": 1, "train": {"local_steps": 4, "batch_size": 4},
+             "lr": {"dema": 1e-3, "lora": 1e-3},
+             "settings": {"A": {"clients": [{"id": c, "backbone": "a", "topics": [t]} for c, t, _ in clients],
+                                "methods": specs}}}
+    results = {"suite": suite, "runs": runs, "zero_shot": {}, "machine": {}}
+    gate = report.summarize(results)["A"]["gate"]
+    assert list(gate) == ["strong", "same"]                  # DeMA methods other than the references
+    strong, same = gate["strong"], gate["same"]
+    assert strong["passes"] and strong["fails"] == []
+    assert all(g.point >= 0.05 and g.low > 0 for g in strong["vs"].values()) and strong["transfer"].low > 0
+    assert not same["passes"] and any("against dema-local" in f for f in same["fails"])
+    assert any("against fedit" in f for f in same["fails"])
+    lines = gate_table({"gate": gate}, False, lambda g, d: "x" if g is None else f"{g.point * 100:+.{d}f}")
+    assert any(line.startswith("| strong |") and line.endswith("| passes |") for line in lines)
+    assert any(line.startswith("| same |") and "fails: " in line for line in lines)
+
+    results["runs"] = [r for r in runs if r["seed"] < 2]
+    results["suite"]["seeds"] = [0, 1]
+    few = report.summarize(results)["A"]["gate"]["strong"]
+    assert not few["passes"] and few["fails"] == [f"2 seeds (< {MIN_SEEDS})"]

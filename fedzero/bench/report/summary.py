@@ -75,6 +75,7 @@ def curve(run: dict, view: str = "global", metric: str = "accuracy") -> dict[int
 
 def summarize(results: dict) -> dict:
     """{setting: {"methods": {name: {...}}, "zero_shot": {...}, "clients": [...]}}."""
+    from .gate import gate_summary      # gate.py builds on this module's gains
     runs_by = defaultdict(lambda: defaultdict(list))
     for run in results["runs"]:
         runs_by[run["setting"]][run["method"]].append(run)
@@ -116,6 +117,7 @@ def summarize(results: dict) -> dict:
             _add_lm_gains(entry, runs_by[setting], setting_spec["methods"])
         else:
             _add_gains(entry, runs_by[setting], setting_spec["methods"])
+        entry["gate"] = gate_summary(entry, runs_by[setting], setting_spec["methods"], task_of(results) == "lm")
         entry["budget"] = {name: client_budget(runs_by[setting].get(name, []), entry["clients"]) for name in entry["methods"]}
         if task_of(results) != "lm":
             entry["spread"] = {name: prediction_spread(runs_by[setting].get(name, []), entry["clients"])

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..stats import LM_METRICS, Interval
 from .summary import VIEWS, fmt, gain_rows, mean_std, own_curves, step_times, summarize, task_of
+from .gate import gate_table
 
 
 def _label_map_note(label_map: dict | None) -> str:
@@ -372,7 +373,8 @@ def markdown(results: dict, summary: dict | None = None) -> str:
             f"`{c['id']}` = {c['backbone']} on {', '.join(c['domains'] if lm else c['topics'])}"
             + (f" (LoRA rank {c['rank']})" if 'rank' in c else "") + _label_map_note(c.get("label_map"))
             for c in spec["clients"]) + ".", "", *_label_map_lines(spec["clients"]),
-            ] + (_lm_tables(entry) if lm else _headline_table(entry) + _nll_comm_table(entry) + _gain_tables(entry)
+            ] + (_lm_tables(entry) + gate_table(entry, True, _interval) if lm else _headline_table(entry)
+                 + _nll_comm_table(entry) + _gain_tables(entry) + gate_table(entry, False, _interval)
                  + _per_client_tables(entry) + _spread_table(entry) + _own_curve_tables(results, setting)) + _budget_table(entry) \
             + _cmga_table(entry)
     lines += ["", "## Timings", "", f"Torch threads: {mach.get('threads')}. Seconds per optimizer step "
