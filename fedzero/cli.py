@@ -8,9 +8,11 @@ import json
 import sys
 
 from fedzero import __version__, logs
+from fedzero.compare import add_compare_parser
 from fedzero.config.arguments import non_negative_float, positive_float, positive_int
 from fedzero.export import add_export_parser
 from fedzero.generate import add_evaluate_parser, add_generate_parser
+from fedzero.plot import add_plot_parser
 
 
 def _simulate(args) -> int:
@@ -246,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)          # its options live with the export code (fedzero/export.py)
     add_generate_parser(sub)        # generate / evaluate: fedzero/generate.py
     add_evaluate_parser(sub)
+    add_compare_parser(sub)         # compare / plot: fedzero/compare.py, fedzero/plot.py
+    add_plot_parser(sub)
     return parser
 
 
