@@ -150,3 +150,38 @@ def test_torchrun_two_processes_distil_token_level_as_the_local_client(workspace
     assert sent["tokenizer"] == ref.distiller.tokenizer and sent["anchors"] == ref.distiller.anchors_digest
     np.testing.assert_array_equal(sent["ids"].numpy(), ref_ids)
     np.testing.assert_allclose(sent["probs"].numpy(), ref_probs, atol=10 * TOL)
+
+
+# ---------------------------------------------------------------- fedzero federate
+
+@pytest.mark.slow
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun not found (pip install mpich)")
+def test_federate_token_level_through_the_launchers(tmp_path):
+    """`fedzero federate` with distill.level: token: the DeepSpeed clients send token predictions on every
+    position of the anchor texts, the MPI aggregator (reading the run YAML) turns them into the next
+    round's token teachers: with two clients each one's teacher is the other's predictions."""
+    from test_federate import _client
+
+    from fedzero.cli import main
+
+    run = {"seed": 0, "dema": {"rank": 4, "num_experts": 2, "num_slots": 2},
+           "federation": {"rounds": 2, "strategy": "fedavg"},
+           "train": {"local_steps": 2, "batch_size": 4, "lr": 0.01, "max_length": 64},
+           "clients": [_client("a", 16, 2, 1, "airlines"), _client("b", 24, 1, 2, "apple")],
+           "distill": {"level": "token", "top_k": 4, "anchors": 3, "batch_size": 2, "max_chars": 40}}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(run))
+    assert main(["federate", "--config", str(cfg), "--out", str(tmp_path / "out"), "--aggregator-ranks", "2"]) == 0
+    store = FederationStore(tmp_path / "out" / "store", create=False)
+    assert store.read_token_teacher(0, "a") is None
+    for rnd in (0, 1):
+        result = store.read_result(rnd)["distill"]
+        assert result["used"] == ["a", "b"] and result["dropped"] == {} and result["level"] == "token"
+        for me, other in (("a", "b"), ("b", "a")):
+            sent = store.read_token_predictions(rnd, other)
+            assert sent["ids"].shape[1] == 4 and sent["ids"].shape[0] > 3       # many positions per anchor
+            ids, probs = store.read_token_teacher(rnd + 1, me)
+            order = np.lexsort((sent["ids"].numpy(), -sent["probs"].numpy().astype(np.float64)), axis=1)
+            np.testing.assert_array_equal(ids.numpy(), np.take_along_axis(sent["ids"].numpy(), order, axis=1))
+            np.testing.assert_allclose(probs.numpy(), np.take_along_axis(sent["probs"].numpy(), order, axis=1),
+                                       atol=1e-6)
