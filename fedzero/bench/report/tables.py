@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..stats import LM_METRICS, Interval
 from .summary import VIEWS, fmt, gain_rows, mean_std, own_curves, step_times, summarize, task_of
+from .cells import first_split, interval, mb
 from .gate import gate_table
+from .tables_lm import lm_data_lines, lm_tables
 
 
 def _label_map_note(label_map: dict | None) -> str:
@@ -27,18 +28,9 @@ def _label_map_lines(clients: list[dict]) -> list[str]:
             "words it trained on to the federation's pooled counts of those words.", ""]
 
 
-def _first_split(results: dict, setting: str) -> tuple[str, dict] | None:
-    """(seed, split summary) of the setting's lowest seed, which the data lines describe; None if not recorded."""
-    splits = results.get("splits", {}).get(setting)
-    if not splits:
-        return None
-    seed = min(splits, key=int)
-    return seed, splits[seed]
-
-
 def _data_lines(results: dict, setting: str) -> list[str]:
     """Train/test sizes and label counts of the first seed's split (label skew as it comes)."""
-    first = _first_split(results, setting)
+    first = first_split(results, setting)
     if first is None:
         return []
     seed, sp = first
@@ -49,27 +41,6 @@ def _data_lines(results: dict, setting: str) -> list[str]:
                f"{t} {v['n']} ({' / '.join(str(v['labels'][k]) for k in sorted(v['labels']))})" for t, v in sp["test"].items())
            + ".", ""]
     return out
-
-
-def _mb(stat: tuple) -> str:
-    m, _, _ = stat
-    return "–" if m is None else ("0" if m == 0 else f"{m / 1e6:.3f}")
-
-
-def _points(x: float, digits: int = 1) -> str:
-    """A fraction as signed percentage points (or %), `digits` decimals; float dust below zero reads +0.0,
-    not -0.0."""
-    return f"{round(x * 100, digits) + 0.0:+.{digits}f}"
-
-
-def _interval(g: Interval | None, digits: int = 1) -> str:
-    """A gain in percentage points: "+3.2 [-1.0, +7.5]" (95% interval), "+3.2 [–]" without one. The
-    LM task's relative reductions (fractions too) print as % the same way, with 2 digits: they are small."""
-    if g is None:
-        return "–"
-    if g.low is None:
-        return f"{_points(g.point, digits)} [–]"
-    return f"{_points(g.point, digits)} [{_points(g.low, digits)}, {_points(g.high, digits)}]"
 
 
 def _share(x: float | None) -> str:
@@ -113,7 +84,7 @@ def _nll_comm_table(entry: dict) -> list[str]:
     for name, m in entry["methods"].items():
         lines.append(f"| {name} | " + " | ".join(fmt(m[f"{v}.label_nll"]) for v in VIEWS)
                      + f" | {fmt(m['first_round_cos'])} | {fmt(m['first_round_cos_dw'])} "
-                     f"| {_mb(m['bytes_upload_per_client_round'])} | {_mb(m['bytes_total'])} |")
+                     f"| {mb(m['bytes_upload_per_client_round'])} | {mb(m['bytes_total'])} |")
     return lines
 
 
@@ -135,7 +106,7 @@ def _gain_tables(entry: dict) -> list[str]:
             g = entry["gains"][name]
             shares = entry["shares"].get(name)
             share = " / ".join(_share(shares[v][metric]) for v in VIEWS) if shares else "–"
-            lines.append(f"| {name} | {g['control']} | " + " | ".join(_interval(g["mean"][v][metric]) for v in VIEWS)
+            lines.append(f"| {name} | {g['control']} | " + " | ".join(interval(g["mean"][v][metric]) for v in VIEWS)
                          + f" | {share} | {g['seeds']} |")
     rows = [name for name in rows if name in entry["transfer"]]       # a prior-only control over itself is 0
     if not any(entry["transfer"][name]["seeds"] for name in rows):
@@ -148,7 +119,7 @@ def _gain_tables(entry: dict) -> list[str]:
     for name in rows:
         g = entry["transfer"][name]
         lines.append(f"| {name} | {g['control']} | "
-                     + " | ".join(_interval(g["mean"][v][k]) for k in ("macro_f1", "accuracy") for v in VIEWS)
+                     + " | ".join(interval(g["mean"][v][k]) for k in ("macro_f1", "accuracy") for v in VIEWS)
                      + f" | {g['seeds']} |")
     return lines
 
@@ -163,7 +134,7 @@ def _per_client_tables(entry: dict) -> list[str]:
         for name in gain_rows(entry):
             g = entry["gains"][name]["per_client"]
             lines.append(f"| {name} | " + " | ".join(
-                f"{_interval(g[c]['own']['macro_f1'])} \\| {_interval(g[c]['unseen']['macro_f1'])}" for c in clients) + " |")
+                f"{interval(g[c]['own']['macro_f1'])} \\| {interval(g[c]['unseen']['macro_f1'])}" for c in clients) + " |")
     lines += ["", "Per client, global accuracy:", "",
               "| method | " + " | ".join(f"`{c}`" for c in clients) + " |",
               "|---|" + "---:|" * len(clients)]
@@ -173,78 +144,6 @@ def _per_client_tables(entry: dict) -> list[str]:
 
 
 # -- the LM task's tables --------------------------------------------------------------------------------
-
-def _lm_data_lines(results: dict, setting: str) -> list[str]:
-    """Train and test sizes of the first seed's LM split (lm_data.LMSplit.summary)."""
-    first = _first_split(results, setting)
-    if first is None:
-        return []
-    seed, sp = first
-    corpus = sp.get("corpus", {})
-    return [f"Data (seed {seed}; other seeds draw other documents with the same sizes), from `{corpus.get('path', '?')}` "
-            f"(sha256 {str(corpus.get('fingerprint', '?'))[:12]}…): train per client (records / documents / characters): "
-            + "; ".join(f"`{c['id']}` {c['train']['records']} / {c['train']['docs']} / {c['train']['chars']:,}"
-                        for c in sp["clients"])
-            + ". Test per domain (records / documents): "
-            + "; ".join(f"{d} {v['records']} / {v['docs']}" for d, v in sp["test"].items()) + ".", ""]
-
-
-def _lm_level_row(name: str, stats: dict, seeds="") -> str:
-    return f"| {name} | " + " | ".join(fmt(stats.get(f"{v}.{k}", (None, None, 0))) for k in LM_METRICS for v in VIEWS) \
-        + f" | {seeds} |"
-
-
-def _lm_tables(entry: dict) -> list[str]:
-    """Levels (NLL per token and per byte by view), communication, gains over local-only with intervals,
-    per-client gains and levels."""
-    lines = ["Held-out NLL on the final test sets (lower is better): nats per token (comparable between "
-             "backbones with the same tokenizer only) and nats per UTF-8 byte (comparable across tokenizers); "
-             "per client the ratio of sums over the view's records, then the mean over clients; mean ± std over "
-             "seeds. Own: the client's domain; unseen: the other clients' domains; global: all of them.", "",
-             "| method | own NLL/token | unseen NLL/token | global NLL/token | own NLL/byte | unseen NLL/byte "
-             "| global NLL/byte | seeds |", "|---|" + "---:|" * 6 + "---|",
-             _lm_level_row("backbone zero-shot", entry["zero_shot"])]
-    lines += [_lm_level_row(name, m, m["seeds"]) for name, m in entry["methods"].items()]
-    lines += ["", "First-round cosine between clients' updates, mean over comparable pairs (as in the classification "
-              "report); communication (MB uploaded per client and round, mean over clients; total up + down).", "",
-              "| method | 1st-round cos | 1st-round cos dW | MB up / client-round | total MB |", "|---|---:|---:|---:|---:|"]
-    for name, m in entry["methods"].items():
-        lines.append(f"| {name} | {fmt(m['first_round_cos'])} | {fmt(m['first_round_cos_dw'])} "
-                     f"| {_mb(m['bytes_upload_per_client_round'])} | {_mb(m['bytes_total'])} |")
-    gains = entry.get("gains", {})
-    lines += ["", "Gain over training alone: % lower held-out NLL per token than the local-only control (the same "
-              "adapters and lr, nothing federated), per client then mean over clients, paired by seed and test "
-              "record; mean over seeds [95% bootstrap interval: seeds resampled, then test records within each "
-              "domain, the same records for both arms]. Positive: the method predicts held-out text better. Per "
-              "byte the % is the same (each pair is one client: same tokenizer, same records). No prior-only "
-              "control: it re-fits label priors, and the LM task has no labels."]
-    if not gains:
-        return lines + ["", "No method has a local-only control in this suite."] + _lm_per_client(entry)
-    lines += ["", "| method | control | own Δ% | unseen Δ% | global Δ% | seeds |", "|---|---|---:|---:|---:|---|"]
-    for name, g in gains.items():
-        lines.append(f"| {name} | {g['control']} | "
-                     + " | ".join(_interval(g["mean"][v]["nll_per_token"], 2) for v in VIEWS) + f" | {g['seeds']} |")
-    return lines + _lm_per_client(entry)
-
-
-def _lm_per_client(entry: dict) -> list[str]:
-    clients, gains = entry["clients"], entry.get("gains", {})
-    lines = []
-    if gains:
-        lines += ["", "Per client, % lower NLL per token than the local-only control (own | unseen) "
-                  "[95% bootstrap intervals]:", "",
-                  "| method | " + " | ".join(f"`{c}`" for c in clients) + " |", "|---|" + "---|" * len(clients)]
-        for name, g in gains.items():
-            pc = g["per_client"]
-            lines.append(f"| {name} | " + " | ".join(
-                f"{_interval(pc[c]['own']['nll_per_token'], 2)} \\| {_interval(pc[c]['unseen']['nll_per_token'], 2)}"
-                for c in clients) + " |")
-    lines += ["", "Per client, global NLL per token:", "",
-              "| method | " + " | ".join(f"`{c}`" for c in clients) + " |", "|---|" + "---:|" * len(clients)]
-    for name, m in entry["methods"].items():
-        lines.append(f"| {name} | " + " | ".join(fmt(m["per_client"][c]["global"]) for c in clients) + " |")
-    return lines
-
 
 def _g(stat: tuple, digits: int = 3) -> str:
     """The mean of a mean_std, to `digits` significant digits ("–" for none)."""
@@ -368,13 +267,13 @@ def markdown(results: dict, summary: dict | None = None) -> str:
     lm = task_of(results) == "lm"
     for setting, entry in summary.items():
         spec = suite["settings"][setting]
-        data_lines = _lm_data_lines(results, setting) if lm else _data_lines(results, setting)
+        data_lines = lm_data_lines(results, setting) if lm else _data_lines(results, setting)
         lines += ["", f"## Setting {setting}: {spec.get('description', '')}", ""] + data_lines + ["Clients: " + "; ".join(
             f"`{c['id']}` = {c['backbone']} on {', '.join(c['domains'] if lm else c['topics'])}"
             + (f" (LoRA rank {c['rank']})" if 'rank' in c else "") + _label_map_note(c.get("label_map"))
             for c in spec["clients"]) + ".", "", *_label_map_lines(spec["clients"]),
-            ] + (_lm_tables(entry) + gate_table(entry, True, _interval) if lm else _headline_table(entry)
-                 + _nll_comm_table(entry) + _gain_tables(entry) + gate_table(entry, False, _interval)
+            ] + (lm_tables(entry) + gate_table(entry, True, interval) if lm else _headline_table(entry)
+                 + _nll_comm_table(entry) + _gain_tables(entry) + gate_table(entry, False, interval)
                  + _per_client_tables(entry) + _spread_table(entry) + _own_curve_tables(results, setting)) + _budget_table(entry) \
             + _cmga_table(entry)
     lines += ["", "## Timings", "", f"Torch threads: {mach.get('threads')}. Seconds per optimizer step "
