@@ -76,13 +76,13 @@ def top_k_encode(logits: torch.Tensor, k: int, vocab_size: int | None = None) ->
     `vocab_size` (the tokenizer's ids; a model's head may be padded wider), most likely first, and their
     probabilities renormalised over those k (a softmax of the k logits: the same ratios as the full
     softmax's). Ties are broken by torch.topk."""
-    logits = logits.detach().double()
+    logits = logits.detach()
     if vocab_size is not None:
         logits = logits[:, :vocab_size]
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"distill.top_k must be in [1, {logits.shape[-1]}] (the vocabulary), got {k}")
-    top, ids = torch.topk(logits, k, dim=-1)
-    return ids.to(torch.int32), torch.softmax(top, dim=-1).float()
+    top, ids = torch.topk(logits.float(), k, dim=-1)      # float32 is exact for bf16/fp16 logits too
+    return ids.to(torch.int32), torch.softmax(top.double(), dim=-1).float()
 
 
 def check_sparse(ids: np.ndarray, probs: np.ndarray, *, allow_pad: bool = False) -> str | None:
