@@ -944,3 +944,25 @@ def test_lm_bench_canonical_projectors_on_a_domain_no_client_holds(tmp_path):
     setting["methods"] = [{**method, "projector_anchors": "topic:d3"}]
     with pytest.raises(ValueError, match="projector_anchors of an LM suite must be 'domain:<name>'"):
         run_bench(suite, tmp_path / "bench2", threads=1, memory=False, log=lambda *_: None)
+
+
+def test_bench_runs_depth_aware_sharing_as_simulate_does(tmp_path):
+    """share 'depth-aware' in the bench: clients of one width and different depths send their depth ranges
+    with their updates; with a threshold no pair of different depths reaches, the 4-layer client keeps its own
+    projectors (the bank the 2-layer clients share moves apart from it), and the run completes and resumes."""
+    from fedzero.bench import run_bench
+
+    records = synthetic_records(n_per_topic=20)
+    source = tmp_path / "records.jsonl"
+    source.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "uid"}) + "\n" for r in records))
+    suite = tiny_suite(source)
+    suite["seeds"] = [0]
+    suite["backbones"]["b"] = _llama(16, 4, 2, 2)                      # a's width, twice its depth
+    dema = {"rank": 4, "num_experts": 2, "num_slots": 2, "share": "depth-aware", "depth_overlap_min": 0.9}
+    suite["settings"]["A"]["methods"] = [{"name": "depth", "runner": "dema", "strategy": "fedavg", "dema": dema}]
+    results = run_bench(suite, tmp_path / "bench", threads=1, memory=False, log=lambda _: None)
+    run = results["runs"][0]
+    assert [c["id"] for c in run["clients"]] == ["c0", "c1", "c2"]
+    assert all(c["final"] for c in run["clients"])
+    again = run_bench(suite, tmp_path / "bench", threads=1, memory=False, log=lambda _: None)
+    assert again["runs_this_invocation"] == 0

@@ -111,7 +111,7 @@ def _run_dema(spec: DeMAMethod, ctx: RunContext, config, alignment_texts: list[s
             seconds = time.time() - t0
             deltas[client.client_id] = delta
             updates.append(ClientUpdate(client.client_id, delta, client.num_samples, client.fingerprint,
-                                        client.handle.slot_use()))
+                                        client.handle.slot_use(), client.handle.depth_declaration()))
             exchange.trained(k, client)
             record_training(records[k], rnd + 1, metrics["train_loss"], seconds, settings.local_steps, client.step)
         distill_bytes = exchange_predictions(clients, records, rule) if distill else [0] * len(clients)
