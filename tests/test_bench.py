@@ -720,10 +720,10 @@ def test_lm_suites_load_and_lm_mistakes_are_refused_naming_the_key():
         suite = load_suite(name)
         assert suite["task"] == "lm" and "data" not in suite
         assert [c["backbone"] for c in suite["settings"]["H"]["clients"]] == ["smol10", "smol10", "neox384", "small256"]
-        assert not any(m.get("distill") for m in suite["settings"]["H"]["methods"])
+        assert all(m["distill"]["level"] == "token" for m in suite["settings"]["H"]["methods"] if m.get("distill"))
     assert {m["name"] for m in load_suite("hetero-lm")["settings"]["H"]["methods"]} == {
         "lora-local", "fedit", "dema-local", "dema-fedavg", "dema-shaped-fedavg", "dema-local-replica",
-        "dema-canonical-local", "dema-canonical-fedavg"}
+        "dema-canonical-local", "dema-canonical-fedavg", "dema-distill-token", "dema-distill-token-quality"}
     assert {m.get("projector_anchors") for m in load_suite("hetero-lm")["settings"]["H"]["methods"]} == {None, "domain:cookie"}
 
     def refused(change, match):
@@ -933,17 +933,30 @@ def test_lm_bench_canonical_projectors_on_a_domain_no_client_holds(tmp_path):
     method = {"name": "canonical", "runner": "dema", "strategy": "fedavg", "projector_anchors": "domain:d3",
               "dema": {"rank": 4, "num_experts": 2, "num_slots": 2, "share": "experts-only",
                        "projector": "canonical", "num_anchors": 12}}
-    setting["methods"] = [method]
+    token = {"name": "token", "runner": "dema", "strategy": "local", "dema": {**method["dema"], "projector": "learned"},
+             "distill": {"level": "token", "top_k": 4, "anchors": 5, "batch_size": 2, "anchor_source": "domain:d3",
+                         "teacher": "quality"}}
+    setting["methods"] = [method, token]
     results = run_bench(suite, tmp_path / "bench", threads=1, memory=False, log=lambda *_: None)
-    run = results["runs"][0]
-    anchors = domain_anchor_texts(load_corpus(str(tmp_path / "corpus")), "d3", 12 + ALIGNMENT_TEXTS,
-                                  clients=setting["clients"], seed=0, max_chars=64)
+    run, tok = sorted(results["runs"], key=lambda r: r["method"] != "canonical")
+    corpus = load_corpus(str(tmp_path / "corpus"))
+    anchors = domain_anchor_texts(corpus, "d3", 12 + ALIGNMENT_TEXTS, clients=setting["clients"], seed=0, max_chars=64)
     assert run["projector_anchors"]["uids"] == [a["uid"] for a in anchors[:12]]
+    # token-level distillation on the LM task: anchors of the free domain, every client's val loss each round,
+    # bytes up = its top-4 rows (8 bytes per kept token), down = its teacher's (as wide as the others' union)
+    assert tok["distill_anchors"]["uids"] == [a["uid"] for a in anchors[:5]]
+    assert all(r["val_loss"] > 0 for c in tok["clients"] for r in c["rounds"][1:])
+    up = [tok["comm"][0]["upload_bytes"][k] for k in range(3)]
+    assert all(u > 0 and u % (4 * 8) == 0 for u in up)
+    assert all(d >= u for d, u in zip(tok["comm"][0]["download_bytes"], up))     # a union of >= top_k tokens
     assert run["alignment"]["texts"] == ALIGNMENT_TEXTS and run["alignment"]["pairs"]["c0~c1"]["mean"] == pytest.approx(1.0)
     assert run["canonical_fit"]["fit_texts"] == 12
     setting["methods"] = [{**method, "projector_anchors": "topic:d3"}]
     with pytest.raises(ValueError, match="projector_anchors of an LM suite must be 'domain:<name>'"):
         run_bench(suite, tmp_path / "bench2", threads=1, memory=False, log=lambda *_: None)
+    setting["methods"] = [{**token, "distill": {**token["distill"], "level": "label"}}]
+    with pytest.raises(ValueError, match="'distill' at level 'label' cannot run in an LM suite"):
+        run_bench(suite, tmp_path / "bench3", threads=1, memory=False, log=lambda *_: None)
 
 
 def test_bench_runs_depth_aware_sharing_as_simulate_does(tmp_path):

@@ -8,12 +8,18 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedzero.adapters.dema import DeMAConfig, inject_dema
-from fedzero.bench.methods.token_distill import exchange_token_predictions, token_distill_settings
+from fedzero.bench.methods.spec import DistillSpec
+from fedzero.bench.methods.token_distill import exchange_token_predictions
 from fedzero.client import LocalClient, TrainSettings
 from fedzero.data import ByteTokenizer, build_examples
 from fedzero.distill.tokens import leave_one_out_token_teachers
 
 TEXTS = ["a fortune", "another one here", "be kind"]
+
+
+def token_distill_settings(record):
+    """A bench method's token-level "distill" record as its clients' DistillSettings."""
+    return DistillSpec.parse({**record, "level": "token"}, "method 't'").settings([], "")
 
 
 def _client(cid, seed, samples, settings):

@@ -155,6 +155,14 @@ def _hetero_lm() -> dict:
     methods += [{**m, "projector_anchors": LM_ANCHOR_DOMAIN, "description": m["description"].replace(
         "256 in-domain public tweets", "256 public records of the fortunes 'cookie' domain")}
         for m in transfer_methods() if m["name"].startswith("dema-canonical")]
+    # in-domain output distillation on the LM task: token level (all four clients share SmolLM2's tokenizer)
+    token = {"level": "token", "top_k": 16, "weight": 1.0, "anchors": 64, "batch_size": 4, "anchor_source": LM_ANCHOR_DOMAIN}
+    methods += [{"name": "dema-distill-token", "runner": "dema", "strategy": "local", "dema": {"share": "experts-only"},
+                 "distill": token, "description": "DeMA, no weights travel; token-level distillation (top-16 next "
+                                                  "tokens, mean teacher) on 64 records of the fortunes 'cookie' domain"},
+                {"name": "dema-distill-token-quality", "runner": "dema", "strategy": "local",
+                 "dema": {"share": "experts-only"}, "distill": {**token, "teacher": "quality"},
+                 "description": "the same with the quality-weighted teacher (val loss and confidence per position)"}]
     setting = {"description": "four clients, three widths, two families: two on the healed 10-layer SmolLM2 "
                               "variant (576, LLaMA layout; a FedIT group), one on a 384-wide GPT-NeoX-layout "
                               "model, one on the 256-wide LLaMA; one fortunes domain each",

@@ -30,6 +30,7 @@ from .context import RunContext, client_record, log_round, record_training
 from .evaluation import evaluate_round, round_zero
 from .geometry import first_round_cosine
 from .spec import DeMAMethod
+from .token_distill import exchange_token_predictions
 
 PROBE_EXAMPLES = 8      # the gate-entropy probe at the end: the first of each client's own train examples
 ALIGNMENT_TEXTS = 96    # projector_anchors: texts of the topic, beyond the projectors' own, that measure alignment
@@ -41,13 +42,8 @@ def run_dema(spec: DeMAMethod, ctx: RunContext) -> dict:
     # In-domain projector anchors: the texts go to inject_dema as an anchor file, written for this run only;
     # the run records its config with the source in place of that file's temporary path.
     config = spec.config(ctx.seed)
-    kind, name = spec.projector_anchors
-    carve = domain_anchor_texts if kind == "domain" else topic_anchor_texts
-    try:
-        anchors = carve(ctx.corpus, name, config.num_anchors + ALIGNMENT_TEXTS, clients=ctx.clients,
-                        seed=ctx.split.seed, max_chars=ctx.max_chars)
-    except ValueError as err:
-        raise ValueError(f"method {spec.name!r}, setting {ctx.setting!r}: projector_anchors: {err}") from None
+    anchors = public_anchors(spec.projector_anchors, config.num_anchors + ALIGNMENT_TEXTS, ctx,
+                             f"method {spec.name!r}, setting {ctx.setting!r}: projector_anchors")
     fit, measure = anchors[:config.num_anchors], anchors[config.num_anchors:]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "anchors.jsonl"
@@ -64,10 +60,11 @@ def _run_dema(spec: DeMAMethod, ctx: RunContext, config, alignment_texts: list[s
     settings = ctx.settings(spec)
     exchange = spec.exchange(ctx.seed)
     distill = spec.distill
-    if distill and ctx.lm:
-        raise ValueError(f"method {spec.name!r}: distillation exchanges label predictions; the LM task has none")
+    token = distill is not None and distill.level == "token"     # the LM task's (spec.check_setting)
     distill_settings = distill.settings(LABELS, PROMPT_TEMPLATE) if distill else None
-    anchors = distill_anchors(spec, ctx) if distill and distill.anchor_topic else None
+    anchors = public_anchors(distill.anchor, distill.anchors, ctx,
+                             f"method {spec.name!r}, setting {ctx.setting!r}: distill.anchor_source") \
+        if distill and distill.anchor else None
 
     rule = distill_settings.teacher_rule if distill else None
     loaded = [load_backbone(ctx.backbones[c["backbone"]].spec) for c in ctx.clients]
@@ -81,11 +78,11 @@ def _run_dema(spec: DeMAMethod, ctx: RunContext, config, alignment_texts: list[s
         data = ctx.split.client(c["id"])
         train = build_examples(data.train, tok, settings.max_length)
         # the quality teacher weighs each client by its loss on its own val split (never the test sets)
-        val = build_examples([relabel(r, data.label_map) for t in data.topics for r in ctx.split.val.get(t, [])],
-                             tok, settings.max_length) if rule is not None and rule.needs_quality else []
+        val = build_examples(val_records(ctx, data), tok, settings.max_length) \
+            if rule is not None and rule.needs_quality else []
         if rule is not None and rule.needs_quality and not val:
             raise ValueError(f"method {spec.name!r}: distill.teacher {rule.teacher!r} needs each client's val split; "
-                             f"client {c['id']!r} has none (data.val_per_topic)")
+                             f"client {c['id']!r} has none ({'lm_data.val_docs' if ctx.lm else 'data.val_per_topic'})")
         distiller = (distill_settings.make_distiller(tok, max_length=settings.max_length, seed=ctx.client_seed(i),
                                                      texts=[a["text"] for a in anchors] if anchors else None)
                      if distill else None)
@@ -114,15 +111,19 @@ def _run_dema(spec: DeMAMethod, ctx: RunContext, config, alignment_texts: list[s
                                         client.handle.slot_use(), client.handle.depth_declaration()))
             exchange.trained(k, client)
             record_training(records[k], rnd + 1, metrics["train_loss"], seconds, settings.local_steps, client.step)
-        distill_bytes = exchange_predictions(clients, records, rule) if distill else [0] * len(clients)
+        if token:
+            moved = exchange_token_predictions(clients, records, rule)
+            up, down = moved["upload"], moved["download"]
+        else:
+            up = down = exchange_predictions(clients, records, rule) if distill else [0] * len(clients)
         if rnd == 0:
             first = first_round_cosine(deltas, shared_block)
         diagnostics.append(update_diagnostics(updates, shared_block))    # per block: cosines, norms
         sent = exchange.finish(rnd, clients, updates)
         if sent.aggregation is not None:
             aggregation.append(sent.aggregation)
-        sizes = [w + d for w, d in zip(sent.weight_bytes, distill_bytes)]      # the same both ways
-        comm.append({"round": rnd + 1, "upload_bytes": sizes, "download_bytes": list(sizes)})
+        comm.append({"round": rnd + 1, "upload_bytes": [w + d for w, d in zip(sent.weight_bytes, up)],
+                     "download_bytes": [w + d for w, d in zip(sent.weight_bytes, down)]})
         evaluate_round(rnd + 1, ctx, [(c.handle.model, ctx.tokenizer(cc["backbone"]))
                                       for c, cc in zip(clients, ctx.clients)], records)
         log_round(ctx, spec.name, rnd + 1, records)
@@ -160,19 +161,26 @@ def exchange_predictions(clients: list[LocalClient], records: list[dict], rule=N
     return [predictions[c.client_id].size * 4 for c in clients]
 
 
-def distill_anchors(spec: DeMAMethod, ctx: RunContext) -> list[dict]:
-    """The anchors of a method's distill.anchor_source "topic:<name>": that topic's texts (data.topic_anchor_texts:
-    no client of the setting may hold it), chosen by the split's seed, so a method and its replica (another
-    training seed) distil on the same anchors, as they are tested on the same records."""
-    source = spec.distill.anchor_source
+def public_anchors(source: tuple[str, str], count: int, ctx: RunContext, where: str) -> list[dict]:
+    """[{"uid", "text"}]: `count` in-domain public anchors of a source ("topic", name) of the tweet corpus
+    (data.topic_anchor_texts) or ("domain", name) of the LM task's (lm_data.domain_anchor_texts), which no
+    client of the setting may hold, chosen by the split's seed: a method and its replica (another training
+    seed) read the same anchors, as they are tested on the same records."""
+    kind, name = source
     if not ctx.corpus:
-        raise ValueError(f"method {spec.name!r}: distill.anchor_source {source!r} needs the "
-                         "corpus the split was cut from (RunContext.corpus)")
+        raise ValueError(f"{where}: '{kind}:{name}' needs the corpus the split was cut from (RunContext.corpus)")
+    carve = domain_anchor_texts if kind == "domain" else topic_anchor_texts
     try:
-        return topic_anchor_texts(ctx.corpus, spec.distill.anchor_topic, spec.distill.anchors, clients=ctx.clients,
-                                  seed=ctx.split.seed, max_chars=ctx.max_chars)
+        return carve(ctx.corpus, name, count, clients=ctx.clients, seed=ctx.split.seed, max_chars=ctx.max_chars)
     except ValueError as err:
-        raise ValueError(f"method {spec.name!r}, setting {ctx.setting!r}: distill.anchor_source: {err}") from None
+        raise ValueError(f"{where}: {err}") from None
+
+
+def val_records(ctx: RunContext, data) -> list[dict]:
+    """A client's own val split (its topics', read through its label map; the LM task: its domains')."""
+    if ctx.lm:
+        return [r for d in data.domains for r in ctx.split.val.get(d, [])]
+    return [relabel(r, data.label_map) for t in data.topics for r in ctx.split.val.get(t, [])]
 
 
 def canonical_fit(config, ctx: RunContext, models: list, max_length: int) -> tuple[dict, dict]:

@@ -4,16 +4,18 @@ The dict format (the suite file's, unchanged):
 
     {"name": "dema-cmga", "runner": "dema", "strategy": "cmga", "strategy_options": {...},
      "dema": {DeMAConfig fields}, "projector_anchors": "topic:<name>" or "domain:<name>",
-     "distill": {"weight", "anchors", "batch_size", "anchor_source", "teacher", "only_stronger"}}
+     "distill": {"weight", "anchors", "batch_size", "anchor_source", "teacher", "only_stronger", "level", "top_k"}}
         DeMA adapters on every client. "strategy": a name of fedzero.strategies ("fedavg", "cmga"),
         or "local" (no aggregation, methods/exchange.py). The dema dict goes to DeMAConfig.from_dict
         as is, so a new DeMA option is a suite entry without touching the bench (the run seed is
         DeMAConfig.seed unless the dict sets it). "distill" adds output distillation (fedzero.distill)
         on the first `anchors` public anchor texts framed as task prompts, on top of the weight
         strategy (with "local", only anchor predictions travel); its optional "anchor_source":
-        "topic:<name>" takes the anchors from that corpus topic instead (data.topic_anchor_texts);
+        "topic:<name>" takes the anchors from that corpus topic instead (data.topic_anchor_texts), or
+        on the LM task "domain:<name>" from that fortunes domain (lm_data.domain_anchor_texts);
         "teacher" and "only_stronger" are DistillSettings' (quality-weighted teachers: each client
-        reports its loss on its own val split). "projector_anchors": "topic:<name>" (classification)
+        reports its loss on its own val split); "level": "token" (the LM task) exchanges top-"top_k"
+        next-token distributions at every position of the anchors (methods/token_distill.py). "projector_anchors": "topic:<name>" (classification)
         or "domain:<name>" (the LM task: a fortunes domain) gives anchor and canonical projectors
         in-domain public anchors (dema.num_anchors texts of that topic or domain, which no client may
         hold) in place of dema.anchor_file; with a canonical projector the space is fitted across the
@@ -39,7 +41,6 @@ from typing import ClassVar
 from fedzero.adapters.dema import DeMAConfig
 from fedzero.baselines import LORA_STRATEGIES, make_lora_strategy
 from fedzero.distill.settings import DistillSettings
-from fedzero.distill.teachers import TeacherRule
 
 from .exchange import DEMA_STRATEGIES, make_exchange
 
@@ -49,7 +50,7 @@ DISTILL_FIELDS = {f.name: f.default for f in dataclasses.fields(DistillSettings)
                   if f.name in ("weight", "anchors", "batch_size")}
 # ... and optional ones without a default: in a run's "distill" only when its method sets them, so the run
 # records (and resuming, which compares method dicts) of methods that leave them out do not mention them
-DISTILL_OPTIONS = {"anchor_source", "teacher", "only_stronger"}
+DISTILL_OPTIONS = {"anchor_source", "teacher", "only_stronger", "level", "top_k"}
 ANCHOR_TOPIC = "topic:"           # anchor_source "topic:<name>": the anchors are texts of that corpus topic
 ANCHOR_DOMAIN = "domain:"         # projector_anchors "domain:<name>" (LM task): texts of that fortunes domain
 CLIENT_RANK = "client"            # a LoRA method's "rank": each client's own rank from the setting
@@ -63,17 +64,29 @@ class DistillSpec:
     weight: float
     anchors: int
     batch_size: int
-    anchor_topic: str | None      # anchors from this corpus topic; None: the bundled public texts
-    record: dict                  # the run's "distill": the defaults, then the fields as written
+    anchor: tuple[str, str] | None   # ("topic" | "domain", name): in-domain anchors; None: the bundled public texts
+    record: dict                     # the run's "distill": the defaults, then the fields as written
 
     @property
     def anchor_source(self) -> str | None:
         return self.record.get("anchor_source")
 
+    @property
+    def anchor_topic(self) -> str | None:
+        return self.anchor[1] if self.anchor and self.anchor[0] == "topic" else None
+
+    @property
+    def level(self) -> str:
+        return self.record.get("level", "label")
+
     def settings(self, labels: list[str], template: str) -> DistillSettings:
-        return DistillSettings(labels=list(labels), template=template, weight=self.weight, anchors=self.anchors,
-                               batch_size=self.batch_size, teacher=self.record.get("teacher", "mean"),
-                               only_stronger=self.record.get("only_stronger", False))
+        """The clients' DistillSettings: label-level in `labels` framed by `template`; token-level scores
+        every position of the anchor texts (template '{text}', no labels)."""
+        common = {"weight": self.weight, "anchors": self.anchors, "batch_size": self.batch_size,
+                  "teacher": self.record.get("teacher", "mean"), "only_stronger": self.record.get("only_stronger", False)}
+        if self.level == "token":
+            return DistillSettings(level="token", template="{text}", top_k=self.record.get("top_k", 16), **common)
+        return DistillSettings(labels=list(labels), template=template, **common)
 
     @classmethod
     def parse(cls, distill, where: str) -> DistillSpec:
@@ -89,21 +102,27 @@ class DistillSpec:
         if not (weight > 0 and anchors >= 1 and batch_size >= 1):
             raise ValueError(f"{where}: distill needs weight > 0, anchors >= 1, batch_size >= 1, got "
                              f"{ {k: record[k] for k in DISTILL_FIELDS} }")
-        source = record.get("anchor_source")
+        spec = cls(weight, anchors, batch_size, anchor_source_of(record.get("anchor_source"), f"{where}: distill.anchor_source"),
+                   record)
         try:
-            TeacherRule(record.get("teacher", "mean"), record.get("only_stronger", False))
+            spec.settings(["a", "b"], "{text}")          # the level, top_k and teacher rule, checked as clients will
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
-        return cls(weight, anchors, batch_size, topic_of(source, f"{where}: distill.anchor_source"), record)
+        return spec
 
 
-def topic_of(source, where: str) -> str | None:
-    """The topic of an anchor source "topic:<name>" (None: none given); a ValueError naming `where` else."""
+def anchor_source_of(source, where: str) -> tuple[str, str] | None:
+    """("topic" | "domain", name) of an anchor source "topic:<name>" (a tweet topic) or "domain:<name>" (a
+    fortunes domain of the LM task), naming a source no client holds; None: none given; a ValueError naming
+    `where` else."""
     if source is None:
         return None
-    if not (isinstance(source, str) and source.startswith(ANCHOR_TOPIC) and source[len(ANCHOR_TOPIC):]):
-        raise ValueError(f"{where} must be '{ANCHOR_TOPIC}<name>' (a corpus topic no client holds), got {source!r}")
-    return source[len(ANCHOR_TOPIC):]
+    prefix = next((p for p in (ANCHOR_TOPIC, ANCHOR_DOMAIN) if isinstance(source, str) and source.startswith(p)
+                   and source[len(p):]), None)
+    if prefix is None:
+        raise ValueError(f"{where} must be '{ANCHOR_TOPIC}<name>' (classification) or '{ANCHOR_DOMAIN}<name>' (LM), "
+                         f"naming a source no client holds; got {source!r}")
+    return prefix[:-1], source[len(prefix):]
 
 
 @dataclass
@@ -158,12 +177,16 @@ class DeMAMethod(MethodSpec):
         return make_exchange(self.strategy, self.strategy_options, seed=seed)
 
     def check_setting(self, clients: list[dict], *, lm: bool, where: str) -> None:
-        if lm and self.distill is not None:
-            raise ValueError(f"{where}: 'distill' exchanges label predictions (classification only); an LM suite "
-                             "cannot run it")
-        if self.projector_anchors is not None and self.projector_anchors[0] != ("domain" if lm else "topic"):
-            raise ValueError(f"{where}: projector_anchors of {'an LM' if lm else 'a classification'} suite must be "
-                             f"'{ANCHOR_DOMAIN if lm else ANCHOR_TOPIC}<name>', got {self.raw['projector_anchors']!r}")
+        if self.distill is not None and (self.distill.level == "token") != lm:
+            raise ValueError(f"{where}: 'distill' at level {self.distill.level!r} cannot run in "
+                             f"{'an LM' if lm else 'a classification'} suite: label-level distillation exchanges "
+                             "label predictions (classification), token-level next-token ones on plain texts (the LM task)")
+        kind = "domain" if lm else "topic"
+        for key, source in (("projector_anchors", self.projector_anchors),
+                            ("distill.anchor_source", self.distill.anchor if self.distill else None)):
+            if source is not None and source[0] != kind:
+                raise ValueError(f"{where}: {key} of {'an LM' if lm else 'a classification'} suite must be "
+                                 f"'{kind}:<name>', got '{source[0]}:{source[1]}'")
 
     def run(self, ctx) -> dict:
         from .dema import run_dema
@@ -180,14 +203,8 @@ class DeMAMethod(MethodSpec):
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: dema: {err}") from None
         distill = DistillSpec.parse(method["distill"], where) if method.get("distill") is not None else None
-        anchors = method.get("projector_anchors")
+        anchors = anchor_source_of(method.get("projector_anchors"), f"{where}: projector_anchors")
         if anchors is not None:
-            prefix = next((p for p in (ANCHOR_TOPIC, ANCHOR_DOMAIN) if isinstance(anchors, str) and anchors.startswith(p)
-                           and anchors[len(p):]), None)
-            if prefix is None:
-                raise ValueError(f"{where}: projector_anchors must be '{ANCHOR_TOPIC}<name>' (classification) or "
-                                 f"'{ANCHOR_DOMAIN}<name>' (LM), naming a source no client holds; got {anchors!r}")
-            anchors = (prefix[:-1], anchors[len(prefix):])
             config = DeMAConfig.from_dict({"seed": 0, **dema})
             if not (config.uses_anchors or config.uses_canonical):
                 raise ValueError(f"{where}: projector_anchors is for projectors 'anchor' and 'canonical' (with or "
