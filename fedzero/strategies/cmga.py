@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 from . import coefficients
@@ -22,9 +25,11 @@ class CMGA(Strategy):
         super().__init__(server_lr=server_lr, server_momentum=server_momentum, seed=seed)
         if groups not in ("fingerprint", "client"):
             raise ValueError(f"CMGA groups must be 'fingerprint' or 'client', got {groups!r}")
-        if c_max < 1:
-            raise ValueError(f"CMGA c_max must be >= 1, got {c_max}")
-        self.harmonize_norms, self.c_max, self.groups = bool(harmonize_norms), float(c_max), groups
+        if not isinstance(harmonize_norms, bool):        # bool("no") is True: a string is refused, not read
+            raise ValueError(f"CMGA harmonize_norms must be true or false, got {harmonize_norms!r}")
+        if isinstance(c_max, bool) or not isinstance(c_max, numbers.Real) or not math.isfinite(c_max) or c_max < 1:
+            raise ValueError(f"CMGA c_max must be a finite number >= 1, got {c_max!r}")
+        self.harmonize_norms, self.c_max, self.groups = harmonize_norms, float(c_max), groups
 
     def group_labels(self, updates: list[ClientUpdate]) -> list[str]:
         if self.groups == "client":

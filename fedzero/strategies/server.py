@@ -7,8 +7,15 @@ and the buffers read from the store. The step is elementwise, so slicing changes
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 class ServerOptimizer:
@@ -19,9 +26,9 @@ class ServerOptimizer:
     """
 
     def __init__(self, lr: float = 1.0, momentum: float = 0.0):
-        if lr <= 0:
-            raise ValueError(f"server lr must be > 0, got {lr}")
-        if not 0 <= momentum < 1:
+        if not _real(lr) or not math.isfinite(lr) or lr <= 0:    # a NaN lr would publish a NaN global
+            raise ValueError(f"server lr must be a finite number > 0, got {lr!r}")
+        if not _real(momentum) or not 0 <= momentum < 1:
             raise ValueError(f"server momentum must be in [0, 1), got {momentum}")
         self.lr, self.momentum = float(lr), float(momentum)
         self._buf: dict[str, Tensor] = {}
