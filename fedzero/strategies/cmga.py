@@ -28,7 +28,7 @@ class CMGA(Strategy):
         if not isinstance(harmonize_norms, bool):        # bool("no") is True: a string is refused, not read
             raise ValueError(f"CMGA harmonize_norms must be true or false, got {harmonize_norms!r}")
         if isinstance(c_max, bool) or not isinstance(c_max, numbers.Real) or not math.isfinite(c_max) or c_max < 1:
-            raise ValueError(f"CMGA c_max must be a finite number >= 1, got {c_max!r}")
+            raise ValueError(f"CMGA c_max must be >= 1 and finite, got {c_max!r}")
         self.harmonize_norms, self.c_max, self.groups = harmonize_norms, float(c_max), groups
 
     def group_labels(self, updates: list[ClientUpdate]) -> list[str]:
