@@ -13,9 +13,12 @@ from fedzero.config.arguments import non_negative_float, positive_float, positiv
 from fedzero.export import add_export_parser
 from fedzero.generate import add_evaluate_parser, add_generate_parser
 from fedzero.plot import add_plot_parser
+from fedzero.reporting import REPORT_TO, TENSORBOARD_DIR
 
 
 def _simulate(args) -> int:
+    from pathlib import Path
+
     from fedzero.config import load_run_config
     from fedzero.simulate import simulate
 
@@ -29,7 +32,7 @@ def _simulate(args) -> int:
     if args.rounds is not None:
         fed = dataclasses.replace(fed, rounds=args.rounds)
     run.federation = fed          # replace() checks the overridden settings as the loader did
-    summary = simulate(run, args.out, progress=not args.quiet and logs.progress_enabled())
+    summary = simulate(run, args.out, progress=not args.quiet and logs.progress_enabled(), report_to=args.report_to)
     with_acc = summary.get("labels") is not None
     print(f"\n{'client':<16}{'eval loss before':>18}{'after':>10}" + (f"{'accuracy before':>18}{'after':>10}" if with_acc else ""))
     for row in summary["final"]:
@@ -42,6 +45,8 @@ def _simulate(args) -> int:
           f"{summary['shared_params_per_client']:,} shared parameters per client-round, "
           + (f"output distillation on {distill['anchors']} anchor prompts, " if distill else "") +
           f"{summary['wall_seconds']:.1f} s; summary: {args.out}/summary.json, metrics: {args.out}/metrics.csv")
+    if (Path(args.out) / TENSORBOARD_DIR).is_dir():
+        print(f"TensorBoard: tensorboard --logdir {Path(args.out) / TENSORBOARD_DIR}")
     return 0
 
 
@@ -169,9 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="run a whole federation in one process (CPU is fine)")
     p.add_argument("--config", required=True, help="run config YAML (see configs/demo.yaml)")
-    p.add_argument("--out", required=True, help="new output directory")
+    p.add_argument("--out", required=True, help="output directory; rerun the same command into it to resume")
     p.add_argument("--strategy", choices=sorted(STRATEGIES), help="override federation.strategy")
     p.add_argument("--rounds", type=positive_int, help="override federation.rounds")
+    p.add_argument("--report-to", choices=REPORT_TO,
+                   help="where per-round scalars go while it trains: tensorboard (OUT/tensorboard/), csv "
+                        "(OUT/scalars.csv) or none; default tensorboard when the package is installed, else csv")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_simulate)
 
@@ -258,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.log_level)
     try:
         return args.func(args)
+    except KeyboardInterrupt as err:        # Ctrl-C: no traceback; simulate says how to resume
+        print(f"\nfedzero {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"fedzero {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -81,6 +81,16 @@ class LocalClient:
         self.step = 0
         self._batches = batches(train_examples, settings.batch_size, seed=seed, pad_id=pad_id)
 
+    def resume_at(self, step: int) -> None:
+        """Continue as if the federation's first `step` optimizer steps had run here: the seeded batch
+        stream and the learning-rate schedule move on to where an uninterrupted run would be (a resumed
+        `fedzero simulate`; the adapter's state is loaded separately)."""
+        if step < self.step:
+            raise ValueError(f"client {self.client_id!r} is at step {self.step}; it cannot go back to {step}")
+        for _ in range(step - self.step):
+            next(self._batches)
+        self.step = step
+
     def _optimizer(self) -> torch.optim.Optimizer:
         # A fresh optimizer every round: the shared parameters jump at aggregation, so Adam moments
         # from the last round describe a point that no longer exists (policy: reset).
