@@ -63,7 +63,7 @@ def parse_client_config(data, base: Path, source: Path | None = None) -> ClientR
         problems.raise_if_any()
     refuse_unknown(data, _TOP_KEYS, "", problems)
     seed = read_seed(data, problems)
-    dema = read_dema(data, seed, problems)
+    dema = read_dema(data, seed, problems, base)
     federation = read_federation(data, problems, defaults=_CLIENT_FEDERATION_DEFAULTS)
     defaults = read_train(data.get("train"), "train", problems)
     if "client" in data:

@@ -149,11 +149,14 @@ def read_seed(data: dict, problems: Problems) -> int:
     return 0 if seed is MISSING else seed
 
 
-def read_dema(data: dict, seed: int, problems: Problems) -> DeMAConfig | None:
-    """The `dema:` section; the run's seed unless it sets its own."""
+def read_dema(data: dict, seed: int, problems: Problems, base: Path | None = None) -> DeMAConfig | None:
+    """The `dema:` section; the run's seed unless it sets its own. `base`: the directory a relative
+    anchor_file is read from (the file's own, as for every path in a config)."""
     dema = section(data, "dema", "dema", problems)
     if dema is None or not check_fields(DeMAConfig, dema, "dema", problems, DEMA_RULES, what="DeMAConfig field"):
         return None
+    if base is not None and isinstance(dema.get("anchor_file"), str):
+        dema = {**dema, "anchor_file": str(resolve_path(dema["anchor_file"], base))}
     return build(DeMAConfig.from_dict, {"seed": seed, **dema}, "dema", problems)
 
 
@@ -296,7 +299,7 @@ def parse_run_config(data, base: Path, source: Path | None = None, *, local: boo
         problems.raise_if_any()
     refuse_unknown(data, RUN_KEYS, "", problems)
     seed = read_seed(data, problems)
-    dema = read_dema(data, seed, problems)
+    dema = read_dema(data, seed, problems, base)
     federation = read_federation(data, problems)
     defaults = read_train(data.get("train"), "train", problems)
     entries = _read_clients(data, defaults, base, problems, local=local)
