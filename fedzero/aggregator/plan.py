@@ -18,7 +18,7 @@ from fedzero.strategies import ClientUpdate, Strategy
 from fedzero.strategies.blocks import block_coverage, group_blocks
 from fedzero.strategies.depth import DepthPlan, require_declarations
 
-from .mpi import AggregationError, all_ok, rank_of, size_of
+from .mpi import AggregationError, all_ok, gather_small, rank_of, size_of
 from .shards import TensorInfo, header
 
 
@@ -141,21 +141,58 @@ def _server_state(store: FederationStore, round: int, strategy: Strategy, ginfo:
     return Source(f"server state of round {round - 1}", str(spath), sman.sha256, sman.bytes), sorted(sinfo)
 
 
-def verify_files(comm, plan: RoundPlan, mode: str) -> int:
+def verify_files(comm, plan: RoundPlan, mode: str) -> tuple[int, dict[str, str]]:
     """sha256 of every file against its manifest, files dealt round-robin to the ranks (each file is
-    hashed by exactly one rank). mode "size": sizes only. Returns bytes hashed on this rank."""
+    hashed by exactly one rank). mode "size": sizes only. Returns (bytes hashed on this rank, client
+    -> reason for every update that failed, on every rank): a bad update is left out by the caller,
+    not fatal; a bad global or server state fails the round."""
     files = plan.update_files + [plan.global_file] + ([plan.state_file] if plan.state_file else [])
     rank, world = rank_of(comm), size_of(comm)
+    n_updates = len(plan.update_files)
 
-    def check() -> int:
-        hashed = 0
-        with store_refusals():
-            for i, src in enumerate(files):
-                if mode == "sha256" and i % world == rank:
-                    check_file(src.path, src.bytes, src.sha256, src.name)
-                    hashed += src.bytes
-                else:
-                    check_size(src.path, src.bytes, src.name)
-        return hashed
+    def check() -> tuple[int, dict[str, str]]:
+        hashed, bad = 0, {}
+        for i, src in enumerate(files):
+            try:
+                with store_refusals():
+                    if mode == "sha256" and i % world == rank:
+                        check_file(src.path, src.bytes, src.sha256, src.name)
+                        hashed += src.bytes
+                    else:
+                        check_size(src.path, src.bytes, src.name)
+            except AggregationError as err:
+                if i >= n_updates:
+                    raise
+                bad[plan.updates[i].client_id] = str(err)
+        return hashed, bad
 
-    return all_ok(comm, check, "verification")
+    hashed, bad = all_ok(comm, check, "verification")
+    merged: dict[str, str] = {}
+    for found in gather_small(comm, bad):
+        for cid, why in found.items():
+            merged.setdefault(cid, why)
+    return hashed, dict(sorted(merged.items()))
+
+
+def global_spec(store: FederationStore, round: int, block_of=None):
+    """What rank 0 screens the round's updates against (fedzero.store.screen.GlobalSpec): the
+    global's header and the blocks the plan will use."""
+    from fedzero.store.screen import GlobalSpec
+
+    gpath = store.global_path(round)
+    with store_refusals():
+        gman = store.global_manifest(round)
+    try:
+        spec = GlobalSpec.from_file(gpath)
+    except (OSError, ValueError) as err:
+        raise AggregationError(f"global of round {round} ({gpath}): {err}") from None
+    keys = sorted(spec.tensors)
+    try:
+        if block_of is None:
+            from fedzero.adapters.dema.blocks import global_blocks
+
+            block_of = global_blocks(keys, gman.blocks)
+        grouped = group_blocks(keys, block_of)
+    except ValueError as err:
+        raise AggregationError(str(err)) from None
+    return GlobalSpec(spec.tensors, spec.header_bytes, spec.data_bytes, grouped)

@@ -18,10 +18,13 @@ from typing import Callable, Sequence
 from fedzero.distill.publish import publish_teachers
 from fedzero.distill.teachers import TeacherRule
 from fedzero.store import FederationStore, StoreError
+from fedzero.store.screen import (DEFAULT_MAX_NUM_SAMPLES, GlobalSpec, Rejection, quarantine, quarantined,
+                                  scan_updates)
 from fedzero.strategies import Strategy
+from fedzero.strategies.server import publish_refusal
 
 from .mpi import AggregationError, QuorumError, all_ok, gather_small, on_root, rank_of, size_of
-from .plan import make_plan, verify_files
+from .plan import global_spec, make_plan, verify_files
 from .sharded import aggregate_sharded
 
 VERIFY_MODES = ("sha256", "size")
@@ -36,6 +39,7 @@ class Arrivals:
     ignored: list[str] = field(default_factory=list)   # present but not expected
     waited_s: float = 0.0
     deadline_passed: bool = False
+    left_out: dict[str, Rejection] = field(default_factory=dict)   # refused by the checks (quarantined)
 
     @property
     def clients(self) -> list[str]:
@@ -45,42 +49,85 @@ class Arrivals:
 def wait_for_updates(store: FederationStore, round: int, *, expected: Sequence[str] | None, quorum: int,
                      deadline_s: float | None, poll_s: float = 1.0, log: Callable[[str], None] = print,
                      clock: Callable[[], float] = time.monotonic,
-                     sleep: Callable[[float], None] = time.sleep) -> Arrivals:
-    """Poll `store.list_updates(round)` until quorum AND (every expected client arrived OR the
-    deadline passed). Without an expected list, proceed as soon as the quorum is met.
+                     sleep: Callable[[float], None] = time.sleep, spec: GlobalSpec | None = None,
+                     max_num_samples: int = DEFAULT_MAX_NUM_SAMPLES) -> Arrivals:
+    """Poll the round's updates until quorum AND (every expected client arrived OR the deadline
+    passed). Without an expected list, proceed as soon as the quorum is met.
 
-    Raises QuorumError (naming the missing clients) when the deadline passes below the quorum.
+    Every update is screened as it is seen (fedzero.store.screen.scan_updates against `spec`, the
+    global's; default: read from the store): one that fails is quarantined at once and left out
+    (`Arrivals.left_out`), and an expected client so refused is no longer waited for (it may still
+    send a good update before the cut-off). Raises QuorumError (naming the missing and the left-out
+    clients) when the deadline passes below the quorum, or when every expected client has been
+    heard from and too few passed.
     Updates from clients outside a given expected list are ignored (and reported).
     """
     expected_set = None if expected is None else set(expected)
+    if spec is None:
+        spec = global_spec(store, round)
     start = clock()
     first_seen: dict[str, float] = {}
+    left_out: dict[str, Rejection] = {}
     last_report = start
+    tag = f"[aggregate r{round}]"
     while True:
         now = clock()
-        present = {m["client_id"]: m for m in store.list_updates(round)}
+        found, refused = scan_updates(store, round, spec, max_num_samples=max_num_samples)
+        for rejection in refused:
+            entry = quarantine(store, round, rejection)
+            left_out[rejection.client] = rejection
+            log(f"{tag} left out {rejection} (quarantined in "
+                f"{entry.relative_to(store.root) if entry else 'nothing: it was gone'})")
+        present = {m["client_id"]: m for m in found}
         for cid in present:
             first_seen.setdefault(cid, 0.0 if now == start else round_s(now - start))
         used = sorted(c for c in present if expected_set is None or c in expected_set)
         ignored = sorted(c for c in present if expected_set is not None and c not in expected_set)
-        missing = sorted(expected_set - set(present)) if expected_set is not None else []
+        missing = sorted(expected_set - set(present) - set(left_out)) if expected_set is not None else []
         passed = deadline_s is not None and now - start >= deadline_s
         if len(used) >= quorum and (expected_set is None or not missing or passed):
             return Arrivals([present[c] for c in used], {c: first_seen[c] for c in used}, missing, ignored,
-                            round_s(now - start), passed)
-        if passed:
-            who = f"missing: {', '.join(missing)}" if expected_set is not None else "(no expected list given)"
+                            round_s(now - start), passed,
+                            {c: r for c, r in left_out.items() if c not in present})
+        bad = [r for c, r in sorted(left_out.items()) if c not in present]
+        why = "; left out: " + "; ".join(str(r) for r in bad) if bad else ""
+        if passed or (expected_set is not None and not missing):
+            who = f"missing: {', '.join(missing) or 'none'}" if expected_set is not None else "(no expected list given)"
+            when = f"deadline of {deadline_s:g} s passed" if passed else "every expected client was heard from"
             raise QuorumError(
-                f"round {round}: deadline of {deadline_s:g} s passed with {len(used)} of the {quorum} updates "
-                f"the quorum needs; {who}; arrived: {', '.join(used) or 'none'}",
+                f"round {round}: {when} with {len(used)} of the {quorum} updates the quorum needs; {who}; "
+                f"arrived: {', '.join(used) or 'none'}{why}",
                 missing=missing, arrived=used)
         if now - last_report >= 30:
             left = "" if deadline_s is None else f", {deadline_s - (now - start):.0f} s to the deadline"
-            log(f"[aggregate r{round}] waiting: {len(used)} arrived, quorum {quorum}"
+            log(f"{tag} waiting: {len(used)} arrived, quorum {quorum}"
                 + (f", missing {', '.join(missing)}" if missing else "") + left)
             last_report = now
         wait = poll_s if deadline_s is None else max(0.0, min(poll_s, deadline_s - (now - start)))
         sleep(wait)
+
+
+def leave_out(store: FederationStore, round: int, arrivals: Arrivals, bad: dict[str, str], quorum: int,
+              log: Callable[[str], None]) -> list[dict]:
+    """Rank 0: quarantine the updates that failed a check after the wait (checksum, finiteness),
+    record them in `arrivals.left_out`, and return the remaining manifests; QuorumError if they
+    no longer meet the quorum."""
+    for cid, reason in bad.items():
+        rejection = Rejection(cid, str(store.update_path(round, cid).relative_to(store.root)), reason)
+        entry = quarantine(store, round, rejection)
+        arrivals.left_out[cid] = rejection
+        log(f"[aggregate r{round}] left out {rejection} (quarantined in "
+            f"{entry.relative_to(store.root) if entry else 'nothing: it was gone'})")
+    arrivals.manifests = [m for m in arrivals.manifests if m["client_id"] not in bad]
+    for cid in bad:
+        arrivals.arrived_after_s.pop(cid, None)
+    if len(arrivals.manifests) < quorum:
+        raise QuorumError(
+            f"round {round}: {len(arrivals.manifests)} of the {quorum} updates the quorum needs passed the checks; "
+            f"used: {', '.join(arrivals.clients) or 'none'}; left out: "
+            + "; ".join(str(r) for _, r in sorted(arrivals.left_out.items())),
+            missing=arrivals.missing, arrived=arrivals.clients)
+    return arrivals.manifests
 
 
 def round_s(x: float) -> float:
@@ -105,7 +152,7 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
                     block_of: Callable[[str], str] | None = None, verify: str = "sha256",
                     poll_s: float = 1.0, cache_bytes: int = 8 << 30, chunk_bytes: int = 64 << 20,
                     reset_server_state: bool = False, teacher_rule: TeacherRule | None = None,
-                    log: Callable[[str], None] | None = None) -> dict:
+                    max_num_samples: int = DEFAULT_MAX_NUM_SAMPLES, log: Callable[[str], None] | None = None) -> dict:
     """Aggregate round `round` of the store and publish the global of round+1. Collective.
 
     quorum: minimum number of updates (default: all expected clients, or 1 without an expected list).
@@ -120,7 +167,14 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
     reset_server_state: with momentum, start afresh when round-1 left no server state (else an error).
     teacher_rule: how clients' anchor predictions become teachers (output distillation; None: the
       sample-weighted mean; the run YAML's distill.teacher / only_stronger, AggregatorSettings.teacher_rule).
+    max_num_samples: an update whose manifest claims more samples is left out (federation.max_num_samples).
     log: where rank 0 writes its progress lines (default: print to stdout, flushed).
+
+    A bad update (unreadable, of another dtype or shape, non-finite, a checksum mismatch, a bad
+    manifest, a symlink: fedzero.store.screen) is left out and quarantined, and the round goes on
+    if the quorum still holds; `left_out` and `quarantined` in the result say who and why. Nothing
+    non-finite is published: a new global or server state holding a NaN or Inf fails the round
+    before anything is written.
 
     Returns the result dict written to rounds/r<round>/aggregate/result.json (on every rank). If the
     round is already complete (round+1's global exists), nothing is recomputed: the stored result
@@ -172,7 +226,8 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
             + (f"expected {len(expected)} ({', '.join(expected)})" if expected is not None else "no expected list")
             + f", quorum {quorum}, deadline " + ("none" if deadline_s is None else f"{deadline_s:g} s"))
         return wait_for_updates(store, round, expected=expected, quorum=quorum, deadline_s=deadline_s,
-                                poll_s=poll_s, log=say)
+                                poll_s=poll_s, log=say, spec=global_spec(store, round, block_of),
+                                max_num_samples=max_num_samples)
 
     arrivals: Arrivals = on_root(comm, wait, "waiting for updates", sleepy=True)
     t_wait = time.monotonic() - t0
@@ -182,19 +237,36 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
         + f"; missing: {', '.join(arrivals.missing) or 'none'}"
         + (f"; ignored (not expected): {', '.join(arrivals.ignored)}" if arrivals.ignored else ""))
 
-    # ---- rank 0 plans (headers, manifests, blocks); then everyone reads, reduces and combines
+    # ---- rank 0 plans (headers, manifests, blocks); then everyone reads, reduces and combines. An
+    # update that fails verification (checksum) or holds a NaN/Inf (seen in pass 1) is left out and
+    # the round planned again without it, while the quorum holds.
     t1 = time.monotonic()
-    plan = on_root(comm, lambda: make_plan(store, round, arrivals.manifests, strategy, block_of,
-                                           reset_server_state=reset_server_state), "planning")
-    t_verify = time.monotonic()
-    hashed = verify_files(comm, plan, verify)
-    t_verify = time.monotonic() - t_verify
-    res = aggregate_sharded(comm, plan, strategy, cache_bytes=cache_bytes, chunk_bytes=chunk_bytes)
+    while True:
+        plan = on_root(comm, lambda: make_plan(store, round, arrivals.manifests, strategy, block_of,
+                                               reset_server_state=reset_server_state), "planning")
+        t_verify = time.monotonic()
+        hashed, bad = verify_files(comm, plan, verify)
+        t_verify = time.monotonic() - t_verify
+        if not bad:
+            res = aggregate_sharded(comm, plan, strategy, cache_bytes=cache_bytes, chunk_bytes=chunk_bytes)
+            bad = res.nonfinite
+        if not bad:
+            break
+        arrivals.manifests = on_root(comm, lambda: leave_out(store, round, arrivals, bad, quorum, say),
+                                     "leaving out bad updates")
     io = gather_small(comm, (res.update_bytes, res.other_bytes, hashed, res.passes))   # per rank
     t_agg = time.monotonic() - t1
 
     # ---- rank 0 commits: server state, result, then the global of round+1 (the commit point)
     def commit() -> dict:
+        # nothing non-finite is published: checked before anything is written (the store is unchanged)
+        def refusal(state_finite: bool = True) -> str | None:
+            return publish_refusal(round, strategy, res.state, res.buffers,
+                                   state_from_round=round - 1 if plan.state_file else None,
+                                   loaded_state_finite=state_finite, beta=res.beta)
+
+        if refusal():
+            raise AggregationError(refusal(_state_file_finite(plan)))
         late = sorted(m["client_id"] for m in store.list_updates(round)
                       if m["client_id"] not in arrivals.clients and m["client_id"] not in arrivals.ignored
                       and (expected is None or m["client_id"] in expected))
@@ -207,6 +279,8 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
             "expected": expected, "quorum": quorum, "deadline_s": deadline_s,
             "missing": arrivals.missing, "late": late, "ignored": arrivals.ignored,
             "arrived_after_s": arrivals.arrived_after_s, "deadline_passed": arrivals.deadline_passed,
+            "left_out": {c: {"file": r.file, "reason": r.reason} for c, r in sorted(arrivals.left_out.items())},
+            "quarantined": quarantined(store, round),
             "blocks": dict(zip(plan.blocks, res.stats)),
             "server": {"lr": strategy.server_opt.lr, "momentum": strategy.server_opt.momentum,
                        "state_from_round": round - 1 if plan.state_file else None},
@@ -233,6 +307,19 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
     result = on_root(comm, commit, "publishing", sleepy=True, poll_s=0.01)
     _log_round(say, tag, result)
     return result
+
+
+def _state_file_finite(plan) -> bool:
+    """Whether the server state the round started from holds only finite values (read only when a
+    refusal is being explained)."""
+    if plan.state_file is None:
+        return True
+    from safetensors import safe_open
+
+    from fedzero.store.screen import nonfinite_reason
+
+    with safe_open(plan.state_file.path, framework="pt") as f:
+        return not any(nonfinite_reason(k, f.get_tensor(k)) for k in f.keys())
 
 
 def _log_round(say, tag: str, result: dict) -> None:

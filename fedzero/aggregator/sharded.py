@@ -37,6 +37,7 @@ class ShardResult:
     passes: int = 1                    # 1: slices cached between the passes; 2: read again
     seconds: dict[str, float] = field(default_factory=dict)   # this rank's time per stage
     state: dict[str, torch.Tensor] | None = None      # rank 0: the new global
+    nonfinite: dict[str, str] = field(default_factory=dict)   # client -> reason: stopped after pass 1
     buffers: dict[str, torch.Tensor] | None = None    # rank 0: the new server optimizer state
 
 
@@ -65,6 +66,12 @@ def aggregate_sharded(comm, plan: RoundPlan, strategy: Strategy, *, cache_bytes:
                 banks["root"] = DepthBanks(plan, depth)
                 banks["root"].grams(grams)          # rank 0's grams are the ones the coefficients use
             on_root(comm, read_banks, "reading the depth-aware projector banks")
+        # a client's squared norm in a block (the Gram's diagonal) is finite iff its values there are:
+        # floats of at most 64 bits squared and summed in float64 cannot overflow (|x| <= 3.4e38)
+        nonfinite = on_root(comm, lambda: nonfinite_clients(plan, grams), "checking the updates' values")
+        if nonfinite:
+            return ShardResult(grams, np.zeros((B, K)), np.zeros(B, dtype=bool), [], nonfinite=nonfinite,
+                               update_bytes=reader.bytes_read, seconds=seconds)
         coef = exchange_coefficients(comm, plan, strategy, grams)
         tick = _lap(seconds, "coefficients_s", tick)
 
@@ -88,6 +95,28 @@ def aggregate_sharded(comm, plan: RoundPlan, strategy: Strategy, *, cache_bytes:
     return ShardResult(grams, coef.beta, coef.skipped, coef.stats, update_bytes=update_bytes,
                        other_bytes=other_bytes, passes=1 if slices.keep else 2, seconds=seconds,
                        state=state, buffers=buffers)
+
+
+def nonfinite_clients(plan: RoundPlan, grams: np.ndarray) -> dict[str, str]:
+    """Rank 0, from the reduced Grams: client -> the reason its update is left out (the first
+    tensor holding a NaN or Inf, named as the in-process path names it: fedzero.store.screen)."""
+    from safetensors import safe_open
+
+    from fedzero.store.screen import nonfinite_reason
+
+    diag = np.diagonal(grams, axis1=1, axis2=2)                # [B, K]
+    out = {}
+    for k in np.flatnonzero(~np.isfinite(diag).all(axis=0)):
+        blocks = set(np.flatnonzero(~np.isfinite(diag[:, k])).tolist())
+        keys = sorted(i.key for i in plan.infos if plan.block_of_key[i.key] in blocks)
+        why = None
+        with safe_open(plan.update_files[k].path, framework="pt") as f:
+            for key in keys:
+                why = nonfinite_reason(key, f.get_tensor(key))
+                if why:
+                    break
+        out[plan.updates[k].client_id] = why or f"non-finite values in block(s) {sorted(plan.blocks[b] for b in blocks)}"
+    return out
 
 
 def _lap(seconds: dict, name: str, since: float) -> float:

@@ -3,7 +3,7 @@
 See docs/store.md for the layout and its guarantees. Modules: ``layout`` (every path and name),
 ``manifest`` (the typed manifests, their one parser and validator), ``artifact`` (tensor file
 first, manifest last; read and verify), ``atomic`` (durable writes), ``store`` (the
-``FederationStore`` facade) and ``errors``.
+``FederationStore`` facade), ``screen`` (checking client updates, the quarantine) and ``errors``.
 """
 
 from .atomic import (
@@ -21,6 +21,7 @@ from .errors import (
     StoreTimeoutError,
 )
 from .layout import STORE_FORMAT, STORE_VERSION, round_dirname, validate_client_id
+from .screen import GlobalSpec, Rejection, UpdateRejected, quarantine, quarantined, scan_updates, screen_round
 from .store import FederationStore, GlobalWait
 
 __all__ = [
@@ -40,4 +41,11 @@ __all__ = [
     "atomic_save_safetensors",
     "sha256_bytes",
     "sha256_file",
+    "GlobalSpec",
+    "Rejection",
+    "UpdateRejected",
+    "scan_updates",
+    "screen_round",
+    "quarantine",
+    "quarantined",
 ]

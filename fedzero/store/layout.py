@@ -13,6 +13,8 @@
       rounds/r000000/aggregate/result.json                   aggregation report
       rounds/r000000/aggregate/server_state.safetensors      optional server optimizer state
       rounds/r000000/aggregate/server_state.manifest.json
+      rounds/r000000/quarantine/0001/reason.json             a left-out update: who, which file, why
+      rounds/r000000/quarantine/0001/files/                  ... and its client directory, moved here
 
 No other module builds a path inside a store: they ask a :class:`StoreLayout` (or the
 ``FederationStore`` facade, which holds one). Round numbers and client ids are validated here,
@@ -31,7 +33,7 @@ __all__ = [
     "STORE_FORMAT", "STORE_VERSION", "STORE_FILE", "ROUNDS_DIR", "GLOBAL_DIR", "GLOBAL_TENSORS", "MANIFEST",
     "UPDATES_DIR", "UPDATE_TENSORS", "AGGREGATE_DIR", "RESULT_FILE", "SERVER_STATE_TENSORS",
     "SERVER_STATE_MANIFEST", "PREDICTIONS_TENSORS", "PREDICTIONS_MANIFEST", "TEACHERS_TENSORS",
-    "TEACHERS_MANIFEST", "ALL_CLIENTS", "ArtifactFiles", "StoreLayout", "validate_client_id",
+    "TEACHERS_MANIFEST", "QUARANTINE_DIR", "QUARANTINE_REASON", "QUARANTINE_FILES", "ALL_CLIENTS", "ArtifactFiles", "StoreLayout", "validate_client_id",
     "validate_round", "round_dirname", "round_of_dirname",
 ]
 
@@ -53,6 +55,9 @@ PREDICTIONS_TENSORS = "anchor_predictions.safetensors"
 PREDICTIONS_MANIFEST = "anchor_predictions.manifest.json"
 TEACHERS_TENSORS = "teachers.safetensors"
 TEACHERS_MANIFEST = "teachers.manifest.json"
+QUARANTINE_DIR = "quarantine"       # rounds/rNNNNNN/quarantine/<seq>/: updates the aggregator left out
+QUARANTINE_REASON = "reason.json"   # {"client", "file", "reason", "round", "created"}
+QUARANTINE_FILES = "files"          # the client's update directory as it was found, moved here
 ALL_CLIENTS = "*"           # the teachers file's key for a client that sent no predictions that round
 
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -152,6 +157,16 @@ class StoreLayout:
 
     def result_path(self, round: int) -> Path:
         return self.aggregate_dir(round) / RESULT_FILE
+
+    def quarantine_dir(self, round: int) -> Path:
+        return self.round_dir(round) / QUARANTINE_DIR
+
+    def quarantine_entry(self, round: int, seq: int) -> Path:
+        """``quarantine/0001``: the seq-th update left out in ``round`` (numbered, not named by client:
+        a refused directory name need not be a valid client id)."""
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+            raise ValueError(f"quarantine sequence number must be an int >= 1, got {seq!r}")
+        return self.quarantine_dir(round) / f"{seq:04d}"
 
     def server_state_files(self, round: int) -> ArtifactFiles:
         folder = self.aggregate_dir(round)

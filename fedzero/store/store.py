@@ -31,6 +31,7 @@ from .layout import (ALL_CLIENTS, STORE_FILE, STORE_FORMAT, STORE_VERSION, Artif
                      round_dirname, round_of_dirname, validate_client_id, validate_round)
 from .manifest import (GlobalManifest, PredictionsManifest, ServerStateManifest, TeachersManifest,
                        UpdateManifest, check_jsonable, is_valid_quality, load_manifest, read_json_object)
+from .screen import nonfinite_reason
 from .wait import GlobalWait
 
 __all__ = [
@@ -129,6 +130,7 @@ class FederationStore:
             raise ValueError(f"meta must be a dict or None, got {type(meta).__name__}")
         check_jsonable(meta, "global meta")
         tensors = prepare_tensors(state, "global state")
+        _refuse_nonfinite(tensors, f"global of round {round}")
         return publish_artifact(self.layout.global_files(round), tensors, GlobalManifest,
                                 what=f"global of round {round}", round=round, meta=meta)
 
@@ -307,8 +309,9 @@ class FederationStore:
         """Write the server optimizer state (e.g. momentum) after aggregating ``round``:
         tensor file, then its manifest. Replaces any earlier one for that round."""
         round = validate_round(round)
-        return write_artifact(self.layout.server_state_files(round), prepare_tensors(state, "server state"),
-                              ServerStateManifest, round=round)
+        tensors = prepare_tensors(state, "server state")
+        _refuse_nonfinite(tensors, f"server state of round {round}")
+        return write_artifact(self.layout.server_state_files(round), tensors, ServerStateManifest, round=round)
 
     def server_state_manifest(self, round: int) -> ServerStateManifest | None:
         """The checked manifest of the server state of ``round`` (not hashed), or ``None``."""
@@ -482,3 +485,10 @@ class FederationStore:
                 return tensors[f"{key}/ids"], tensors[f"{key}/probs"]
         return None
 
+
+def _refuse_nonfinite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Nothing non-finite is ever published: a NaN global is write-once and would end the run."""
+    for key in sorted(tensors):
+        why = nonfinite_reason(key, tensors[key])
+        if why:
+            raise ValueError(f"refusing to write the {what}: {why}; nothing was written")

@@ -65,3 +65,42 @@ class ServerOptimizer:
 
     def load_state_dict(self, sd: dict[str, Tensor]) -> None:
         self._buf = {k: v.clone() for k, v in sd.items()}
+
+
+def _nonfinite(tensors: dict[str, Tensor]) -> str | None:
+    for key in sorted(tensors):
+        t = tensors[key]
+        if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            nan = int(torch.isnan(t).sum())
+            return f"tensor {key!r} holds {nan} NaN and {int((~torch.isfinite(t)).sum()) - nan} Inf values"
+    return None
+
+
+def publish_refusal(round: int, strategy, state: dict[str, Tensor], buffers: dict[str, Tensor], *,
+                    state_from_round: int | None, loaded_state_finite: bool = True,
+                    beta=None) -> str | None:
+    """Why the new global of round+1 (and the server state after round) must not be published, or
+    None if every value is finite. Both aggregation paths call it before writing anything: a
+    published global is write-once, so a NaN one would end the run. The message names what can
+    have produced it: the server lr, the momentum state carried in, non-finite coefficients
+    (e.g. CMGA's c_max), given that the updates were checked finite."""
+    found = [f"the new global's {why}" for why in [_nonfinite(state)] if why]
+    found += [f"the new server momentum's {why}" for why in [_nonfinite(buffers or {})] if why]
+    if not found:
+        return None
+    opt = strategy.server_opt
+    causes = [f"server_lr {opt.lr:g} (the step is lr x the aggregate, in float32 or wider)"]
+    if opt.momentum:
+        carried = ("none carried in" if state_from_round is None else
+                   f"the momentum state of round {state_from_round}"
+                   + ("" if loaded_state_finite else ", which itself holds non-finite values"))
+        causes.append(f"server_momentum {opt.momentum:g} ({carried})")
+    if beta is not None:
+        import numpy as np
+
+        beta = np.asarray(beta)
+        if not np.isfinite(beta).all():
+            causes.append("non-finite aggregation coefficients (beta)"
+                          + (f"; CMGA c_max {strategy.c_max:g}" if hasattr(strategy, "c_max") else ""))
+    return (f"refusing to publish the global of round {round + 1}: {'; '.join(found)}. Possible causes: "
+            f"{'; '.join(causes)}. The client updates were checked finite. Nothing was written.")
