@@ -7,7 +7,8 @@ accuracy where the runs recorded it) of two runs of the same clients, and the ga
 
 A run's numbers come from its summary.json (`read_run`; `fedzero plot` reads runs the same way):
 per round and client the train and eval loss, and the label metrics simulate scores after the last
-round. A federate run directory records train loss only; it has no eval loss to compare.
+round (federate scores each client after every round the same way, in its own process). A run still
+going or interrupted has a partial summary.json (its completed rounds); compare reads those too.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def read_run(path: str | os.PathLike) -> RunHistory:
     summary_path = path / SUMMARY if path.is_dir() else path
     if not summary_path.is_file():
         why = (f"{path} does not exist" if not path.exists() else
-               f"{path} has no {SUMMARY}: not a finished fedzero run (simulate and federate write it at the end)")
+               f"{path} has no {SUMMARY}: not a fedzero run (simulate writes it after every round, federate at the end)")
         raise FileNotFoundError(why)
     try:
         summary = json.loads(summary_path.read_text())
@@ -87,8 +88,9 @@ def compare_runs(a: RunHistory, b: RunHistory) -> dict:
     where both recorded label metrics, each run's and A's gain (accuracy A - B)."""
     for run in (a, b):
         if not any(c.final("eval_loss") is not None for c in run.clients.values()):
-            raise ValueError(f"{run.path}/{SUMMARY} records no eval loss per client (a federate run records train "
-                             "loss only): compare runs of `fedzero simulate`")
+            raise ValueError(f"{run.path}/{SUMMARY} records no eval loss per client (a federate run of an older "
+                             "fedzero recorded train loss only; rerun `fedzero federate` into it: it scores the "
+                             "rounds whose private parts the clients still keep)")
     common = [cid for cid in a.clients if cid in b.clients]
     if not common:
         raise ValueError(f"the runs share no client: {a.path} has {sorted(a.clients)}, {b.path} has {sorted(b.clients)}")

@@ -220,8 +220,9 @@ def _simulate_clients(root: Path, config: str | os.PathLike | None) -> dict[str,
         if not isinstance(entry, dict):
             raise RunDirError(f"{path}: every entry of 'clients' must be a mapping, got {entry!r}")
         cid = str(entry.get("id", ""))
-        copy_note = (f" ({path} is simulate's copy of the run config: relative paths in it mean the original "
-                     "file's directory; give that file with --config)") if config is None else ""
+        copy_note = (f" ({path} is simulate's record of the run config, with absolute paths; a run of an older "
+                     "fedzero copied the file as it was, so relative paths in it mean the original file's "
+                     "directory: give that file with --config)") if config is None else ""
         backbone = _backbone(entry.get("backbone"), path, f"client {cid!r}", copy_note)
         read = read_client(entry, f"clients[{i}]", defaults, path.parent, problems, local=False)
         clients[cid] = ClientSource(cid, backbone, path, private_file=root / CLIENTS_DIR / cid / SIMULATE_PRIVATE,
