@@ -34,7 +34,10 @@ from fedzero.run_dirs import (CLIENTS_DIR, FEDERATE_MARKER, RUN_CONFIG_COPY, SIM
 from fedzero.run_record import config_document, differences, input_digests, read_config_document, write_config
 from fedzero.store import FederationStore
 from fedzero.store.layout import STORE_FILE, round_dirname, round_of_dirname
+from fedzero.store.screen import GlobalSpec, nonfinite_reason, quarantined, screen_round
 from fedzero.strategies import ClientUpdate
+from fedzero.strategies.blocks import group_blocks
+from fedzero.strategies.server import publish_refusal
 
 
 def build_client(cfg, run: RunConfig) -> LocalClient:
@@ -236,17 +239,20 @@ def _round(rnd: int, run: RunConfig, store: FederationStore, strategy, clients: 
             own_states[client.client_id] = client.handle.shared_state_dict()
         round_rows.append({"id": client.client_id, "fingerprint": client.fingerprint, **metrics})
         bar.update(1)
-    for manifest in store.list_updates(rnd):
-        delta, _ = store.read_update(rnd, manifest["client_id"])
-        uploaded += manifest["bytes"] if own_states is None else 0      # local: recorded, never sent
-        updates.append(ClientUpdate(manifest["client_id"], delta, manifest["num_samples"],
-                                    manifest["fingerprint"], manifest.get("slot_use"), manifest.get("depth")))
+    # every update screened as the MPI aggregator screens it: a bad one is left out and quarantined
+    updates, left_out = screened_updates(store, rnd, global_state, block_of, fed.max_num_samples)
+    for u in updates:
+        uploaded += store.update_path(rnd, u.client_id).stat().st_size if own_states is None else 0  # local: never sent
+    carried_in = strategy.server_opt.state_dict()
     new_state, agg = strategy.aggregate(global_state, updates, round=rnd, block_of=block_of)
+    refuse_nonfinite(rnd, strategy, new_state, carried_in, agg)      # before anything of the round is written
     diagnostics = {"updates": update_diagnostics(updates, block_of.__getitem__)}
     store.write_server_state(rnd, strategy.server_opt.state_dict())   # as the MPI aggregator does: resumable
     distill = publish_teachers(store, rnd, {u.client_id: u.num_samples for u in updates},
                                run.distill.teacher_rule if run.distill is not None else None)
-    store.write_result(rnd, {"strategy": fed.strategy, **agg, "diagnostics": diagnostics, "distill": distill})
+    store.write_result(rnd, {"strategy": fed.strategy, **agg, "diagnostics": diagnostics, "distill": distill,
+                             "left_out": {r.client: {"file": r.file, "reason": r.reason} for r in left_out},
+                             "quarantined": quarantined(store, rnd)})
 
     for client, row in zip(clients, round_rows):
         if own_states is None:
@@ -382,6 +388,34 @@ def _write_metrics(path: Path, rounds: list[dict], num_clients: int) -> None:
                 writer.writerow([record["round"], row["id"], row["fingerprint"]]
                                 + [_fmt(row.get(k)) for k in METRIC_COLUMNS] + [record["uploaded_bytes"] // num_clients])
     tmp.replace(path)
+
+
+def screened_updates(store: FederationStore, rnd: int, global_state: dict[str, torch.Tensor], block_of,
+                     max_num_samples: int, log=tqdm.write) -> tuple[list[ClientUpdate], list]:
+    """The round's updates that pass the store's checks (fedzero.store.screen, as the MPI aggregator
+    screens them), as ClientUpdates; the others are quarantined and returned as rejections. A round
+    with no update left fails naming them."""
+    spec = GlobalSpec.from_file(store.global_path(rnd), group_blocks(sorted(global_state), block_of))
+    screened, left_out = screen_round(store, rnd, spec, max_num_samples=max_num_samples,
+                                      log=lambda msg: log(f"round {rnd}: {msg}"))
+    if not screened:
+        raise ValueError(f"round {rnd}: no client update passed the checks; left out: "
+                           + ("; ".join(str(r) for r in left_out) or "none (no update was written)"))
+    return [ClientUpdate(m["client_id"], delta, m["num_samples"], m["fingerprint"], m.get("slot_use"), m.get("depth"))
+            for m, delta in screened], left_out
+
+
+def refuse_nonfinite(rnd: int, strategy, new_state: dict[str, torch.Tensor], carried_in: dict[str, torch.Tensor],
+                     agg: dict) -> None:
+    """Nothing non-finite is published (as in the MPI aggregator): checked before anything of the
+    round is written; the message names the server lr, the momentum carried in and the coefficients."""
+    beta = [b for st in agg.get("blocks", {}).values() for b in st.get("beta", [])]
+    refusal = publish_refusal(rnd, strategy, new_state, strategy.server_opt.state_dict(),
+                              state_from_round=rnd - 1 if carried_in else None,
+                              loaded_state_finite=not any(nonfinite_reason(k, t) for k, t in carried_in.items()),
+                              beta=beta)
+    if refusal:
+        raise ValueError(refusal)
 
 
 def _fmt(value) -> str:

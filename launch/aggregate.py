@@ -6,7 +6,8 @@
 Strategy and server optimizer come from the YAML's `federation:` section (and `seed`), the anchor
 teachers' rule from `distill.teacher` and `distill.only_stronger`; the expected clients are the ids
 under `clients:` unless --expected lists them. Exit status: 0 done (or the round
-was already complete), 2 the deadline passed below the quorum, 1 any other failure. On 1–2 cores,
+was already complete; updates that failed a check were left out and quarantined), 2 too few updates
+(the deadline passed below the quorum, or too few passed the checks), 1 any other failure. On 1–2 cores,
 set OMP_NUM_THREADS=1. Everything else: docs/aggregator.md.
 """
 
@@ -56,7 +57,8 @@ def main(argv=None) -> int:
         run_aggregation(args.store, args.round, strategy, quorum=args.quorum, deadline_s=args.deadline,
                         expected=args.expected or settings.client_ids, comm=comm, verify=args.verify,
                         poll_s=args.poll, cache_bytes=int(args.cache_gb * (1 << 30)),
-                        reset_server_state=args.reset_server_state, teacher_rule=settings.teacher_rule)
+                        reset_server_state=args.reset_server_state, teacher_rule=settings.teacher_rule,
+                        max_num_samples=settings.federation.max_num_samples)
     except (AggregationError, ValueError, TypeError, OSError) as e:
         # Every rank raises the same error (the aggregator's collectives see to it); one prints it.
         if comm.Get_rank() == 0:

@@ -37,7 +37,8 @@ BACKBONE_SOURCES = ("path", "llama_config", "model_config")
 
 # Ranges of the settings whose classes check only some of them (each class still checks its own
 # cross-field rules when it is built); what is not listed here is only typed.
-FEDERATION_RULES = {"rounds": at_least(1), "server_lr": above(0), "server_momentum": Rule(min=0, below=1)}
+FEDERATION_RULES = {"rounds": at_least(1), "server_lr": above(0), "server_momentum": Rule(min=0, below=1),
+                    "max_num_samples": at_least(1)}
 TRAIN_RULES = {"local_steps": at_least(1), "batch_size": at_least(1), "lr": above(0), "weight_decay": at_least(0),
                "max_length": at_least(1), "grad_clip": Rule(min=0, nullable=True),    # 0 or null: no clipping
                "schedule": one_of("constant", "cosine"), "warmup_steps": at_least(0), "eval_batch_size": at_least(1),
@@ -63,6 +64,7 @@ class FederationSettings:
     strategy_options: dict = field(default_factory=dict)
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    max_num_samples: int = 1_000_000_000     # an update claiming more is left out (fedzero.store.screen)
 
     def __post_init__(self):
         problems = Problems()
