@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from fedzero.config import RunConfig, parse_run_config, read_yaml
+from fedzero.run_record import config_document, write_config
 from fedzero.store import FederationStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -135,11 +136,12 @@ def prepare(config: str | Path, out: str | Path, ds_config: Path, procs_per_clie
                          "starts every round from the store's global, so it cannot keep its own adapter between "
                          "rounds; run the local control with `fedzero simulate --config "
                          f"{config} --strategy local --out DIR`")
-    out = Path(out)
+    out = Path(out).expanduser().absolute()     # the launched processes run in the repository root
     if out.exists() and any(out.iterdir()) and not (out / "federate.json").exists():
         raise FileExistsError(f"output directory {out} is not empty and holds no fedzero run")
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    shutil.copy(config, out / "config.yaml")
+    # the run config as used, every path absolute: reusable from anywhere (fedzero.run_record)
+    write_config(config_document(run), out / "config.yaml")
     (out / "hostfile").write_text(f"localhost slots={procs_per_client}\n")
     client_yaml = write_client_configs(run, raw, out, ds_config)
     (out / "federate.json").write_text(json.dumps({"config": str(Path(config).resolve())}))
@@ -154,7 +156,8 @@ def prepare(config: str | Path, out: str | Path, ds_config: Path, procs_per_clie
 
 
 def federate(config: str | Path, out: str | Path, launch: LaunchSettings) -> dict:
-    out = Path(out)
+    out = Path(out).expanduser().absolute()     # the launched processes run in the repository root
+    config = Path(config).expanduser().absolute()
     run, client_yaml = prepare(config, out, launch.ds_config, launch.procs_per_client)
     hostfile, store_dir = out / "hostfile", out / "store"
     store = FederationStore(store_dir)
@@ -184,22 +187,87 @@ def federate(config: str | Path, out: str | Path, launch: LaunchSettings) -> dic
             cmd += ["--deadline", str(launch.deadline_s)]
         seconds = _run(cmd, out / "logs" / f"r{rnd:03d}-aggregate.log", f"aggregation of round {rnd}")
         print(f"round {rnd}: aggregated by {launch.aggregator_ranks} MPI rank(s) in {seconds:.1f} s", flush=True)
+        evaluate_round(out, run, rnd)
 
-    summary = summarize(store, run)
+    for rnd in range(run.federation.rounds):        # a run resumed from an older fedzero: what can still be scored
+        evaluate_round(out, run, rnd)
+    summary = summarize(store, run, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def summarize(store: FederationStore, run: RunConfig) -> dict:
-    """summary.json from the store alone: per round, what every client uploaded and reported."""
-    rounds = []
+EVAL_DIR = "eval"            # OUT/eval/r<R>.json: each client's evaluation after round R
+
+
+def _eval_path(out: Path, rnd: int) -> Path:
+    return out / EVAL_DIR / f"r{rnd:06d}.json"
+
+
+def evaluate_round(out: Path, run: RunConfig, rnd: int) -> dict | None:
+    """Each client's model after round `rnd` (the global of rnd+1 with its private part after rnd),
+    scored in this process as `fedzero simulate` scores it: eval loss on the first max_eval_examples
+    records of its data.test, and on the last round, where every test record has a prompt and a label,
+    the label metrics. Written to OUT/eval/r<R>.json once; None where the round has not finished, or
+    a client's private part of that round is no longer kept (a client keeps its last two rounds')."""
+    path = _eval_path(out, rnd)
+    if path.is_file():
+        return json.loads(path.read_text())
+    from fedzero.generate import evaluate_trained, labels_for
+    from fedzero.run_dirs import RunDirError, open_run
+    from fedzero.trained import load_trained
+    from fedzero.data import read_jsonl
+
+    run_dir = open_run(out)
+    if not run_dir.store.has_global(rnd + 1):
+        return None
+    last = rnd == run.federation.rounds - 1
+    tests = {c.id: read_jsonl(c.test_data)[: c.train.max_eval_examples] for c in run.clients}
+    every = [r for records in tests.values() for r in records]
+    labels = labels_for(every, None, None, "the clients' data.test") if last else None
+    scores = {}
+    for c in run.clients:
+        try:
+            trained = load_trained(run=out, client=c.id, round=rnd)
+        except RunDirError as err:
+            print(f"round {rnd}: client {c.id} not evaluated: {err}", flush=True)
+            return None
+        metrics, _ = evaluate_trained(trained, tests[c.id], labels, per_record=False)
+        scores[c.id] = {k: v for k, v in metrics.items() if k not in ("records", "tokens", "labels")}
+        del trained
+    document = {"round": rnd, "labels": labels, "clients": scores}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2))
+    tmp.replace(path)
+    print(f"round {rnd}: " + "  ".join(f"{cid} eval {m['eval_loss']:.3f}" + (f" acc {m['accuracy']:.2f}"
+                                       if "accuracy" in m else "") for cid, m in scores.items()), flush=True)
+    return document
+
+
+def summarize(store: FederationStore, run: RunConfig, out: Path | None = None) -> dict:
+    """summary.json from the store (per round, what every client uploaded and reported) and, with
+    `out`, each client's evaluation after every round (OUT/eval/, `evaluate_round`), as simulate
+    records it: eval_loss per client and round, label metrics after the last round (`final`)."""
+    rounds, labels = [], None
     for rnd in range(run.federation.rounds):
         manifests = store.list_updates(rnd)
         result = store.read_result(rnd)
+        scored = {}
+        if out is not None and _eval_path(out, rnd).is_file():
+            document = json.loads(_eval_path(out, rnd).read_text())
+            scored = document["clients"]
+            labels = document.get("labels") or labels
         rounds.append({
             "round": rnd,
             "uploaded_bytes": sum(m["bytes"] for m in manifests),
-            "clients": [{"id": m["client_id"], "fingerprint": m["fingerprint"], **m["metrics"]} for m in manifests],
+            "clients": [{"id": m["client_id"], "fingerprint": m["fingerprint"], **m["metrics"],
+                         **scored.get(m["client_id"], {})} for m in manifests],
             "aggregation": {k: v for k, v in result.items() if k not in ("round",)},
         })
-    return {"strategy": run.federation.strategy, "seed": run.seed, "dema": run.dema.to_dict(), "rounds": rounds}
+    summary = {"strategy": run.federation.strategy, "seed": run.seed, "dema": run.dema.to_dict(), "labels": labels,
+               "rounds": rounds}
+    if rounds and all("eval_loss" in c for c in rounds[-1]["clients"]):
+        keys = [k for k in ("eval_loss", "accuracy", "macro_f1", "balanced_accuracy", "label_nll")]
+        summary["final"] = [{"id": c["id"], **{f"{k}_after": c[k] for k in keys if k in c}}
+                            for c in rounds[-1]["clients"]]
+    return summary

@@ -9,7 +9,7 @@ Default: tensorboard when the package is importable, else csv with a one-line no
 the same scalars (`round_scalars`), with the round as the step:
 
     train_loss/<client>, eval_loss/<client>, accuracy/<client> (and macro_f1, label_nll where labels
-    were scored), gate_entropy/<client>, uploaded_bytes/<client> (the round's upload shared out evenly,
+    were scored), gate_entropy/<client>/<slot>, uploaded_bytes/<client> (the round's upload shared out evenly,
     as metrics.csv does), uploaded_bytes/total,
     cmga/conflicts/<block>, cmga/pairs/<block>, cmga/mean_cos_before/<block>, cmga/mean_cos_after/<block>
     (from the round's aggregation report; blocks without conflict statistics report none),
@@ -55,6 +55,9 @@ def round_scalars(record: dict) -> list[tuple[str, float]]:
             value = row.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out.append((f"{key}/{row['id']}", float(value)))
+            elif isinstance(value, dict):           # gate entropy: per slot
+                out.extend((f"{key}/{row['id']}/{part}", float(v)) for part, v in sorted(value.items())
+                           if isinstance(v, (int, float)) and not isinstance(v, bool))
     uploaded = record.get("uploaded_bytes")
     if isinstance(uploaded, (int, float)):
         for row in clients:

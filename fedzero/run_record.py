@@ -26,7 +26,7 @@ HEADER = ("# The run config as `fedzero simulate` used it: command-line override
 
 def _path_text(path) -> str:
     """An absolute path, or `fedzero:<path>` for a file bundled in the package."""
-    path = Path(path).expanduser().absolute()
+    path = Path(os.path.abspath(Path(path).expanduser()))     # absolute, without '..'
     try:
         return "fedzero:" + path.relative_to(RESOURCES).as_posix()
     except ValueError:
