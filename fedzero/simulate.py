@@ -17,10 +17,12 @@ from tqdm import tqdm
 
 from fedzero.adapters.dema import DeMAModel, inject_dema
 from fedzero.adapters.dema.blocks import global_blocks
+from fedzero.adapters.dema.canonical_exchange import inject_awaiting_map
 from fedzero.adapters.dema.io import load_part, read_part, save_part
 from fedzero.backbones import load_backbone
 from fedzero.client import LocalClient
 from fedzero.client.bootstrap import round0_meta, union_of_parts
+from fedzero.client.canonical import exchange_in_process
 from fedzero.comm import lora_params
 from fedzero.config import RunConfig
 from fedzero.data import build_examples, collate, load_tokenizer, read_jsonl
@@ -43,7 +45,8 @@ from fedzero.strategies.server import publish_refusal
 def build_client(cfg, run: RunConfig) -> LocalClient:
     model, fp = load_backbone(cfg.backbone)
     tokenizer = load_tokenizer(cfg.backbone.tokenizer, cfg.backbone.path)
-    handle: DeMAModel = inject_dema(model, run.dema, tokenizer=tokenizer)
+    # canonical projectors: zero maps until the round-0 exchange (fedzero/client/canonical.py) sets them
+    handle: DeMAModel = inject_awaiting_map(model, run.dema, tokenizer=tokenizer)
     train = build_examples(read_jsonl(cfg.train_data), tokenizer, cfg.train.max_length)
     test_records = read_jsonl(cfg.test_data)[: cfg.train.max_eval_examples]
     test = build_examples(test_records, tokenizer, cfg.train.max_length)
@@ -139,6 +142,7 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True, report_t
     if not store.has_global(0):
         global_state, blocks = initial_global(clients)
         store.publish_global(0, global_state, meta=round0_meta(run.seed, run.dema, blocks))
+    exchange_in_process(store, clients, run.dema, lambda cid: out / CLIENTS_DIR / cid)   # canonical projectors
 
     labels = label_set(clients)
     if done > 0:
