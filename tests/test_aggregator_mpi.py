@@ -37,7 +37,7 @@ def mpirun(n: int, *args: str, timeout: float = 120) -> subprocess.CompletedProc
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_sharded_equals_in_process_strategy(tmp_path, ranks):
-    from test_aggregator import (SM_CLIENTS, assert_matches_reference, assert_sm_matches_reference, build_sm_store,
+    from test_aggregator import (SM_CLIENTS, assert_matches_reference, make_delta, assert_sm_matches_reference, build_sm_store,
                                  build_store, check_quality_teachers, check_teachers, sm_delta, write_predictions,
                                  write_quality_predictions)
 
@@ -53,6 +53,10 @@ def test_sharded_equals_in_process_strategy(tmp_path, ranks):
     del delta["proj.h8.slots.1.in_proj.weight"]   # ... and the whole of slot1.h8 (one key): fine
     del delta["proj.h8.slots.0.in_proj.bias"]     # ... but holds slot0.h8 only in part: an error
     partial.write_update(0, "c", delta, fingerprint=SM_CLIENTS["c"][0], num_samples=SM_CLIENTS["c"][1])
+    nan = build_store(tmp_path / "nan", rounds=1)      # b's NaN is seen in the Gram of whichever rank holds it
+    bad = make_delta("b", 0)
+    bad["slots.0.gate"][1] = float("nan")
+    nan.write_update(0, "b", bad, fingerprint="fa", num_samples=30)
 
     proc = mpirun(ranks, __file__, str(tmp_path))
 
@@ -67,13 +71,20 @@ def test_sharded_equals_in_process_strategy(tmp_path, ranks):
         store = FederationStore(tmp_path / f"sm-{name}", create=False)
         assert_sm_matches_reference(store, name)
         assert store.read_result(1)["ranks"] == ranks
+    # a bad update is left out (quarantined) and the round goes on, with the same outcome on every rank
     outcomes = [json.loads((tmp_path / f"corrupt.rank{r}.json").read_text()) for r in range(ranks)]
-    assert all("checksum mismatch for update of client d" in o["error"] for o in outcomes), outcomes
+    assert all(o == outcomes[0] for o in outcomes) and outcomes[0]["error"] is None, outcomes
+    assert outcomes[0]["clients"] == ["a", "b", "c"] and list(outcomes[0]["left_out"]) == ["d"]
+    assert outcomes[0]["left_out"]["d"]["reason"].startswith("checksum mismatch for update of client d: "), outcomes
     outcomes = [json.loads((tmp_path / f"partial.rank{r}.json").read_text()) for r in range(ranks)]
-    assert len({o["error"] for o in outcomes}) == 1, outcomes          # the same error on every rank
-    assert outcomes[0]["error"].endswith("client 'c': delta holds block 'slot0.h8' only in part "
-                                         "(missing ['proj.h8.slots.0.in_proj.bias'])"), outcomes
-    assert not partial.has_global(1)
+    assert all(o == outcomes[0] for o in outcomes) and outcomes[0]["error"] is None, outcomes
+    assert outcomes[0]["left_out"] == {"c": {"file": "rounds/r000000/updates/c/update.safetensors",
+                                             "reason": "client 'c': delta holds block 'slot0.h8' only in part "
+                                                       "(missing ['proj.h8.slots.0.in_proj.bias'])"}}, outcomes
+    assert partial.has_global(1) and (partial.root / "rounds/r000000/quarantine/0001/reason.json").is_file()
+    nan = FederationStore(tmp_path / "nan", create=False)
+    assert nan.read_result(0)["left_out"]["b"]["reason"] == "tensor 'slots.0.gate' holds non-finite values (1 NaN, 0 Inf)"
+    assert nan.read_result(0)["clients"] == ["a", "c", "d"]
     assert "[aggregate r1] slot0: 3 group(s)" in proc.stdout
 
 
@@ -128,10 +139,10 @@ def _worker(work: str) -> None:
         store = FederationStore(work / "corrupt", create=False)
         _corrupt(store.update_path(0, "d"))   # hashed by rank 3 % N: the error starts away from rank 0 for N=2
     comm.Barrier()
-    for case in ("corrupt", "partial"):
+    for case in ("corrupt", "partial", "nan"):
         try:
-            run_aggregation(work / case, 0, strategy_for("cmga"), comm=comm)
-            outcome = {"error": None}
+            result = run_aggregation(work / case, 0, strategy_for("cmga"), comm=comm)
+            outcome = {"error": None, "clients": result["clients"], "left_out": result["left_out"]}
         except AggregationError as e:
             outcome = {"error": str(e)}
         (work / f"{case}.rank{comm.Get_rank()}.json").write_text(json.dumps(outcome))
