@@ -5,8 +5,8 @@ bases, compute one canonical target per slot, publish them (docs/method.md, "A c
     mpirun -np 2 python launch/aggregate.py --store STORE --canonical --config RUN.yaml
 
 Small (N x m numbers per client layer): rank 0 does all of it, the other ranks wait for its outcome.
-The wait is the updates' (fedzero.aggregator.runner.wait_for_updates: quorum, deadline, expected
-clients), over the bases instead of the updates. The targets are computed exactly as fit_canonical
+The wait (wait_for_bases) has the rules of a round's wait for updates: quorum, deadline, expected
+clients. The targets are computed exactly as fit_canonical
 computes them in one process, the clients in client-id order (fedzero.adapters.dema.canonical_exchange).
 """
 
@@ -21,19 +21,42 @@ from fedzero.store import FederationStore
 from fedzero.store import canonical as exchange
 
 from .mpi import AggregationError, QuorumError, all_ok, on_root
-from .runner import wait_for_updates
 
-__all__ = ["run_canonical", "publish_canonical_targets"]
+__all__ = ["run_canonical", "publish_canonical_targets", "wait_for_bases"]
 
 
-class _BasesAsUpdates:
-    """The store as wait_for_updates sees it, listing the clients' bases instead of round updates."""
-
-    def __init__(self, store: FederationStore):
-        self.store = store
-
-    def list_updates(self, round: int) -> list[dict]:
-        return exchange.list_bases(self.store)
+def wait_for_bases(store: FederationStore, *, expected: Sequence[str] | None, quorum: int, deadline_s: float | None,
+                   poll_s: float = 1.0, log: Callable[[str], None] = print,
+                   clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep
+                   ) -> tuple[list[dict], list[str], list[str]]:
+    """(manifests used, missing, ignored): the rules of a round's wait for updates
+    (fedzero.aggregator.runner.wait_for_updates) over the clients' bases: poll until the quorum is met
+    AND (every expected client arrived OR the deadline passed); without an expected list, go as soon
+    as the quorum is met. QuorumError naming the missing clients when the deadline passes below the
+    quorum. Bases of clients outside a given expected list are ignored (and reported)."""
+    expected_set = None if expected is None else set(expected)
+    start = last_report = clock()
+    while True:
+        now = clock()
+        present = {m["client_id"]: m for m in exchange.list_bases(store)}
+        used = sorted(c for c in present if expected_set is None or c in expected_set)
+        ignored = sorted(c for c in present if expected_set is not None and c not in expected_set)
+        missing = sorted(expected_set - set(present)) if expected_set is not None else []
+        passed = deadline_s is not None and now - start >= deadline_s
+        if len(used) >= quorum and (expected_set is None or not missing or passed):
+            return [present[c] for c in used], missing, ignored
+        if passed:
+            raise QuorumError(
+                f"canonical exchange: deadline of {deadline_s:g} s passed with the bases of {len(used)} client(s), "
+                f"the quorum needs {quorum}; missing: {', '.join(missing) or 'none'} (no complete "
+                f"{exchange.BASES_TENSORS} + manifest under {exchange.bases_files(store, 'x').manifest.parent.parent}); "
+                f"arrived: {', '.join(used) or 'none'}", missing=missing, arrived=used)
+        if now - last_report >= 30:
+            log(f"[aggregate canonical] waiting for bases: {len(used)} arrived, quorum {quorum}"
+                + (f", missing {', '.join(missing)}" if missing else "")
+                + ("" if deadline_s is None else f", {deadline_s - (now - start):.0f} s to the deadline"))
+            last_report = now
+        sleep(poll_s if deadline_s is None else max(0.0, min(poll_s, deadline_s - (now - start))))
 
 
 def publish_canonical_targets(store: FederationStore, manifests: list[dict]) -> dict:
@@ -114,22 +137,12 @@ def run_canonical(store_root: str | Path | FederationStore, *, expected: Sequenc
         say(f"{tag} waiting for the clients' anchor bases: "
             + (f"expected {len(expected)} ({', '.join(expected)})" if expected is not None else "no expected list")
             + f", quorum {quorum}, deadline " + ("none" if deadline_s is None else f"{deadline_s:g} s"))
-        try:
-            arrivals = wait_for_updates(_BasesAsUpdates(store), 0, expected=expected, quorum=quorum,
-                                        deadline_s=deadline_s, poll_s=poll_s,
-                                        log=lambda msg: say(msg.replace("[aggregate r0] waiting:",
-                                                                        f"{tag} waiting for bases:")))
-        except QuorumError as err:
-            raise QuorumError(f"canonical exchange: deadline of {deadline_s:g} s passed with the bases of "
-                              f"{len(err.arrived)} client(s), the quorum needs {quorum}; missing: "
-                              f"{', '.join(err.missing) or 'none'} (no {exchange.BASES_TENSORS} with a manifest under "
-                              f"{exchange.bases_files(store, err.missing[0]).manifest.parent.parent if err.missing else 'the store'}); "
-                              f"arrived: {', '.join(err.arrived) or 'none'}",
-                              missing=err.missing, arrived=err.arrived) from None
-        report = publish_canonical_targets(store, arrivals.manifests)
-        report.update(missing=arrivals.missing, ignored=arrivals.ignored, waited_s=round(time.monotonic() - started, 3))
+        manifests, missing, ignored = wait_for_bases(store, expected=expected, quorum=quorum, deadline_s=deadline_s,
+                                                     poll_s=poll_s, log=say)
+        report = publish_canonical_targets(store, manifests)
+        report.update(missing=missing, ignored=ignored, waited_s=round(time.monotonic() - started, 3))
         say(f"{tag} published the targets of slots {report['slots']} from {', '.join(report['clients'])}"
-            + (f"; missing: {', '.join(arrivals.missing)}" if arrivals.missing else "")
+            + (f"; missing: {', '.join(missing)}" if missing else "")
             + f"; mean shared eigenvalue per slot {report['shared_mean']}")
         return report
 

@@ -1,0 +1,245 @@
+"""The canonical projector's round-0 exchange through the store (fedzero/store/canonical.py,
+fedzero/adapters/dema/canonical_exchange.py, fedzero/aggregator/canonical.py, fedzero/client/canonical.py):
+equal to fit_canonical in one process, end to end through `fedzero simulate`, refusals naming who and why."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from fedzero.adapters.dema import DeMAConfig, inject_dema
+from fedzero.adapters.dema.canonical import anchor_states, fit_canonical
+from fedzero.adapters.dema.canonical_exchange import (MAP_FILE, anchor_set, apply_map, client_bases,
+                                                      inject_awaiting_map, read_anchor_states, read_map)
+from fedzero.aggregator import QuorumError
+from fedzero.aggregator.canonical import run_canonical
+from fedzero.client.canonical import exchange_in_process, fit_from_targets, send_bases
+from fedzero.config import load_run_config
+from fedzero.data import ByteTokenizer
+from fedzero.simulate import simulate
+from fedzero.store import FederationStore, StoreConflictError, StoreIntegrityError
+from fedzero.store import canonical as exchange
+
+from conftest import tiny_llama
+from test_simulate import tiny_run
+
+TOK = ByteTokenizer()
+WORDS = ("red", "blue", "green", "cat", "dog", "sun", "rain", "tree", "sea", "road", "bird", "fish", "hill", "moon")
+
+
+def anchor_file(path, texts=None):
+    texts = texts or [f"{a} {b} {c}" for a, b, c in zip(WORDS, WORDS[3:] + WORDS[:3], WORDS[7:] + WORDS[:7])]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def config(path, **kw):
+    return DeMAConfig(**{"rank": 3, "num_experts": 2, "num_slots": 2, "share": "experts-only", "num_anchors": 12,
+                         "canonical_components": 5, "projector": "canonical", "anchor_file": str(path), **kw})
+
+
+class Client:
+    """What exchange_in_process reads of a LocalClient."""
+
+    def __init__(self, cid, model, cfg, fingerprint=None):
+        self.client_id, self.tokenizer, self.fingerprint = cid, TOK, fingerprint or f"fp-{cid}"
+        self.handle = inject_awaiting_map(model, cfg, tokenizer=TOK)
+
+
+def models():
+    return {"a": tiny_llama(seed=1, vocab=259, hidden=32, layers=3, heads=4, kv_heads=2),
+            "b": tiny_llama(seed=2, vocab=259, hidden=24, layers=4, heads=4, kv_heads=2)}
+
+
+def test_the_exchange_through_the_store_equals_fit_canonical_in_one_process(tmp_path):
+    cfg = config(anchor_file(tmp_path / "anchors.jsonl"))
+    texts = anchor_set(cfg).texts
+    bare = models()
+    states = {cid: anchor_states(m, TOK, texts, placement=cfg.placement) for cid, m in sorted(bare.items())}
+    slots = {cid: [cfg.slot_of_layer(l, len(h)) for l in range(len(h))] for cid, h in states.items()}
+    expected, _ = fit_canonical(states, slots, rank=cfg.rank, components=cfg.canonical_dims, ridge=cfg.canonical_ridge)
+
+    store = FederationStore(tmp_path / "store")
+    clients = [Client(cid, m, cfg) for cid, m in models().items()]
+    # the model awaiting its map refuses to run, except to read its anchor states (which equal the bare backbone's)
+    with pytest.raises(RuntimeError, match="no map yet"):
+        clients[0].handle.model(input_ids=torch.tensor([[1, 2, 3]]))
+    for c in clients:
+        for got, want in zip(read_anchor_states(c.handle.model, TOK, texts, placement=cfg.placement), states[c.client_id]):
+            assert torch.equal(got, want)
+    report = exchange_in_process(store, clients, cfg, lambda cid: tmp_path / "clients" / cid)
+    assert report["clients"] == ["a", "b"] and report["slots"] == [0, 1]
+
+    for c in clients:
+        saved, header = read_map(tmp_path / "clients" / c.client_id / MAP_FILE)
+        assert header["client"] == c.client_id and header["anchors"] == anchor_set(cfg).digest
+        assert len(saved) == len(expected[c.client_id])
+        for (mu, w), (mu0, w0) in zip(saved, expected[c.client_id]):
+            assert mu.dtype == torch.float64 and torch.equal(mu, mu0) and torch.equal(w, w0)    # bit for bit
+        for layer, (mu0, w0) in enumerate(expected[c.client_id]):
+            proj = c.handle.private.layers[layer].in_proj
+            assert torch.equal(proj.mu, mu0.float()) and torch.equal(proj.weight, w0.T.float())
+        c.handle.model(input_ids=torch.tensor([[1, 2, 3]]))       # the guard is lifted
+
+    # Only Q travelled: N x m per layer, orthonormal; the store holds no states, means or maps.
+    bases, manifest = exchange.read_bases(store, "a")
+    assert [tuple(q.shape) for q in bases] == [(12, 5)] * 3 and manifest.slots == [0, 0, 1]
+    for q, h in zip(bases, states["a"]):
+        assert torch.equal(q, client_basis_of(h, 5))
+    names = {p.name for p in (tmp_path / "store").rglob("*.safetensors")}
+    assert names == {"bases.safetensors", "targets.safetensors"}
+    targets, tm = exchange.read_targets(store)
+    assert sorted(targets) == [0, 1] and tm.clients == ["a", "b"] and tuple(targets[0].shape) == (12, 3)
+
+
+def client_basis_of(h, m):
+    return client_bases([h], m)[0]
+
+
+def test_a_second_exchange_loads_the_saved_maps_and_the_targets_are_write_once(tmp_path):
+    cfg = config(anchor_file(tmp_path / "anchors.jsonl"))
+    store = FederationStore(tmp_path / "store")
+    first = [Client(cid, m, cfg) for cid, m in models().items()]
+    exchange_in_process(store, first, cfg, lambda cid: tmp_path / "clients" / cid)
+    again = [Client(cid, m, cfg) for cid, m in models().items()]
+    assert exchange_in_process(store, again, cfg, lambda cid: tmp_path / "clients" / cid) is None     # loaded
+    for c0, c1 in zip(first, again):
+        assert all(torch.equal(a, b) for a, b in zip(c0.handle.private.state_dict().values(),
+                                                    c1.handle.private.state_dict().values()))
+    # write-once: other targets are refused; bases cannot change under published targets
+    targets, m = exchange.read_targets(store)
+    with pytest.raises(StoreConflictError):
+        exchange.publish_targets(store, {s: -g for s, g in targets.items()}, anchors=m.anchors,
+                                 anchor_source=m.anchor_source, num_anchors=m.num_anchors, components=m.components,
+                                 rank=m.rank, clients=m.clients, shared={})
+    with pytest.raises(Exception, match="already published"):
+        exchange.write_bases(store, "a", exchange.read_bases(store, "a")[0], fingerprint="x", anchors=m.anchors,
+                             anchor_source="x", num_anchors=12, components=5, rank=3, slots=[0, 0, 1])
+    # a saved map of another backbone is refused, naming what differs
+    other = [Client("a", models()["a"], cfg, fingerprint="another")]
+    with pytest.raises(ValueError, match="fingerprint 'fp-a' in the file, 'another' now"):
+        exchange_in_process(store, other, cfg, lambda cid: tmp_path / "clients" / cid)
+
+
+def test_a_tampered_targets_file_is_refused(tmp_path):
+    cfg = config(anchor_file(tmp_path / "anchors.jsonl"))
+    store = FederationStore(tmp_path / "store")
+    exchange_in_process(store, [Client(c, m, cfg) for c, m in models().items()], cfg, lambda cid: tmp_path / cid)
+    path = exchange.targets_files(store).tensors
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreIntegrityError, match="checksum mismatch for canonical targets"):
+        exchange.read_targets(store)
+
+
+def test_clients_on_different_anchor_files_are_refused_naming_them(tmp_path):
+    one = anchor_file(tmp_path / "one.jsonl")
+    two = anchor_file(tmp_path / "two.jsonl", [f"{w} and {v}" for w, v in zip(WORDS, reversed(WORDS))])
+    store = FederationStore(tmp_path / "store")
+    for (cid, model), path in zip(models().items(), (one, two)):
+        cfg = config(path)
+        anchors = anchor_set(cfg)
+        c = Client(cid, model, cfg)
+        states = read_anchor_states(c.handle.model, TOK, anchors.texts, placement=cfg.placement)
+        send_bases(store, cid, states, c.handle.slot_of_layer(), cfg, anchors, c.fingerprint)
+    with pytest.raises(Exception, match=r"different anchor texts.*a on .*one\.jsonl.*b on .*two\.jsonl"):
+        run_canonical(store, expected=["a", "b"], deadline_s=0, log=lambda m: None)
+    assert not exchange.has_targets(store)
+
+
+def test_targets_of_other_anchor_texts_are_refused_by_the_client(tmp_path):
+    cfg = config(anchor_file(tmp_path / "one.jsonl"))
+    store = FederationStore(tmp_path / "store")
+    exchange_in_process(store, [Client(c, m, cfg) for c, m in models().items()], cfg, lambda cid: tmp_path / cid)
+    late_cfg = config(anchor_file(tmp_path / "two.jsonl", [f"{w}!" for w in WORDS]))
+    late = Client("late", models()["a"], late_cfg)
+    anchors = anchor_set(late_cfg)
+    states = read_anchor_states(late.handle.model, TOK, anchors.texts, placement=late_cfg.placement)
+    with pytest.raises(ValueError, match=r"client late: .*other anchor texts .*one\.jsonl.*than this client reads .*two\.jsonl"):
+        fit_from_targets("late", states, late.handle.slot_of_layer(), exchange.read_targets(store), late_cfg, anchors)
+
+
+def test_a_missing_clients_bases_are_named_at_the_deadline(tmp_path):
+    cfg = config(anchor_file(tmp_path / "anchors.jsonl"))
+    store = FederationStore(tmp_path / "store")
+    c = Client("a", models()["a"], cfg)
+    anchors = anchor_set(cfg)
+    send_bases(store, "a", read_anchor_states(c.handle.model, TOK, anchors.texts, placement=cfg.placement),
+               c.handle.slot_of_layer(), cfg, anchors, c.fingerprint)
+    with pytest.raises(QuorumError, match=r"canonical exchange: deadline of 0.05 s passed .*missing: b\b") as err:
+        run_canonical(store, expected=["a", "b"], deadline_s=0.05, poll_s=0.01, log=lambda m: None)
+    assert err.value.missing == ["b"]
+    # a quorum of 1 goes ahead without b; b, arriving late, fits onto the published targets
+    report = run_canonical(store, expected=["a", "b"], quorum=1, deadline_s=0.05, poll_s=0.01, log=lambda m: None)
+    assert report["clients"] == ["a"] and report["missing"] == ["b"]
+    late = Client("b", models()["b"], cfg)
+    assert exchange_in_process(store, [late], cfg, lambda cid: tmp_path / cid) is not None
+    assert not exchange.bases_files(store, "b").manifest.exists()      # it only fitted
+    assert (tmp_path / "b" / MAP_FILE).is_file()
+    # a client that waits for targets nobody publishes is told so, by name
+    empty = FederationStore(tmp_path / "empty")
+    with pytest.raises(Exception, match="client z: timed out .*canonical targets"):
+        exchange.TargetsWait(empty, 0.0, client_id="z").wait(poll=0.01)
+
+
+def canonical_run(tmp_path, projector="canonical+learned"):
+    path = tiny_run(tmp_path, "fedavg", rounds=1)
+    raw = yaml.safe_load(path.read_text())
+    anchor_file(tmp_path / "anchors.jsonl")
+    raw["dema"].update(projector=projector, rank=3, num_anchors=12, canonical_components=5, anchor_file="anchors.jsonl")
+    path.write_text(yaml.safe_dump(raw))
+    return load_run_config(path)
+
+
+def test_simulate_with_canonical_learned_equals_an_in_process_reference(tmp_path):
+    run = canonical_run(tmp_path)
+    summary = simulate(run, tmp_path / "out", progress=False, report_to="none") if _takes_report_to() else \
+        simulate(run, tmp_path / "out", progress=False)
+    assert summary["status"] == "complete"
+    store = FederationStore(tmp_path / "out" / "store")
+    assert exchange.read_targets(store)[1].clients == ["a", "b"]
+
+    # The reference: fit_canonical on the bare backbones' states, inject, train round 0 in process.
+    from fedzero.backbones import load_backbone
+    from fedzero.client.local import LocalClient
+    from fedzero.data import build_examples, load_tokenizer, read_jsonl
+    from fedzero.strategies import ClientUpdate
+
+    texts = anchor_set(run.dema).texts
+    built, states = {}, {}
+    for c in run.clients:
+        model, fp = load_backbone(c.backbone)
+        tok = load_tokenizer(c.backbone.tokenizer, c.backbone.path)
+        built[c.id] = (c, model, fp, tok)
+        states[c.id] = anchor_states(model, tok, texts, placement=run.dema.placement)
+    slots = {cid: [run.dema.slot_of_layer(l, len(h)) for l in range(len(h))] for cid, h in states.items()}
+    fitted, _ = fit_canonical(states, slots, rank=run.dema.rank, components=run.dema.canonical_dims,
+                              ridge=run.dema.canonical_ridge)
+    from fedzero.adapters.dema.blocks import global_blocks
+
+    global0, manifest0 = store.read_global(0)
+    updates = []
+    for cid, (c, model, fp, tok) in built.items():
+        saved, _ = read_map(tmp_path / "out" / "clients" / cid / MAP_FILE)
+        assert all(torch.equal(m, m0) and torch.equal(w, w0) for (m, w), (m0, w0) in zip(saved, fitted[cid]))
+        handle = inject_dema(model, run.dema, tokenizer=tok, canonical=fitted[cid])
+        client = LocalClient(cid, handle, fp, build_examples(read_jsonl(c.train_data), tok, c.train.max_length), [],
+                             c.train, pad_id=tok.pad_token_id, seed=run.seed, total_rounds=run.federation.rounds)
+        delta, _ = client.train_round(global0)
+        stored, _ = store.read_update(0, cid)
+        assert sorted(stored) == sorted(delta)
+        for k in delta:
+            torch.testing.assert_close(stored[k], delta[k], rtol=0, atol=0)
+        updates.append(ClientUpdate(cid, delta, client.num_samples, fp, handle.slot_use()))
+    new_state, _ = run.federation.make_strategy(seed=run.seed).aggregate(
+        global0, updates, round=0, block_of=global_blocks(global0, manifest0["meta"].get("blocks")))
+    published, _ = store.read_global(1)
+    for k in new_state:
+        torch.testing.assert_close(published[k], new_state[k], rtol=0, atol=0)
+
+
+def _takes_report_to():
+    import inspect
+    return "report_to" in inspect.signature(simulate).parameters
