@@ -61,10 +61,7 @@ def dema_model_of(run_dir, found, *, weights: bool = False):
     if header["part"] != "private":
         raise RunDirError(f"{found.private_path} holds the {header['part']} part of a DeMA adapter, not the private one")
     dema = DeMAConfig.from_dict(header["config"])
-    if dema.uses_canonical:
-        # The canonical fit (mu, W per layer) is computed across clients and never saved in a run.
-        raise RunDirError(f"client {client.client_id!r} uses projector {dema.projector!r}: its canonical map is not "
-                          "kept in the run directory, so the adapter cannot be rebuilt from it")
+    canonical = _canonical_map(found, dema, header) if dema.uses_canonical else None
     base, fp, tokenizer = _backbone(client.backbone, weights=weights or dema.uses_anchors)
     if fp != header["fingerprint"]:
         raise RunDirError(f"the backbone of client {client.client_id!r} in {client.described_in} (fingerprint {fp}) is "
@@ -84,7 +81,7 @@ def dema_model_of(run_dir, found, *, weights: bool = False):
         provenance.update(strategy="local", shared_file=str(found.shared_path))
     peft_config = DeMAPeftConfig.from_dema(dema, hidden_size=header["hidden_size"], num_layers=header["num_layers"],
                                            fingerprint=fp, provenance=provenance)
-    model = get_dema_peft_model(base, peft_config, tokenizer=tokenizer)
+    model = get_dema_peft_model(base, peft_config, tokenizer=tokenizer, canonical=canonical)
     # get_peft_model takes the name from the model, which a meta-built backbone lacks.
     model.peft_config["default"].base_model_name_or_path = client.backbone.path
     handle = dema_handle(model)
@@ -95,6 +92,22 @@ def dema_model_of(run_dir, found, *, weights: bool = False):
         raise RunDirError(f"client {client.client_id!r}, round {rnd}: the shared part {shared_source} "
                           f"and private part {found.private_path} do not fit its DeMA adapter: {err}") from None
     return model
+
+
+def _canonical_map(found, dema, header):
+    """The client's canonical (mu, W) per layer: fitted in the round-0 exchange and saved beside its
+    private parts (fedzero/adapters/dema/canonical_exchange.py, MAP_FILE)."""
+    from fedzero.adapters.dema.canonical_exchange import MAP_FILE, check_map_header, read_map
+    from fedzero.run_dirs import RunDirError
+
+    path = found.private_path.parent / MAP_FILE
+    try:
+        fitted, saved = read_map(path)
+        check_map_header(saved, path, config=dema, fingerprint=header["fingerprint"], num_layers=header["num_layers"])
+    except (FileNotFoundError, ValueError) as err:
+        raise RunDirError(f"client {found.client.client_id!r} uses projector {dema.projector!r}, whose map comes from "
+                          f"the round-0 canonical exchange: {err}") from None
+    return fitted
 
 
 def _backbone(spec, *, weights: bool):

@@ -243,3 +243,39 @@ def test_simulate_with_canonical_learned_equals_an_in_process_reference(tmp_path
 def _takes_report_to():
     import inspect
     return "report_to" in inspect.signature(simulate).parameters
+
+
+def test_export_of_a_canonical_client_carries_its_map(tmp_path, monkeypatch):
+    import fedzero.peft  # noqa: F401  (registers DeMA with PEFT)
+    import fedzero.simulate as sim
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from fedzero.backbones import load_backbone
+    from fedzero.export import export_adapter
+    from fedzero.run_dirs import RunDirError
+
+    kept = {}
+
+    def keep(cfg, run):
+        kept[cfg.id] = client = build(cfg, run)
+        return client
+
+    build = sim.build_client
+    monkeypatch.setattr(sim, "build_client", keep)
+    run = canonical_run(tmp_path)
+    sim.simulate(run, tmp_path / "out", progress=False)
+    x = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    for c in run.clients:
+        adapter = export_adapter(tmp_path / "out", c.id, tmp_path / f"adapter-{c.id}")
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        saved, _ = read_map(tmp_path / "out" / "clients" / c.id / MAP_FILE)
+        for layer, (mu, w) in enumerate(saved):
+            key = f"base_model.model.dema_private.layers.{layer}.in_proj"
+            assert torch.equal(tensors[f"{key}.mu"], mu.float()) and torch.equal(tensors[f"{key}.weight"], w.T.float())
+        model = PeftModel.from_pretrained(load_backbone(c.backbone)[0], adapter)
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=x).logits, kept[c.id].handle.model(input_ids=x).logits)
+    (tmp_path / "out" / "clients" / "a" / MAP_FILE).unlink()
+    with pytest.raises(RunDirError, match=r"client 'a' uses projector 'canonical\+learned'.*no canonical map at"):
+        export_adapter(tmp_path / "out", "a", tmp_path / "adapter-again")
