@@ -270,6 +270,13 @@ def test_one_client_id_validator_refuses_what_is_not_a_plain_name(name):
         validate_client_id(name)
 
 
+def test_the_aggregators_expected_ids_are_checked_by_the_same_validator(tmp_path):
+    store = good_store(tmp_path / "store")
+    with pytest.raises(ValueError, match=r"^invalid client id '\.\.': must not start with '\.'$"):
+        run_aggregation(store.root, 0, strategy_for("fedavg"), expected=["a", ".."], comm=None, log=quiet)
+    assert not store.has_global(1)
+
+
 # ---------------------------------------------------------------- too few good updates: the round fails
 
 def test_too_few_good_updates_fail_the_round_naming_them(tmp_path):

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 from fedzero.distill.publish import publish_teachers
 from fedzero.distill.teachers import TeacherRule
-from fedzero.store import FederationStore, StoreError
+from fedzero.store import FederationStore, StoreError, validate_client_id
 from fedzero.store.screen import (DEFAULT_MAX_NUM_SAMPLES, GlobalSpec, Rejection, quarantine, quarantined,
                                   scan_updates)
 from fedzero.strategies import Strategy
@@ -183,7 +183,7 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     if expected is not None:
-        expected = sorted(dict.fromkeys(expected))
+        expected = sorted(dict.fromkeys(validate_client_id(c) for c in expected))   # one id rule everywhere
         if not expected:
             raise ValueError("expected must list at least one client id (or be None)")
     if quorum is None:
