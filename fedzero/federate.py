@@ -163,6 +163,9 @@ def federate(config: str | Path, out: str | Path, launch: LaunchSettings) -> dic
     store = FederationStore(store_dir)
     deepspeed, mpirun = _tool("deepspeed"), _tool("mpirun")
     ids = [c.id for c in run.clients]
+    from fedzero.federate_canonical import canonical_phase      # canonical projectors: the round-0 exchange
+
+    canonical_phase(run, launch, out, store, client_yaml, config, deepspeed, mpirun)
     for rnd in range(run.federation.rounds):
         if store.has_global(rnd + 1):
             print(f"round {rnd}: already complete, skipping", flush=True)

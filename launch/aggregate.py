@@ -23,8 +23,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True, help="federation store directory (docs/store.md)")
-    p.add_argument("--round", type=non_negative_int, required=True,
-                   help="round R to aggregate; publishes round R+1's global")
+    p.add_argument("--round", type=non_negative_int, default=None,
+                   help="round R to aggregate; publishes round R+1's global (required unless --canonical)")
+    p.add_argument("--canonical", action="store_true",
+                   help="canonical projectors, before round 0: wait for the clients' anchor bases and publish the "
+                        "canonical targets (rank 0 alone; --quorum/--deadline/--expected as for a round)")
     p.add_argument("--config", required=True,
                    help="run YAML: reads seed, federation:, the ids under clients:, and distill.teacher/only_stronger")
     p.add_argument("--quorum", type=positive_int, default=None,
@@ -41,7 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="per rank: keep the slices in memory between the two passes if they fit, else read twice")
     p.add_argument("--reset-server-state", action="store_true",
                    help="with server momentum: start afresh if the previous round left no server state")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.round is None and not args.canonical:
+        p.error("--round is required (or --canonical)")
+    return args
 
 
 def main(argv=None) -> int:
@@ -53,6 +59,12 @@ def main(argv=None) -> int:
     comm = MPI.COMM_WORLD
     try:
         settings = load_aggregator_settings(args.config)
+        if args.canonical:
+            from fedzero.aggregator.canonical import run_canonical
+
+            run_canonical(args.store, expected=args.expected or settings.client_ids, quorum=args.quorum,
+                          deadline_s=args.deadline, comm=comm, poll_s=args.poll)
+            return 0
         strategy = settings.make_strategy()
         run_aggregation(args.store, args.round, strategy, quorum=args.quorum, deadline_s=args.deadline,
                         expected=args.expected or settings.client_ids, comm=comm, verify=args.verify,

@@ -32,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-store", action="store_true",
                    help="create the store and publish round 0's global (the seeded initial DeMA state) if "
                         "absent; for trying a client alone. In a federation the run's launcher does this")
+    p.add_argument("--canonical-bases", action="store_true",
+                   help="canonical projectors, before round 0: send this client's anchor bases to the store and "
+                        "exit (the launcher then runs launch/aggregate.py --canonical; round 0 fits onto the targets)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)   # set by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -49,6 +52,11 @@ def main(argv=None, *, after_step=None) -> int:
         cfg = load_client_config(args.config)
         if args.init_store:
             init_store(cfg, args.store)
+        if args.canonical_bases:
+            from fedzero.client.deepspeed_client import DeepSpeedClient
+
+            DeepSpeedClient(cfg, args.store, canonical_bases_only=True)
+            return 0
         rounds = 1
         if args.serve:
             rounds = args.rounds if args.rounds is not None else cfg.total_rounds - args.round

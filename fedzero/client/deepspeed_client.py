@@ -35,6 +35,7 @@ import torch
 
 from fedzero.adapters.dema.zero import gather_fp32, load_fp32, read_private, save_private
 from fedzero.client import state
+from fedzero.client.canonical import exchange_for_engine
 from fedzero.client.client_config import ClientRunConfig
 from fedzero.client.distributed import broadcast_object, comm_device, init_distributed, poll_in_lock_step
 from fedzero.client.local import lr_factor, mean_token_loss, token_loss_sums
@@ -57,7 +58,8 @@ StepHook = Callable[[int, int], None]
 class DeepSpeedClient:
     """Builds the engine once; `run_round(r)` trains round r (callable for consecutive rounds)."""
 
-    def __init__(self, cfg: ClientRunConfig, store_root: str | Path, *, after_step: StepHook | None = None):
+    def __init__(self, cfg: ClientRunConfig, store_root: str | Path, *, after_step: StepHook | None = None,
+                 canonical_bases_only: bool = False):
         self.cfg = cfg
         self.after_step = after_step
         self.layout = ClientStateLayout(cfg.state_dir)
@@ -84,6 +86,9 @@ class DeepSpeedClient:
             raise ValueError(f"client {cfg.client.id!r} has no training examples")
         self.engine = initialize(self.built, self.ds_config, settings.lr)
         self.device = self.engine.device
+        # canonical projectors: the round-0 exchange sets (or loads) the map; fedzero/client/canonical.py
+        self.canonical = (exchange_for_engine(self, send_only=canonical_bases_only) if cfg.dema.uses_canonical
+                          else None)
         # Every rank scores the same anchors (a ZeRO-3 forward is collective); rank 0 sends them.
         self.distiller = (cfg.distill.make_distiller(tokenizer, max_length=settings.max_length, seed=cfg.seed)
                           if cfg.distill is not None else None)

@@ -28,6 +28,10 @@ def inject_dema_for_engine(model, dema: DeMAConfig, *, dtype, tokenizer, ds_conf
     partitioned backbone that needs ZeRO-3's gather hooks before the training engine exists: a
     temporary engine without optimizer (DeepSpeed's ZeRO inference) installs them for the injection
     and is destroyed afterwards."""
+    if dema.uses_canonical:     # zero maps until the round-0 exchange (fedzero/client/canonical.py) sets them
+        from .canonical_exchange import inject_awaiting_map
+
+        return inject_awaiting_map(model, dema, dtype=dtype, tokenizer=tokenizer)
     if not (dema.uses_anchors and any(hasattr(p, "ds_id") for p in model.parameters())):
         return inject_dema(model, dema, dtype=dtype, tokenizer=tokenizer)
     import deepspeed
