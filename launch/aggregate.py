@@ -2,6 +2,8 @@
 
     mpirun -np 4 python launch/aggregate.py --store runs/demo/store --round 3 --config RUN.yaml \
         --deadline 600            # add --quorum 2 to go ahead with 2 of the clients after 600 s
+    mpirun -np 1 python launch/aggregate.py --store STORE --canonical --config RUN.yaml   # canonical
+        projectors, before round 0: wait for the clients' anchor bases, publish the canonical targets
 
 Strategy and server optimizer come from the YAML's `federation:` section (and `seed`), the anchor
 teachers' rule from `distill.teacher` and `distill.only_stronger`; the expected clients are the ids

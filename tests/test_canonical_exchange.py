@@ -22,6 +22,7 @@ from fedzero.store import FederationStore, StoreConflictError, StoreIntegrityErr
 from fedzero.store import canonical as exchange
 
 from conftest import tiny_llama
+from test_deepspeed_client import ds_ops, workspace  # noqa: F401  (fixtures of the slow DeepSpeed tests)
 from test_simulate import tiny_run
 
 TOK = ByteTokenizer()
@@ -279,3 +280,131 @@ def test_export_of_a_canonical_client_carries_its_map(tmp_path, monkeypatch):
     (tmp_path / "out" / "clients" / "a" / MAP_FILE).unlink()
     with pytest.raises(RunDirError, match=r"client 'a' uses projector 'canonical\+learned'.*no canonical map at"):
         export_adapter(tmp_path / "out", "a", tmp_path / "adapter-again")
+
+
+# =========================================================================== real launches (slow)
+
+def _bases_in(tmp_path, name, anchors_path):
+    """A store holding clients a and b's bases (as their processes would write them)."""
+    cfg = config(anchors_path)
+    anchors = anchor_set(cfg)
+    store = FederationStore(tmp_path / name)
+    for cid, model in models().items():
+        c = Client(cid, model, cfg)
+        send_bases(store, cid, read_anchor_states(c.handle.model, TOK, anchors.texts, placement=cfg.placement),
+                   c.handle.slot_of_layer(), cfg, anchors, c.fingerprint)
+    return store
+
+
+@pytest.mark.slow
+def test_mpi_aggregator_two_ranks_publishes_the_targets_of_one_process(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mpirun = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("mpirun not found (pip install mpich)")
+    repo = Path(__file__).resolve().parent.parent
+    anchors_path = anchor_file(tmp_path / "anchors.jsonl")
+    one, two = _bases_in(tmp_path, "one", anchors_path), _bases_in(tmp_path, "two", anchors_path)
+    run_canonical(one, expected=["a", "b"], log=lambda m: None)
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text("seed: 0\nfederation: {rounds: 1}\nclients:\n  - {id: a}\n  - {id: b}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [mpirun, "-np", "2", sys.executable, "launch/aggregate.py", "--store", str(two.root), "--canonical",
+           "--config", str(config_path)]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[aggregate canonical] published the targets of slots [0, 1] from a, b" in proc.stdout
+    assert exchange.read_targets(two)[1].sha256 == exchange.read_targets(one)[1].sha256      # the same bytes
+    # below the quorum by the deadline: exit 2, the missing client named once (by rank 0)
+    three = FederationStore(tmp_path / "three")
+    shutil.copytree(exchange.bases_files(two, "a").manifest.parent, exchange.bases_files(three, "a").manifest.parent)
+    proc = subprocess.run([*cmd[:6], str(three.root), *cmd[7:], "--deadline", "0.3", "--poll", "0.1"], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "canonical exchange: deadline of 0.3 s passed with the bases of 1 client(s), the quorum needs 2; missing: b" \
+        in proc.stderr and proc.stderr.count("aggregate: error:") == 1
+    assert not exchange.has_targets(three)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
+def test_deepspeed_client_two_processes_runs_the_exchange(workspace, ds_ops, ds_config):
+    """torchrun, 2 processes, projector canonical+learned on the bundled anchors. Under ZeRO-3 the
+    backbone is partitioned (persistence threshold 0): its anchor states are read through the engine's
+    gathering forward. The client sends its bases and waits; the test plays the aggregator
+    (run_canonical); the client fits, saves its map and trains round 0: map and update equal the
+    single-process reference (fit_canonical + LocalClient). A restarted client loads its map."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from test_deepspeed_client import REPO, TOL, _client_yaml, _env, free_port
+
+    from fedzero.backbones import load_backbone
+    from fedzero.client import LocalClient
+    from fedzero.client.client_config import load_client_config
+    from fedzero.client.state_layout import ClientStateLayout
+    from fedzero.data import build_examples, load_tokenizer, read_jsonl
+
+    stage = 3 if ds_config == "zero3.json" else 2
+    path = _client_yaml(workspace, f"canon{stage}", ds_config=ds_config, projector="canonical+learned",
+                        num_anchors=24, canonical_components=10,
+                        overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}} if stage == 3 else None)
+    cfg = load_client_config(path)
+    store = FederationStore(path.parent / "store", create=False)
+
+    # the reference, in one process
+    model, fp = load_backbone(cfg.client.backbone)
+    tok = load_tokenizer("byte")
+    texts = anchor_set(cfg.dema).texts
+    states = anchor_states(model, tok, texts, placement=cfg.dema.placement)
+    slots = [cfg.dema.slot_of_layer(l, len(states)) for l in range(len(states))]
+    fitted, _ = fit_canonical({"c1": states}, {"c1": slots}, rank=cfg.dema.rank, components=cfg.dema.canonical_dims,
+                              ridge=cfg.dema.canonical_ridge)
+    handle = inject_dema(model, cfg.dema, tokenizer=tok, canonical=fitted["c1"])
+    examples = build_examples(read_jsonl(cfg.client.train_data), tok, cfg.client.train.max_length)
+    ref = LocalClient("c1", handle, fp, examples, examples[:2], cfg.client.train, pad_id=tok.pad_token_id,
+                      seed=cfg.seed, total_rounds=cfg.total_rounds)
+    delta, _ = ref.train_round(store.read_global(0)[0])
+
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/client.py",
+           "--config", str(path), "--store", str(store.root), "--round", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 200
+        while not exchange.list_bases(store) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        report = run_canonical(store, expected=["c1"], deadline_s=0, log=lambda m: None)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert report["clients"] == ["c1"]
+    assert f"ZeRO-{stage} fp32 on 2 cpu process(es)" in out
+
+    bases, _ = exchange.read_bases(store, "c1")
+    assert all(float((q - client_basis_of(h, 10)).abs().max()) < 1e-6 for q, h in zip(bases, states))
+    saved, header = read_map(ClientStateLayout(path.parent / "state").private_dir / MAP_FILE)
+    assert header["fingerprint"] == fp
+    for (mu, w), (mu0, w0) in zip(saved, fitted["c1"]):
+        assert float((mu - mu0).abs().max()) < 1e-5 * (1 + float(mu0.abs().max()))
+        assert float((w - w0).abs().max()) < 1e-4 * (1 + float(w0.abs().max()))
+    update, _ = store.read_update(0, "c1")
+    assert sorted(update) == sorted(delta)
+    worst = max(float((update[k] - delta[k]).abs().max()) for k in update)
+    assert worst < 10 * TOL, f"update differs from LocalClient's by {worst:.2e}"
+
+    # a restarted client (round 1) loads its map: no new bases, no wait
+    nxt = {k: v + delta[k] for k, v in store.read_global(0)[0].items()}
+    store.publish_global(1, nxt)
+    rc = subprocess.run(cmd[:-1] + ["1"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert rc.returncode == 0, (rc.stdout + rc.stderr)[-3000:]
+    assert store.has_update(1, "c1")

@@ -220,7 +220,7 @@ def _check_canonical(config: DeMAConfig, canonical, num_layers: int) -> None:
         return
     if canonical is None:
         # The fit needs every client's anchor bases: no single client can make these up. The round-0
-        # exchange that carries them through the store is not built yet (docs/method.md).
+        # exchange carries them through the store (fedzero/client/canonical.py, docs/method.md).
         raise ValueError(f"projector {config.projector!r} needs the canonical fit across clients, per decoder layer "
                          "(inject_dema(..., canonical=[(mu, W), ...]); fedzero/adapters/dema/canonical.py)")
     if len(canonical) != num_layers:
