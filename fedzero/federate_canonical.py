@@ -30,7 +30,7 @@ def canonical_phase(run, launch, out: Path, store: FederationStore, client_yaml:
         cmd = [deepspeed, "--hostfile", str(out / "hostfile"), "--no_ssh", "--node_rank", "0",
                "--master_addr", "127.0.0.1", "--master_port", str(launch.base_port + i),
                str(_launch_script("client.py")), "--config", str(client_yaml[cid]), "--store", str(store_dir),
-               "--canonical-bases"]
+               "--round", "0", "--canonical-bases"]
         seconds = _run(cmd, out / "logs" / f"canonical-client-{cid}.log", f"client {cid}'s canonical bases")
         print(f"canonical exchange: client {cid} sent its anchor bases in {seconds:.1f} s", flush=True)
     cmd = [mpirun, "-np", str(launch.aggregator_ranks), sys.executable, str(_launch_script("aggregate.py")),

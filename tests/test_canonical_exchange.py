@@ -408,3 +408,45 @@ def test_deepspeed_client_two_processes_runs_the_exchange(workspace, ds_ops, ds_
     rc = subprocess.run(cmd[:-1] + ["1"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert rc.returncode == 0, (rc.stdout + rc.stderr)[-3000:]
     assert store.has_update(1, "c1")
+
+
+@pytest.mark.slow
+def test_federate_runs_the_exchange_before_round_0(tmp_path):
+    """`fedzero federate` with canonical+learned: every client sends its bases (launch/client.py
+    --canonical-bases), the MPI aggregator (2 ranks) publishes the targets, round 0's clients fit onto
+    them. Each client's saved map is fit_canonical's in one process on the same backbones."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from test_federate import _client
+
+    from fedzero.backbones import BackboneSpec, load_backbone
+    from fedzero.cli import main
+
+    if shutil.which("mpirun") is None and not (Path(sys.executable).parent / "mpirun").exists():
+        pytest.skip("mpirun not installed (pip install mpich)")
+    anchor_file(tmp_path / "anchors.jsonl")
+    run = {"seed": 0, "dema": {"rank": 3, "num_experts": 2, "num_slots": 2, "projector": "canonical+learned",
+                               "num_anchors": 12, "canonical_components": 5,
+                               "anchor_file": str(tmp_path / "anchors.jsonl")},
+           "federation": {"rounds": 1, "strategy": "fedavg"},
+           "train": {"local_steps": 2, "batch_size": 4, "lr": 0.01, "max_length": 64},
+           "clients": [_client("a", 16, 2, 1, "airlines"), _client("b", 24, 3, 2, "apple")]}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(run))
+    assert main(["federate", "--config", str(cfg), "--out", str(tmp_path / "out"), "--aggregator-ranks", "2"]) == 0
+    store = FederationStore(tmp_path / "out" / "store", create=False)
+    assert exchange.read_targets(store)[1].clients == ["a", "b"] and store.has_global(1)
+
+    dema = DeMAConfig(**run["dema"])
+    texts = anchor_set(dema).texts
+    states = {c["id"]: anchor_states(load_backbone(BackboneSpec.from_dict(c["backbone"]))[0], TOK, texts,
+                                     placement=dema.placement) for c in run["clients"]}
+    slots = {cid: [dema.slot_of_layer(l, len(h)) for l in range(len(h))] for cid, h in states.items()}
+    fitted, _ = fit_canonical(states, slots, rank=3, components=5, ridge=dema.canonical_ridge)
+    for cid in ("a", "b"):
+        saved, _ = read_map(tmp_path / "out" / "clients" / cid / "private" / MAP_FILE)
+        for (mu, w), (mu0, w0) in zip(saved, fitted[cid]):
+            torch.testing.assert_close(mu, mu0, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(w, w0, rtol=1e-4, atol=1e-5)
