@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt as err:        # Ctrl-C: no traceback; simulate says how to resume
-        print(f"\nfedzero {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        print(f"\nfedzero {args.command}: {str(err) or 'interrupted'}", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"fedzero {args.command}: error: {err}", file=sys.stderr)

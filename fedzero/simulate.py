@@ -139,17 +139,20 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True, report_t
     # strategy local: nothing aggregated; each client starts every round from its own shared state,
     # which it keeps beside its private part (clients/<id>/shared.safetensors; never in the store)
     own_states = None if getattr(strategy, "aggregates", True) else {}
-    if not store.has_global(0):
-        global_state, blocks = initial_global(clients)
-        store.publish_global(0, global_state, meta=round0_meta(run.seed, run.dema, blocks))
-    exchange_in_process(store, clients, run.dema, lambda cid: out / CLIENTS_DIR / cid)   # canonical projectors
-
     labels = label_set(clients)
-    if done > 0:
-        _restore(out, store, strategy, clients, own_states, done)
-        before = previous["before"]
-    else:
-        before = {c.client_id: evaluate_client(c, labels) for c in clients}
+    try:
+        if not store.has_global(0):
+            global_state, blocks = initial_global(clients)
+            store.publish_global(0, global_state, meta=round0_meta(run.seed, run.dema, blocks))
+        exchange_in_process(store, clients, run.dema, lambda cid: out / CLIENTS_DIR / cid)   # canonical projectors
+        if done > 0:
+            _restore(out, store, strategy, clients, own_states, done)
+            before = previous["before"]
+        else:
+            before = {c.client_id: evaluate_client(c, labels) for c in clients}
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted before round {done} started ({done} of {fed.rounds} rounds complete in "
+                          f"{out}); rerun the same command to resume") from None
     summary = {
         "strategy": fed.strategy,
         "seed": run.seed,
