@@ -193,6 +193,20 @@ def _long() -> dict:
                            "the conclusions rest on"}
 
 
+def depth30_mechanisms() -> list[dict]:
+    """What answers this setting's two failures: projectors shared only where the clients' depth ranges
+    overlap (share 'depth-aware', docs/method.md), and a teacher that weighs each client by its held-out
+    loss, so the 30-layer client is not pulled towards the weaker ones (distill.teacher 'quality')."""
+    distill = {"weight": 1.0, "anchors": 64, "batch_size": 4}
+    return [{"name": "dema-depthaware-fedavg", "runner": "dema", "strategy": "fedavg",
+             "dema": {"share": "depth-aware", "depth_overlap_min": 0.5},
+             "description": "DeMA, projectors shared per slot only among clients whose depth ranges overlap "
+                            "(IoU >= 0.5), weighted by the overlap; experts as usual; FedAvg"},
+            {"name": "dema-distill-quality", "runner": "dema", "strategy": "local", "dema": {"share": "experts-only"},
+             "distill": {**distill, "teacher": "quality"},
+             "description": "DeMA, no weights travel; distillation on 64 public anchors, quality-weighted teacher"}]
+
+
 def _depth30() -> dict:
     """What the full suite cut: SmolLM2-135M itself (30 layers) as a client, beside its healed 10- and
     6-layer variants and the 256-wide LLaMA (four backbones, four topics), at the full suite's budget."""
@@ -205,7 +219,7 @@ def _depth30() -> dict:
     keep = ("dema-local", "dema-shaped-fedavg", "dema-distill-local")     # the control and the two that moved
     setting = {"description": "SmolLM2-135M (30 layers), its healed 10- and 6-layer variants (same width) and the "
                               "256-wide small LLaMA, one topic each",
-               "clients": clients, "methods": [m for m in a["methods"] if m["name"] in keep]}
+               "clients": clients, "methods": [m for m in a["methods"] if m["name"] in keep] + depth30_mechanisms()}
     return {**suite, "name": "depth30", "settings": {"C": setting}, "memory": None,
             "description": "The full suite's budget with SmolLM2-135M itself as one of four heterogeneous clients"}
 
