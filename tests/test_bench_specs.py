@@ -128,3 +128,21 @@ def test_backbone_recipes_are_classes_registered_by_kind():
             check_backbone_spec("b", spec)
     llama = recipe("t", {"kind": "llama", "config": {"hidden_size": 16, "num_hidden_layers": 2}}).prepare()
     assert llama.tokenizer == "byte" and llama.report["num_layers"] == 2 and llama.spec.llama_config
+
+
+def test_mechanism_bytes_follow_from_the_configs():
+    """The transfer mechanisms' bytes per client-round on LLaMA-2 (comm_table.mechanism_rows): weights from
+    fedzero.comm's counts in bf16, label predictions N x C float32, token predictions top_k x (int32 + float32)
+    per position, canonical bases one N x m float64 per layer, once."""
+    from fedzero.adapters.dema import DeMAConfig
+    from fedzero.bench.comm_table import comm_rows, mechanism_markdown, mechanism_rows
+    from fedzero.comm import dema_shared_params
+
+    rows = {r["model"]: r for r in mechanism_rows()}
+    base = {r["model"]: r for r in comm_rows()}
+    seven = rows["llama-2-7b"]
+    assert seven["fedit"] == base["llama-2-7b"]["lora_bytes"] and seven["shape_matched"] == base["llama-2-7b"]["dema_bytes"]
+    assert seven["experts_only"] == dema_shared_params(DeMAConfig(share="experts-only")) * 2
+    assert seven["distill_label"] == 64 * 3 * 4 and seven["distill_token"] == 64 * 64 * 16 * 8
+    assert seven["canonical_once"] == 32 * 256 * 128 * 8 and rows["llama-2-70b"]["canonical_once"] == 80 * 256 * 128 * 8
+    assert "| llama-2-13b | 52.43 MB |" in mechanism_markdown(list(rows.values()))

@@ -91,3 +91,52 @@ def comm_markdown(rows: list[dict], dema: DeMAConfig | None = None, lora_rank: i
                      f"| {100 * r['dema_vs_lora']:.2f}% | {100 * r['dema_experts_vs_lora']:.2f}% "
                      f"| {100 * r['dema_vs_full']:.4f}% | {100 * r['lora_vs_full']:.3f}% |")
     return "\n".join(lines)
+
+
+# -- the transfer mechanisms (docs/benchmarks.md, "Issue 12") ------------------------------------------
+
+def mechanism_rows(dema: DeMAConfig | None = None, lora_rank: int = 16, bytes_per_param: int = 2,
+                   anchors: int = 64, labels: int = 3, top_k: int = 16, positions_per_anchor: int = 64,
+                   config_dir: Path | None = REPO_CONFIGS) -> list[dict]:
+    """Per LLaMA-2 model, the bytes a client uploads per round under each transfer mechanism next to
+    FedIT's LoRA, from the configs alone. Weight sharing at `bytes_per_param`; predictions as the store
+    holds them: label-level N x C float32, token-level top_k (int32 id + float32 probability) per scored
+    position (positions_per_anchor is an upper figure: the anchors' token count, at most max_length);
+    the canonical projector's bases are sent once, at round 0: one N x m float64 per decoder layer."""
+    dema = dema or DeMAConfig()
+    experts = dema_shared_params(dataclasses.replace(dema, share="experts-only")) * bytes_per_param
+    label = anchors * labels * 4
+    token = anchors * positions_per_anchor * top_k * 8
+    rows = []
+    for name, (cfg, _) in llama2_configs(config_dir).items():
+        bank = dema_shared_params(dataclasses.replace(dema, share="shape-matched"), cfg["hidden_size"]) * bytes_per_param
+        rows.append({"model": name, "fedit": lora_params(cfg, lora_rank) * bytes_per_param,
+                     "experts_only": experts, "shape_matched": bank, "depth_aware": bank,
+                     "canonical_per_round": experts,
+                     "canonical_once": cfg["num_hidden_layers"] * dema.num_anchors * dema.canonical_dims * 8,
+                     "distill_label": label, "distill_token": token})
+    return rows
+
+
+def mechanism_markdown(rows: list[dict], dema: DeMAConfig | None = None) -> str:
+    dema = dema or DeMAConfig()
+    lines = ["Upload per client and round (the download is as large, but a token-level teacher is the union of the "
+             "others' top tokens, so up to (clients − 1) times wider): weights in bf16, predictions as stored. DeMA "
+             f"r={dema.rank}, M={dema.num_experts}, S={dema.num_slots}; canonical: {dema.num_anchors} anchors, "
+             f"m={dema.canonical_dims} components per layer, sent once; distillation: 64 anchors, 3 labels or top-16 "
+             "next tokens at up to 64 positions each. `python -m fedzero.bench.comm_table`.",
+             "",
+             "| model | FedIT LoRA r=16 | experts only (FedAvg/CMGA) | shape-matched or depth-aware | canonical | "
+             "label distillation | token distillation |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {_size(r['fedit'])} | {_size(r['experts_only'])} | {_size(r['shape_matched'])} "
+                     f"| {_size(r['canonical_per_round'])} + {_size(r['canonical_once'])} once "
+                     f"| {_size(r['distill_label'])} | ≤ {_size(r['distill_token'])} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(comm_markdown(comm_rows()))
+    print()
+    print(mechanism_markdown(mechanism_rows()))
