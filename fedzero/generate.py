@@ -15,7 +15,6 @@ docs/after_the_run.md.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from fedzero.config.arguments import non_negative_float as _non_negative_float

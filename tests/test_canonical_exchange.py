@@ -10,7 +10,7 @@ import yaml
 
 from fedzero.adapters.dema import DeMAConfig, inject_dema
 from fedzero.adapters.dema.canonical import anchor_states, fit_canonical
-from fedzero.adapters.dema.canonical_exchange import (MAP_FILE, anchor_set, apply_map, client_bases,
+from fedzero.adapters.dema.canonical_exchange import (MAP_FILE, anchor_set, client_bases,
                                                       inject_awaiting_map, read_anchor_states, read_map)
 from fedzero.aggregator import QuorumError
 from fedzero.aggregator.canonical import run_canonical

@@ -16,7 +16,7 @@ from fedzero.adapters.dema.blocks import bank_family
 from fedzero.adapters.dema.depth import (LAYER_DEPTHS_KEY, cut_layer_depths, depth_tag, layer_depths, merge,
                                          relative_layer_depths, slot_ranges)
 from fedzero.strategies import ClientUpdate, make_strategy
-from fedzero.strategies.depth import DepthPlan, check_declaration, overlap
+from fedzero.strategies.depth import check_declaration, overlap
 
 
 # ---------------------------------------------------------------------------------- depth ranges

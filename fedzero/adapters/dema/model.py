@@ -15,7 +15,7 @@ from .anchors import load_anchor_texts, pooled_hidden_states
 from .blocks import bank_block, bank_name, declared_blocks, is_bank_key, side_out_block, slot_block
 from .config import DeMAConfig
 from .depth import depth_tag, layer_depths, slot_ranges
-from .layer import (AnchorInProjector, CanonicalInProjector, DeMAParallelMLP, DeMAPrivate, DeMAShared, PostNormDelta,
+from .layer import (AnchorInProjector, DeMAParallelMLP, DeMAPrivate, DeMAShared, PostNormDelta,
                     ProjectorBank, SideStream)
 
 
