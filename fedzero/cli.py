@@ -100,9 +100,10 @@ def _bench(args) -> int:
 def _federate(args) -> int:
     from pathlib import Path
 
-    from fedzero.federate import REPO_ROOT, LaunchSettings, federate
+    from fedzero.bundled import bundled_path
+    from fedzero.federate import LaunchSettings, federate
 
-    launch = LaunchSettings(ds_config=Path(args.ds_config or REPO_ROOT / "ds_configs" / "zero3.json"),
+    launch = LaunchSettings(ds_config=Path(args.ds_config) if args.ds_config else bundled_path("ds_configs/zero3.json"),
                             procs_per_client=args.procs_per_client, aggregator_ranks=args.aggregator_ranks,
                             quorum=args.quorum, deadline_s=args.deadline)
     summary = federate(args.config, args.out, launch)
@@ -116,9 +117,10 @@ def _federate(args) -> int:
 def _prepare(args) -> int:
     from pathlib import Path
 
-    from fedzero.federate import REPO_ROOT, prepare
+    from fedzero.bundled import bundled_path
+    from fedzero.federate import prepare
 
-    ds_config = Path(args.ds_config or REPO_ROOT / "ds_configs" / "zero3.json")
+    ds_config = Path(args.ds_config) if args.ds_config else bundled_path("ds_configs/zero3.json")
     if not ds_config.is_file():
         raise FileNotFoundError(f"DeepSpeed config {ds_config} not found")
     run, client_yaml = prepare(args.config, args.out, ds_config)

@@ -124,3 +124,50 @@ def precision_of(ds: dict) -> str:
 
 def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_ds_config_file(path: str | Path) -> dict:
+    """Check a DeepSpeed config where it is chosen (`fedzero prepare`, `federate`, `submit`), not after
+    the queue wait: plain JSON, none of the keys fedzero owns, an optimizer DeepSpeed or torch knows,
+    and every section DeepSpeed validates itself (its own DeepSpeedConfig, on the file completed as a
+    one-process fp32 client would complete it; no GPU needed). Errors name the file and the key."""
+    path = Path(path)
+    data = read_ds_config(path)
+    try:
+        completed = complete_ds_config(data, batch_size=1, world_size=1, lr=1e-3, precision="fp32", device_type="cpu")
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    optimizer = str(completed["optimizer"]["type"])
+    import torch
+
+    try:
+        from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    except ImportError:               # an older or newer layout: DeepSpeed's own check below still runs
+        DEEPSPEED_OPTIMIZERS = []
+    if DEEPSPEED_OPTIMIZERS and optimizer.lower() not in [o.lower() for o in DEEPSPEED_OPTIMIZERS] \
+            and not hasattr(torch.optim, optimizer):
+        raise ValueError(f"{path}: optimizer.type {optimizer!r} is neither a DeepSpeed optimizer "
+                         f"({', '.join(DEEPSPEED_OPTIMIZERS)}) nor one of torch.optim")
+    try:
+        import pydantic
+        from deepspeed.runtime.config import DeepSpeedConfig
+    except ImportError:
+        return data
+    import logging
+
+    quiet = logging.getLogger("DeepSpeed")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        DeepSpeedConfig(completed)
+    except pydantic.ValidationError as err:
+        section = err.title         # e.g. DeepSpeedZeroConfig: the key paths are inside its section
+        prefix = {"DeepSpeedZeroConfig": "zero_optimization."}.get(section, "")
+        problems = [f"{prefix}{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" + (
+                    f" (got {e['input']!r})" if not isinstance(e.get("input"), dict) else "") for e in err.errors()]
+        raise ValueError(f"{path}: DeepSpeed refuses this config ({section}): " + "; ".join(problems)) from None
+    except (AssertionError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: DeepSpeed refuses this config: {err}") from None
+    finally:
+        quiet.setLevel(level)
+    return data

@@ -43,10 +43,9 @@ class LaunchSettings:
 
 
 def _launch_script(name: str) -> Path:
-    path = REPO_ROOT / "launch" / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: `fedzero federate` runs from a source checkout (pip install -e .)")
-    return path
+    from fedzero.bundled import bundled_path    # the checkout's launch/, or the copy a wheel carries
+
+    return bundled_path(Path("launch") / name)
 
 
 def _tool(name: str) -> str:
@@ -136,8 +135,12 @@ def prepare(config: str | Path, out: str | Path, ds_config: Path, procs_per_clie
                          "starts every round from the store's global, so it cannot keep its own adapter between "
                          "rounds; run the local control with `fedzero simulate --config "
                          f"{config} --strategy local --out DIR`")
+    from fedzero.ds_config import check_ds_config_file
+
+    check_ds_config_file(ds_config)             # here, not after a cluster queue's wait
     out = Path(out).expanduser().absolute()     # the launched processes run in the repository root
-    if out.exists() and any(out.iterdir()) and not (out / "federate.json").exists():
+    # RUN_DIR/slurm.env (fedzero submit's settings) may be written before the run is prepared
+    if out.exists() and any(p.name != "slurm.env" for p in out.iterdir()) and not (out / "federate.json").exists():
         raise FileExistsError(f"output directory {out} is not empty and holds no fedzero run")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     # the run config as used, every path absolute: reusable from anywhere (fedzero.run_record)

@@ -2,7 +2,8 @@
 
 A config is plain YAML: a tag (`!!python/object/...`) is refused with the file and line, never
 run. Paths inside a file are relative to the file itself; `fedzero:<path>` names a file bundled in
-the package (fedzero/resources/<path>).
+the package (fedzero/resources/<path>; `fedzero:configs/...`, `fedzero:ds_configs/...` name the
+example configs shipped with it, fedzero.bundled).
 """
 
 from __future__ import annotations
@@ -18,15 +19,23 @@ RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 
 def resolve_path(value: str, base: Path) -> Path:
     if value.startswith("fedzero:"):
-        return RESOURCES / value[len("fedzero:"):]
+        relative = value[len("fedzero:"):]
+        from fedzero.bundled import BUNDLED_DIRS, bundled_path
+
+        if Path(relative).parts[:1] and Path(relative).parts[0] in BUNDLED_DIRS:   # fedzero:configs/demo.yaml
+            try:
+                return bundled_path(relative)
+            except FileNotFoundError:
+                pass
+        return RESOURCES / relative
     path = Path(value).expanduser()
     return path if path.is_absolute() else (base / path)
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> tuple[object, Path]:
     """(parsed YAML, path); a missing file is a FileNotFoundError, a file that is not plain YAML a
-    ConfigError naming the line."""
-    path = Path(path)
+    ConfigError naming the line. `fedzero:configs/demo.yaml` names a config bundled with fedzero."""
+    path = resolve_path(path, Path.cwd()) if isinstance(path, str) and path.startswith("fedzero:") else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no {what} at {path}")
     try:
