@@ -130,6 +130,20 @@ def _prepare(args) -> int:
     return 0
 
 
+def _submit(args) -> int:
+    from pathlib import Path
+
+    from fedzero.bundled import bundled_path
+    from fedzero.slurm import submit
+
+    ds_config = Path(args.ds_config) if args.ds_config else bundled_path("ds_configs/zero3.json")
+    results = submit(args.config, args.out, ds_config, resources=args.resources, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"{sum(r['state'] == 'submitted' for r in results)} job(s) submitted; record: "
+              f"{Path(args.out) / 'slurm' / 'submitted.json'}; logs: {Path(args.out) / 'logs'}/slurm-*.out")
+    return 0
+
+
 def _align(args) -> int:
     from fedzero.adapters.dema import alignment
     from fedzero.config import load_run_config
@@ -202,6 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (on a file system every node sees)")
     p.add_argument("--ds-config", help="DeepSpeed config for every client (default ds_configs/zero3.json)")
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("submit", help="prepare a run and submit it to Slurm: one job per client and the "
+                                        "aggregator job (docs/cluster.md); rerun it: jobs still queued are kept")
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument("--out", required=True, help="run directory (on a file system every node sees)")
+    p.add_argument("--ds-config", help="DeepSpeed config for every client (default ds_configs/zero3.json)")
+    p.add_argument("--resources", help="the Slurm settings file (default RUN_DIR/slurm.env; "
+                                       "launch/slurm/slurm.env.example lists its keys)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch commands and job scripts; submit "
+                                                          "nothing, write nothing")
+    p.set_defaults(func=_submit)
 
     p = sub.add_parser("align", help="before any training: is the shared r-space aligned across the clients? "
                                        "(per client pair and depth slot; forward passes only; docs/method.md)")
