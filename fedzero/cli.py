@@ -72,15 +72,22 @@ def _split(args) -> int:
 
 
 def _memory_estimate(args) -> int:
-    from pathlib import Path
-
     from fedzero.adapters.dema import DeMAConfig
-    from fedzero.memory import estimate, format_estimate, load_model_config
+    from fedzero.memory import MARKDOWN_HEADER, estimate, format_estimate, load_model_config, markdown_rows, model_name
 
     dema = DeMAConfig(rank=args.rank, num_experts=args.experts, num_slots=args.slots, placement=args.placement)
-    est = estimate(load_model_config(args.model_config), gpus_per_node=args.gpus, nodes=args.nodes, dema=dema,
-                   seq_len=args.seq_len, micro_batch=args.micro_batch)
-    print(json.dumps(est, indent=2) if args.json else format_estimate(est, Path(args.model_config).stem))
+    models = args.model or []
+    if not models:
+        raise ValueError("name a backbone: --model DIR (a local HF model directory) or --model config.json")
+    configs = [(model_name(m), load_model_config(m)) for m in models]       # every path checked first
+    results = [(name, estimate(cfg, gpus_per_node=args.gpus, nodes=args.nodes, dema=dema, seq_len=args.seq_len,
+                               micro_batch=args.micro_batch)) for name, cfg in configs]
+    if args.json:
+        print(json.dumps(results[0][1] if len(results) == 1 else dict(results), indent=2))
+    elif args.markdown:
+        print("\n".join(MARKDOWN_HEADER + [row for name, est in results for row in markdown_rows(est, name)]))
+    else:
+        print("\n\n".join(format_estimate(est, name) for name, est in results))
     return 0
 
 
@@ -257,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_split)
 
     p = sub.add_parser("memory-estimate", help="memory per GPU and per node for a backbone config (no weights)")
-    p.add_argument("--model-config", required=True, help="HF config.json (e.g. configs/models/llama-2-7b.json)")
+    p.add_argument("--model", "--model-config", dest="model", nargs="+", metavar="DIR_OR_CONFIG",
+                   help="one or more backbones: a local HF model directory (only its config.json is read) or a "
+                        "config.json (e.g. configs/models/llama-2-7b.json)")
     p.add_argument("--gpus", type=positive_int, required=True, help="GPUs per node")
     p.add_argument("--nodes", type=positive_int, default=1)
     p.add_argument("--seq-len", type=positive_int, default=4096, help="tokens per sequence for the activation estimate")
@@ -266,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", type=positive_int, default=4, help="DeMA M")
     p.add_argument("--slots", type=positive_int, default=8, help="DeMA S")
     p.add_argument("--placement", choices=PLACEMENTS, default="parallel")
-    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    out.add_argument("--markdown", action="store_true", help="print docs/cluster.md's table rows for the models")
     p.set_defaults(func=_memory_estimate)
 
     p = sub.add_parser("bench", help="benchmark DeMA/CMGA against the LoRA baselines (docs/benchmarks.md)")

@@ -44,14 +44,37 @@ GIB = 1 << 30
 
 
 def load_model_config(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model config at {path}")
-    cfg = json.loads(path.read_text())
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-        if key not in cfg:
-            raise ValueError(f"{path}: needs {key!r} (a Hugging Face config.json of a LLaMA-layout model)")
+    """A backbone's config: a local HF model directory (its config.json; no weights are read) or a
+    config.json file itself."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: a model directory needs a config.json (none there)")
+        path = path / "config.json"
+    elif not path.is_file():
+        raise FileNotFoundError(f"no model directory or config.json at {path}")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: a model config.json must be a JSON object")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+               if k not in cfg]
+    if missing:
+        raise ValueError(f"{path}: needs {', '.join(repr(k) for k in missing)} (a Hugging Face config.json of a "
+                         "decoder with the usual key names)")
+    if "model_type" not in cfg:
+        raise ValueError(f"{path}: needs 'model_type' (e.g. \"llama\"): it names the architecture to count DeMA on")
     return cfg
+
+
+def model_name(path: str | Path) -> str:
+    """What a table calls the model: the directory's name, or the config file's name without .json."""
+    path = Path(path).expanduser()
+    if path.is_dir() or path.name == "config.json":
+        return (path if path.is_dir() else path.parent).resolve().name
+    return path.stem
 
 
 def _dims(cfg: dict) -> tuple[int, int, int, int, int, int]:
@@ -171,3 +194,18 @@ def format_estimate(est: dict, name: str = "") -> str:
     out.append("Full fine-tuning: DeepSpeed's estimator (zero_init, buffer factor 1.5). Adapters: the same estimator "
                "on the trainable parameters + 2 bytes per frozen parameter (see fedzero/memory.py).")
     return "\n".join(out)
+
+
+def markdown_rows(est: dict, name: str) -> list[str]:
+    """docs/cluster.md's table rows for one backbone (model states in GiB)."""
+    rows = []
+    for i, line in enumerate(est["lines"]):
+        t = line["trainable"]
+        trainable = f"{t / 1e9:.2f}B" if t >= 1e9 else f"{t / 1e6:.2f}M"
+        rows.append(f"| {name if i == 0 else ''} | {line['method']} | {trainable} | {line['zero3_gpu'] / GIB:.1f} | "
+                    f"{line['zero3_cpu'] / GIB:.1f} | {line['offload_gpu'] / GIB:.1f} | {line['offload_cpu'] / GIB:.1f} |")
+    return rows
+
+
+MARKDOWN_HEADER = ["| backbone | method | trainable | ZeRO-3 per GPU | ZeRO-3 CPU/node | offload per GPU | offload CPU/node |",
+                   "|---|---|---|---|---|---|---|"]
