@@ -104,3 +104,25 @@ def test_a_bad_deepspeed_config_is_refused_before_anything_is_submitted(tmp_path
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{bad}: DeepSpeed refuses this config" in proc.stderr and "zero_optimization.overlap_com" in proc.stderr
     assert sbatch_calls(tools) == [] and not run_dir.exists()
+
+
+def test_prepare_checks_the_deepspeed_json_before_writing_anything(tmp_path):
+    tools = fake_tools(tmp_path)
+    run_yaml, run_dir = tiny_run(tmp_path), tmp_path / "run"
+    ds = json.loads((ROOT / "ds_configs" / "zero3_offload.json").read_text())
+    cases = {"device": (lambda d: d["zero_optimization"]["offload_param"].update(device="gpu"),
+                        "zero_optimization.offload_param.device: Input should be 'none', 'cpu' or 'nvme' (got 'gpu')"),
+             "owned": (lambda d: d.update(train_batch_size=8), "DeepSpeed config sets 'train_batch_size'"),
+             "optimizer": (lambda d: d["optimizer"].update(type="Adamm"), "optimizer.type 'Adamm' is neither")}
+    for name, (spoil, expected) in cases.items():
+        bad = json.loads(json.dumps(ds))
+        spoil(bad)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(bad))
+        proc = fedzero(["prepare", "--config", str(run_yaml), "--out", str(run_dir), "--ds-config", str(path)], tools, tmp_path)
+        assert proc.returncode == 2 and f"{path}: " in proc.stderr and expected in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and not run_dir.exists()
+    for shipped in ("zero2.json", "zero3.json", "zero3_offload.json"):
+        from fedzero.ds_config import check_ds_config_file
+
+        check_ds_config_file(ROOT / "ds_configs" / shipped)
