@@ -1,7 +1,7 @@
 """One client of a LoRA baseline: PEFT LoRA on a frozen backbone, trained and evaluated locally.
 
 The round logic (loss, learning-rate schedule, fresh optimizer each round) is the DeMA client's
-(fedzero.client.local), so the baselines differ from DeMA only in the adapter and the aggregation.
+(fedzero.client.steps), so the baselines differ from DeMA only in the adapter and the aggregation.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from torch import Tensor, nn
 
 from fedzero.backbones import attention_projections
-from fedzero.client.local import TrainSettings, lr_factor, token_loss_sums
-from fedzero.data import batches, collate
+from fedzero.client.local import TrainSettings, mean_token_loss
+from fedzero.client.steps import train_round_steps
+from fedzero.data import batches
 
 from .base import LoRAAggregate, lora_modules
 from .factors import Pair
@@ -150,31 +151,13 @@ class LoRAClient:
         params = self.trainable_parameters()
         # Fresh AdamW each round, as the DeMA client does: the factors jump at aggregation.
         optimizer = torch.optim.AdamW(params, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
-        self.model.train()
-        losses = []
-        for _ in range(self.settings.local_steps):
-            for group in optimizer.param_groups:
-                group["lr"] = self.settings.lr * lr_factor(self.step, self.total_steps, self.settings)
-            loss_sum, count = token_loss_sums(self.model, next(self._batches))
-            loss = loss_sum / max(count, 1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.settings.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
-            optimizer.step()
-            losses.append(loss.item())
-            self.step += 1
-        self.model.eval()
+        losses = train_round_steps(self.model, optimizer, params, self._batches.__next__, self.settings,
+                                   first_step=self.step, total_steps=self.total_steps)
+        self.step += len(losses)
         return self.lora_state(), {"train_loss": sum(losses) / len(losses)}
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean token loss on the client's held-out examples (labelled tokens only)."""
         self.model.eval()
-        total, count = 0.0, 0
-        bs = self.settings.eval_batch_size
-        for i in range(0, len(self.eval_examples), bs):
-            s, n = token_loss_sums(self.model, collate(self.eval_examples[i:i + bs], self.pad_id))
-            total += float(s)
-            count += n
-        return total / max(count, 1)
+        return mean_token_loss(self.model, self.eval_examples, batch_size=self.settings.eval_batch_size,
+                               pad_id=self.pad_id)

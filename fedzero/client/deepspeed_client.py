@@ -17,7 +17,8 @@ W ranks, so each micro-batch's backward gets loss_sum · W·A / N: the reduced g
 Only rank 0 touches the store and the private state files (the other ranks may be on nodes that do
 not see them); globals and private tensors reach the other ranks by broadcast.
 
-This module is the round loop. Around it, in fedzero.client: client_config (CLIENT.yaml),
+This module is the round and its engine step; the step loop itself (schedule, batches, losses, the
+hook after each step) is fedzero.client.steps.train_steps, as for every client kind. Around it, in fedzero.client: client_config (CLIENT.yaml),
 distributed (process group start-up and lock-step waiting), zero_engine (the engine: ds config,
 backbone and DeMA, deepspeed.initialize), state and state_layout (private state and checkpoints),
 bootstrap (round 0's global); fedzero.backbones.zero3 (the partitioned backbone) and
@@ -38,8 +39,9 @@ from fedzero.client import state
 from fedzero.client.canonical import exchange_for_engine
 from fedzero.client.client_config import ClientRunConfig
 from fedzero.client.distributed import broadcast_object, comm_device, init_distributed, poll_in_lock_step
-from fedzero.client.local import lr_factor, mean_token_loss, token_loss_sums
+from fedzero.client.local import mean_token_loss, token_loss_sums
 from fedzero.client.state_layout import ClientStateLayout
+from fedzero.client.steps import train_steps
 from fedzero.client.zero_engine import (build_model, client_ds_config, describe, initialize, peak_memory,
                                         reset_optimizer_moments)
 from fedzero.data import batches, build_examples, read_jsonl
@@ -188,13 +190,14 @@ class DeepSpeedClient:
             self._stream_pos = position
         return self._stream
 
-    def _train_step(self, step: int, batch: dict[str, torch.Tensor]) -> float:
-        """One optimizer step (`step` counts from the start of the federation); returns the batch's
-        mean token loss."""
-        settings = self.cfg.client.train
-        total_steps = self.cfg.total_rounds * settings.local_steps
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = settings.lr * group.get("lr_scale", 1.0) * lr_factor(step, total_steps, settings)
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        batch = next(self._stream)
+        self._stream_pos += 1
+        return batch
+
+    def _train_step(self, batch: dict[str, torch.Tensor], step: int) -> float:
+        """One optimizer step of the engine (`step` counts from the start of the federation; the
+        learning rate is set by fedzero.client.steps.train_steps); returns the batch's mean token loss."""
         count = max(int((batch["labels"][:, 1:] != -100).sum()), 1)   # labelled tokens of the whole batch
         scale = self.world * self.accum / count
         local_sum = torch.zeros((), dtype=torch.float64)
@@ -238,21 +241,22 @@ class DeepSpeedClient:
 
         start, losses = self._resume(rnd, manifest["sha256"])
         every = self.cfg.deepspeed.checkpoint_every
-        stream = self._batches_from(rnd * settings.local_steps + start)
+        self._batches_from(rnd * settings.local_steps + start)
         self.engine.train()
         started = time.perf_counter()
-        step_times = []
-        for j in range(start, settings.local_steps):
-            step_started = time.perf_counter()
-            batch = next(stream)
-            self._stream_pos += 1
-            losses.append(self._train_step(rnd * settings.local_steps + j, batch))
-            step_times.append(time.perf_counter() - step_started)
-            done = j + 1
+
+        def after_step(done_here: int, losses_so_far: list[float]) -> None:
+            done = start + done_here
             if every and done % every == 0 and done < settings.local_steps:
-                self._save_checkpoint(rnd, done, manifest["sha256"], losses)
+                self._save_checkpoint(rnd, done, manifest["sha256"], losses_so_far)
             if self.after_step is not None:
                 self.after_step(rnd, done)
+
+        steps = train_steps(self._train_step, self.engine.optimizer.param_groups, self._next_batch, settings,
+                            first_step=rnd * settings.local_steps + start, count=settings.local_steps - start,
+                            total_steps=self.cfg.total_rounds * settings.local_steps, losses=losses,
+                            after_step=after_step)
+        losses, step_times = steps.losses, steps.seconds
         seconds = time.perf_counter() - started
         self.engine.eval()
         metrics = {"train_loss": sum(losses) / len(losses), "steps": settings.local_steps,

@@ -6,13 +6,13 @@ reference path the simulator uses and the tests compare against.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from fedzero.adapters.dema import DeMAModel
+from fedzero.client.steps import train_round_steps
 from fedzero.data import batches, collate
 from fedzero.evaluate import labelled_logits
 from fedzero.fields import from_known_fields
@@ -43,15 +43,6 @@ class TrainSettings:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainSettings":
         return from_known_fields(cls, data, "train setting")
-
-
-def lr_factor(step: int, total_steps: int, settings: TrainSettings) -> float:
-    if settings.warmup_steps and step < settings.warmup_steps:
-        return (step + 1) / settings.warmup_steps
-    if settings.schedule == "constant" or total_steps <= 1:
-        return 1.0
-    progress = min(1.0, (step - settings.warmup_steps) / max(1, total_steps - settings.warmup_steps))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine down to 10%
 
 
 def token_loss_sums(model, batch) -> tuple[torch.Tensor, int]:
@@ -100,26 +91,11 @@ class LocalClient:
     def train_round(self, global_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
         """Load the global shared state, train local_steps, return (delta of shared tensors, metrics)."""
         self.handle.load_shared_state_dict(global_state)
-        model = self.handle.model
-        model.train()
-        optimizer = self._optimizer()
-        params = self.handle.trainable_parameters()
-        losses = []
-        for _ in range(self.settings.local_steps):
-            for group in optimizer.param_groups:
-                group["lr"] = self.settings.lr * group["lr_scale"] * lr_factor(self.step, self.total_steps, self.settings)
-            loss_sum, count = token_loss_sums(model, next(self._batches))
-            loss = loss_sum / max(count, 1)
-            penalty = self.handle.regularization()
-            distill = self.distiller.loss(model, self.step) if self.distiller is not None else None
-            optimizer.zero_grad(set_to_none=True)
-            (loss + penalty + (distill if distill is not None else 0.0)).backward()
-            if self.settings.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
-            optimizer.step()
-            losses.append(loss.item())
-            self.step += 1
-        model.eval()
+        losses = train_round_steps(self.handle.model, self._optimizer(), self.handle.trainable_parameters(),
+                                   self._batches.__next__, self.settings, first_step=self.step,
+                                   total_steps=self.total_steps, penalty=self.handle.regularization,
+                                   distill=self.distiller.loss if self.distiller is not None else None)
+        self.step += len(losses)
         trained = self.handle.shared_state_dict()
         delta = {k: trained[k].float() - global_state[k].float() for k in trained}   # own keys only
         return delta, {"train_loss": sum(losses) / len(losses)}
