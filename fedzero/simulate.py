@@ -30,6 +30,7 @@ from fedzero.diagnostics import gate_entropy, update_diagnostics
 from fedzero.distill.publish import publish_teachers
 from fedzero.distill.tokens import check_one_tokenizer
 from fedzero.evaluate import evaluate_classification
+from fedzero.federation_round import FederationRound, Transport
 from fedzero.reporting import check_report_to, default_report_to, open_reporter
 from fedzero.run_dirs import (CLIENTS_DIR, FEDERATE_MARKER, RUN_CONFIG_COPY, SIMULATE_LOCAL_SHARED, SIMULATE_PRIVATE,
                               STORE_DIR)
@@ -182,9 +183,10 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True, report_t
     reporter = open_reporter(report_to, out, start_round=done)
     bar = tqdm(total=fed.rounds * len(clients), initial=done * len(clients), desc="federation",
                unit="client-round", disable=not progress)
+    federation = FederationRound(clients, StoreTransport(run, store, strategy, clients, own_states, bar))
     try:
         for rnd in range(done, fed.rounds):
-            record, new_state, block_of = _round(rnd, run, store, strategy, clients, own_states, labels, bar)
+            record, new_state, block_of = _round(rnd, run, federation, clients, labels)
             for client in clients:     # the resume points of this round, before it commits
                 _save_round(out, client, rnd, own_states)
             summary["rounds"].append(record)
@@ -217,58 +219,85 @@ def simulate(run: RunConfig, out: str | Path, *, progress: bool = True, report_t
     return summary
 
 
-def _round(rnd: int, run: RunConfig, store: FederationStore, strategy, clients: list[LocalClient],
-           own_states: dict | None, labels: list[str] | None, bar) -> tuple[dict, dict, dict]:
-    """Train, aggregate and evaluate round `rnd`; write its updates and aggregation report to the store.
-    Returns its summary record, and the new global and its blocks, still to publish."""
-    fed = run.federation
-    global_state, manifest = store.read_global(rnd)
-    # the blocks the global declares, as the MPI aggregator reads them
-    block_of = global_blocks(global_state, manifest["meta"].get("blocks"))
-    round_rows, updates = [], []
-    uploaded = 0
-    for client in clients:
-        bar.set_postfix_str(f"round {rnd} (of 0..{fed.rounds - 1}) client {client.client_id}")
+class StoreTransport(Transport):
+    """The round through the federation store (fedzero.federation_round): every client starts from the
+    store's global (under "local", from its own shared state), writes its update and anchor predictions
+    there; the updates are screened as the MPI aggregator screens them, the strategy aggregates them and
+    the aggregation report, server state and next teachers are written. `finish` returns the new global
+    (still to publish), its blocks, the strategy's report and the update diagnostics."""
+
+    def __init__(self, run: RunConfig, store: FederationStore, strategy, clients: list[LocalClient],
+                 own_states: dict | None, bar):
+        self.run, self.store, self.strategy, self.clients = run, store, strategy, clients
+        self.own_states, self.bar = own_states, bar
+
+    def open(self, rnd: int) -> None:
+        self.global_state, manifest = self.store.read_global(rnd)
+        # the blocks the global declares, as the MPI aggregator reads them
+        self.block_of = global_blocks(self.global_state, manifest["meta"].get("blocks"))
+        self.uploaded = 0
+
+    def receive(self, rnd: int, k: int, client: LocalClient) -> None:
+        self.bar.set_postfix_str(f"round {rnd} (of 0..{self.run.federation.rounds - 1}) client {client.client_id}")
         if client.distiller is not None:
-            client.distiller.set_teacher(client.distiller.read_teacher(store, rnd, client.client_id))
-        start = global_state if own_states is None else own_states.get(client.client_id, global_state)
-        delta, metrics = client.train_round(start)
+            client.distiller.set_teacher(client.distiller.read_teacher(self.store, rnd, client.client_id))
+
+    def start(self, rnd: int, k: int, client: LocalClient) -> dict[str, torch.Tensor]:
+        if self.own_states is None:
+            return self.global_state
+        return self.own_states.get(client.client_id, self.global_state)
+
+    def send(self, rnd: int, k: int, client: LocalClient, delta: dict, metrics: dict, seconds: float) -> None:
+        store = self.store
         if client.distiller is not None:     # sent before the update, whose manifest closes the round
             # its quality: the held-out loss of the model that made these predictions (trained, not yet averaged)
             quality = client.evaluate() if client.distiller.reports_quality else None
             sent = client.distiller.write_predictions(store, rnd, client.client_id,
                                                       client.distiller.predict(client.handle.model), quality=quality)
-            uploaded += sent.stat().st_size
+            self.uploaded += sent.stat().st_size
         store.write_update(rnd, client.client_id, delta, fingerprint=client.fingerprint,
                            num_samples=client.num_samples, metrics=metrics, slot_use=client.handle.slot_use(),
                            depth=client.handle.depth_declaration())
-        if own_states is not None:
-            own_states[client.client_id] = client.handle.shared_state_dict()
-        round_rows.append({"id": client.client_id, "fingerprint": client.fingerprint, **metrics})
-        bar.update(1)
-    # every update screened as the MPI aggregator screens it: a bad one is left out and quarantined
-    updates, left_out = screened_updates(store, rnd, global_state, block_of, fed.max_num_samples)
-    for u in updates:
-        uploaded += store.update_path(rnd, u.client_id).stat().st_size if own_states is None else 0  # local: never sent
-    carried_in = strategy.server_opt.state_dict()
-    new_state, agg = strategy.aggregate(global_state, updates, round=rnd, block_of=block_of)
-    refuse_nonfinite(rnd, strategy, new_state, carried_in, agg)      # before anything of the round is written
-    diagnostics = {"updates": update_diagnostics(updates, block_of.__getitem__)}
-    store.write_server_state(rnd, strategy.server_opt.state_dict())   # as the MPI aggregator does: resumable
-    distill = publish_teachers(store, rnd, {u.client_id: u.num_samples for u in updates},
-                               run.distill.teacher_rule if run.distill is not None else None)
-    store.write_result(rnd, {"strategy": fed.strategy, **agg, "diagnostics": diagnostics, "distill": distill,
-                             "left_out": {r.client: {"file": r.file, "reason": r.reason} for r in left_out},
-                             "quarantined": quarantined(store, rnd)})
+        if self.own_states is not None:
+            self.own_states[client.client_id] = client.handle.shared_state_dict()
+        self.bar.update(1)
 
+    def finish(self, rnd: int, outcome) -> tuple[dict, dict, dict, dict]:
+        store, strategy, fed = self.store, self.strategy, self.run.federation
+        global_state, block_of = self.global_state, self.block_of
+        # every update screened as the MPI aggregator screens it: a bad one is left out and quarantined
+        updates, left_out = screened_updates(store, rnd, global_state, block_of, fed.max_num_samples)
+        for u in updates:
+            self.uploaded += store.update_path(rnd, u.client_id).stat().st_size if self.own_states is None else 0  # local: never sent
+        carried_in = strategy.server_opt.state_dict()
+        new_state, agg = strategy.aggregate(global_state, updates, round=rnd, block_of=block_of)
+        refuse_nonfinite(rnd, strategy, new_state, carried_in, agg)      # before anything of the round is written
+        diagnostics = {"updates": update_diagnostics(updates, block_of.__getitem__)}
+        store.write_server_state(rnd, strategy.server_opt.state_dict())   # as the MPI aggregator does: resumable
+        distill = publish_teachers(store, rnd, {u.client_id: u.num_samples for u in updates},
+                                   self.run.distill.teacher_rule if self.run.distill is not None else None)
+        store.write_result(rnd, {"strategy": fed.strategy, **agg, "diagnostics": diagnostics, "distill": distill,
+                                 "left_out": {r.client: {"file": r.file, "reason": r.reason} for r in left_out},
+                                 "quarantined": quarantined(store, rnd)})
+        if self.own_states is None:
+            for client in self.clients:
+                client.handle.load_shared_state_dict(new_state)   # evaluate what the federation produced
+        return new_state, block_of, agg, diagnostics
+
+
+def _round(rnd: int, run: RunConfig, federation: FederationRound, clients: list[LocalClient],
+           labels: list[str] | None) -> tuple[dict, dict, dict]:
+    """Train, aggregate and evaluate round `rnd` (its updates and aggregation report go to the store).
+    Returns its summary record, and the new global and its blocks, still to publish."""
+    outcome = federation.run(rnd)
+    new_state, block_of, agg, diagnostics = outcome.finished
+    round_rows = [{"id": c.client_id, "fingerprint": c.fingerprint, **m} for c, m in zip(clients, outcome.metrics)]
     for client, row in zip(clients, round_rows):
-        if own_states is None:
-            client.handle.load_shared_state_dict(new_state)   # evaluate what the federation produced
         # Label scoring costs several forward passes per example: only before and after the run.
-        row.update(evaluate_client(client, labels if rnd == fed.rounds - 1 else None))
+        row.update(evaluate_client(client, labels if rnd == run.federation.rounds - 1 else None))
         row["gate_entropy"] = gate_entropy(client.handle, collate(client.eval_examples[:8], client.pad_id))
-    record = {"round": rnd, "uploaded_bytes": uploaded, "clients": round_rows, "aggregation": _block_summary(agg),
-              "diagnostics": diagnostics}
+    record = {"round": rnd, "uploaded_bytes": federation.transport.uploaded, "clients": round_rows,
+              "aggregation": _block_summary(agg), "diagnostics": diagnostics}
     return record, new_state, block_of
 
 

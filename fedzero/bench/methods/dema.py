@@ -21,8 +21,8 @@ from fedzero.backbones import load_backbone
 from fedzero.client import LocalClient
 from fedzero.data import LABELS, PROMPT_TEMPLATE, build_examples, collate
 from fedzero.diagnostics import gate_entropy, update_diagnostics
+from fedzero.federation_round import FederationRound, Transport, client_update
 from fedzero.distill.teachers import leave_one_out_teachers
-from fedzero.strategies import ClientUpdate
 
 from ..data import relabel, topic_anchor_texts
 from ..lm_data import domain_anchor_texts
@@ -99,39 +99,20 @@ def _run_dema(spec: DeMAMethod, ctx: RunContext, config, alignment_texts: list[s
         {c.client_id: c.handle for c in clients}, {c["id"]: ctx.tokenizer(c["backbone"]) for c in ctx.clients},
         alignment_texts, max_length=settings.max_length)) if alignment_texts else None
     exchange.begin(clients)
-    comm, aggregation, diagnostics, first = [], [], [], None
+    transport = MemoryTransport(exchange, clients, records, settings.local_steps,
+                                distill=None if distill is None else ("token" if token else "label"), rule=rule)
+    federation = FederationRound(clients, transport)
     for rnd in range(ctx.rounds):
-        updates, deltas = [], {}
-        for k, client in enumerate(clients):
-            t0 = time.time()
-            delta, metrics = client.train_round(exchange.start(k))     # delta: the client's own shared keys
-            seconds = time.time() - t0
-            deltas[client.client_id] = delta
-            updates.append(ClientUpdate(client.client_id, delta, client.num_samples, client.fingerprint,
-                                        client.handle.slot_use(), client.handle.depth_declaration()))
-            exchange.trained(k, client)
-            record_training(records[k], rnd + 1, metrics["train_loss"], seconds, settings.local_steps, client.step)
-        if token:
-            moved = exchange_token_predictions(clients, records, rule)
-            up, down = moved["upload"], moved["download"]
-        else:
-            up = down = exchange_predictions(clients, records, rule) if distill else [0] * len(clients)
-        if rnd == 0:
-            first = first_round_cosine(deltas, shared_block)
-        diagnostics.append(update_diagnostics(updates, shared_block))    # per block: cosines, norms
-        sent = exchange.finish(rnd, clients, updates)
-        if sent.aggregation is not None:
-            aggregation.append(sent.aggregation)
-        comm.append({"round": rnd + 1, "upload_bytes": [w + d for w, d in zip(sent.weight_bytes, up)],
-                     "download_bytes": [w + d for w, d in zip(sent.weight_bytes, down)]})
+        federation.run(rnd)
         evaluate_round(rnd + 1, ctx, [(c.handle.model, ctx.tokenizer(cc["backbone"]))
                                       for c, cc in zip(clients, ctx.clients)], records)
         log_round(ctx, spec.name, rnd + 1, records)
     for client, probe, rec in zip(clients, probes, records):
         rec["gate_entropy"] = gate_entropy(client.handle, collate(probe, client.pad_id))
     out = {"runner": "dema", "strategy": spec.strategy, "dema": config.to_dict(),
-           "distill": distill.record if distill else None, "clients": records, "comm": comm,
-           "first_round_cosine": first, "aggregation": aggregation, "diagnostics": diagnostics}
+           "distill": distill.record if distill else None, "clients": records, "comm": transport.comm,
+           "first_round_cosine": transport.first, "aggregation": transport.aggregation,
+           "diagnostics": transport.diagnostics}
     if anchors:
         out["distill_anchors"] = {"source": distill.anchor_source, "uids": [a["uid"] for a in anchors]}
     if alignment is not None:
@@ -140,6 +121,45 @@ def _run_dema(spec: DeMAMethod, ctx: RunContext, config, alignment_texts: list[s
         out["canonical_fit"] = fit
     out.update(exchange.record())
     return out
+
+
+class MemoryTransport(Transport):
+    """The bench's round in memory (fedzero.federation_round): each client starts from what the method's
+    strategy exchange gives it (fedzero.bench.methods.exchange: the global, or its own state under
+    "local"); its training goes into its run record; at the end of the round, with distillation, the
+    clients exchange predictions (label or token level), then the exchange aggregates the updates.
+    Keeps the run's per-round records: comm bytes, the aggregation stats, the update diagnostics and
+    the first round's cosines."""
+
+    def __init__(self, exchange, clients: list[LocalClient], records: list[dict], local_steps: int, *,
+                 distill: str | None, rule=None):
+        self.exchange, self.clients, self.records, self.local_steps = exchange, clients, records, local_steps
+        self.distill, self.rule = distill, rule
+        self.comm, self.aggregation, self.diagnostics, self.first = [], [], [], None
+
+    def start(self, rnd: int, k: int, client: LocalClient):
+        return self.exchange.start(k)
+
+    def send(self, rnd: int, k: int, client: LocalClient, delta: dict, metrics: dict, seconds: float) -> None:
+        self.exchange.trained(k, client)
+        record_training(self.records[k], rnd + 1, metrics["train_loss"], seconds, self.local_steps, client.step)
+
+    def finish(self, rnd: int, outcome) -> None:
+        clients, records = self.clients, self.records
+        updates = [client_update(c, delta) for c, delta in zip(clients, outcome.sent)]
+        if self.distill == "token":
+            moved = exchange_token_predictions(clients, records, self.rule)
+            up, down = moved["upload"], moved["download"]
+        else:
+            up = down = exchange_predictions(clients, records, self.rule) if self.distill else [0] * len(clients)
+        if rnd == 0:
+            self.first = first_round_cosine({u.client_id: u.delta for u in updates}, shared_block)
+        self.diagnostics.append(update_diagnostics(updates, shared_block))    # per block: cosines, norms
+        sent = self.exchange.finish(rnd, clients, updates)
+        if sent.aggregation is not None:
+            self.aggregation.append(sent.aggregation)
+        self.comm.append({"round": rnd + 1, "upload_bytes": [w + d for w, d in zip(sent.weight_bytes, up)],
+                          "download_bytes": [w + d for w, d in zip(sent.weight_bytes, down)]})
 
 
 def exchange_predictions(clients: list[LocalClient], records: list[dict], rule=None) -> list[int]:

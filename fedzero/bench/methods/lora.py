@@ -4,13 +4,12 @@ alone and sends nothing; "local" aggregates nothing anywhere)."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from fedzero.backbones import load_backbone
 from fedzero.baselines import same_backbone_groups
 from fedzero.data import build_examples
+from fedzero.federation_round import FederationRound, Transport
 
 from .context import RunContext, client_record, log_round, record_training
 from .evaluation import evaluate_round, round_zero
@@ -39,46 +38,69 @@ def run_lora(spec: LoRAMethod, ctx: RunContext) -> dict:
         rec["rounds"].append({"round": 0, "eval": round_zero(ctx, c["id"])})
         records.append(rec)
 
-    groups = same_backbone_groups([c.fingerprint for c in clients])
-    comm, first, aggregation = [], None, []
+    transport = LoRATransport(strategy, clients, records, settings.local_steps)
+    federation = FederationRound(clients, transport)
     for rnd in range(ctx.rounds):
-        states, deltas, changes = [], {}, {}
-        for k, client in enumerate(clients):
-            before = client.lora_state()
-            t0 = time.time()
-            state, metrics = client.train_round(None)
-            seconds = time.time() - t0
-            states.append(state)
-            if rnd == 0:
-                deltas[client.client_id] = {key: state[key] - before[key] for key in state}
-                changes[client.client_id] = lora_dw_factors(before, state, client.scaling)
-            record_training(records[k], rnd + 1, metrics["train_loss"], seconds, settings.local_steps, client.step)
+        federation.run(rnd)
+        evaluate_round(rnd + 1, ctx, [(c.model, ctx.tokenizer(cc["backbone"])) for c, cc in zip(clients, ctx.clients)],
+                       records)
+        log_round(ctx, spec.name, rnd + 1, records)
+    groups = transport.groups
+    return {"runner": "lora", "strategy": spec.strategy, "clients": records, "comm": transport.comm,
+            "first_round_cosine": transport.first, "aggregation": transport.aggregation,
+            "groups": {fp: [clients[k].client_id for k in m] for fp, m in groups.items()}}
+
+
+class LoRATransport(Transport):
+    """A LoRA baseline's round in memory (fedzero.federation_round): every client goes on from its own
+    LoRA (train_round(None)), its training goes into its run record; at the end of the round the
+    strategy aggregates the LoRA states within each same-backbone group and each member takes its
+    share (a client alone on its backbone trains alone and sends nothing). Keeps the run's per-round
+    records: comm bytes, the strategy's metrics per group and the first round's cosines (of the LoRA
+    factors and of the weight updates dW)."""
+
+    def __init__(self, strategy, clients: list, records: list[dict], local_steps: int):
+        self.strategy, self.clients, self.records, self.local_steps = strategy, clients, records, local_steps
+        self.groups = same_backbone_groups([c.fingerprint for c in clients])
+        self.comm, self.aggregation, self.first = [], [], None
+
+    def open(self, rnd: int) -> None:
+        self.states, self.deltas, self.changes = [], {}, {}
+
+    def receive(self, rnd: int, k: int, client) -> None:
+        self.before = client.lora_state()
+
+    def start(self, rnd: int, k: int, client) -> None:
+        return None         # its own LoRA, as the last aggregation left it
+
+    def send(self, rnd: int, k: int, client, state: dict, metrics: dict, seconds: float) -> None:
+        self.states.append(state)
         if rnd == 0:
-            first = first_round_cosine(deltas)       # of the LoRA factors (same rank and backbone only)
-            pairs = dw_cosines(changes)               # of the weight updates dW (any ranks, same backbone)
-            first["dw_mean"] = float(np.mean([p["cos"] for p in pairs])) if pairs else None
-            first["dw_pairs"] = pairs
+            self.deltas[client.client_id] = {key: state[key] - self.before[key] for key in state}
+            self.changes[client.client_id] = lora_dw_factors(self.before, state, client.scaling)
+        record_training(self.records[k], rnd + 1, metrics["train_loss"], seconds, self.local_steps, client.step)
+
+    def finish(self, rnd: int, outcome) -> None:
+        clients, states = self.clients, self.states
+        if rnd == 0:
+            self.first = first_round_cosine(self.deltas)       # of the LoRA factors (same rank and backbone only)
+            pairs = dw_cosines(self.changes)                   # of the weight updates dW (any ranks, same backbone)
+            self.first["dw_mean"] = float(np.mean([p["cos"] for p in pairs])) if pairs else None
+            self.first["dw_pairs"] = pairs
         up, down = [0] * len(clients), [0] * len(clients)
         round_metrics = {}
-        for fp, members in groups.items():
+        for fp, members in self.groups.items():
             if len(members) < 2:
                 continue            # alone on its backbone: nothing to federate with, nothing sent
-            agg = strategy.aggregate([states[k] for k in members], [clients[k].num_samples for k in members],
-                                     [clients[k].rank for k in members], rnd,
-                                     fingerprints=[clients[k].fingerprint for k in members],
-                                     scalings=[clients[k].scaling for k in members])
+            agg = self.strategy.aggregate([states[k] for k in members], [clients[k].num_samples for k in members],
+                                          [clients[k].rank for k in members], rnd,
+                                          fingerprints=[clients[k].fingerprint for k in members],
+                                          scalings=[clients[k].scaling for k in members])
             for j, k in enumerate(members):
                 clients[k].apply(agg, j)
                 size = next(iter(states[k].values())).element_size()
                 up[k] = int(agg.metrics["upload_params"][j]) * size
                 down[k] = int(agg.metrics["download_params"][j]) * size
             round_metrics[fp] = {key: v for key, v in agg.metrics.items() if key not in ("upload_params", "download_params")}
-        aggregation.append(round_metrics)
-        comm.append({"round": rnd + 1, "upload_bytes": up, "download_bytes": down})
-        evaluate_round(rnd + 1, ctx, [(c.model, ctx.tokenizer(cc["backbone"])) for c, cc in zip(clients, ctx.clients)],
-                       records)
-        log_round(ctx, spec.name, rnd + 1, records)
-    return {"runner": "lora", "strategy": spec.strategy, "clients": records, "comm": comm,
-            "first_round_cosine": first, "aggregation": aggregation,
-            "groups": {fp: [clients[k].client_id for k in m] for fp, m in groups.items()}}
-
+        self.aggregation.append(round_metrics)
+        self.comm.append({"round": rnd + 1, "upload_bytes": up, "download_bytes": down})
