@@ -37,6 +37,7 @@ from fedzero.run_dirs import (CLIENTS_DIR, FEDERATE_MARKER, RUN_CONFIG_COPY, SIM
 from fedzero.run_record import config_document, differences, input_digests, read_config_document, write_config
 from fedzero.store import FederationStore
 from fedzero.store.layout import STORE_FILE, round_dirname, round_of_dirname
+from fedzero.store.auth import KeySet
 from fedzero.store.screen import GlobalSpec, nonfinite_reason, quarantined, screen_round
 from fedzero.strategies import ClientUpdate
 from fedzero.strategies.blocks import group_blocks
@@ -230,9 +231,12 @@ class StoreTransport(Transport):
                  own_states: dict | None, bar):
         self.run, self.store, self.strategy, self.clients = run, store, strategy, clients
         self.own_states, self.bar = own_states, bar
+        # federation.authenticate: in-memory HMAC keys, one per client (fedzero.store.auth), as the MPI path's files
+        self.keys = KeySet.generate([c.client_id for c in clients]) if run.federation.authenticate else None
 
     def open(self, rnd: int) -> None:
         self.global_state, manifest = self.store.read_global(rnd)
+        self.global_sha256 = manifest["sha256"]        # every update is bound to the global it was trained from
         # the blocks the global declares, as the MPI aggregator reads them
         self.block_of = global_blocks(self.global_state, manifest["meta"].get("blocks"))
         self.uploaded = 0
@@ -257,7 +261,8 @@ class StoreTransport(Transport):
             self.uploaded += sent.stat().st_size
         store.write_update(rnd, client.client_id, delta, fingerprint=client.fingerprint,
                            num_samples=client.num_samples, metrics=metrics, slot_use=client.handle.slot_use(),
-                           depth=client.handle.depth_declaration())
+                           depth=client.handle.depth_declaration(), global_sha256=self.global_sha256,
+                           key=self.keys.get(client.client_id) if self.keys is not None else None)
         if self.own_states is not None:
             self.own_states[client.client_id] = client.handle.shared_state_dict()
         self.bar.update(1)
@@ -266,7 +271,7 @@ class StoreTransport(Transport):
         store, strategy, fed = self.store, self.strategy, self.run.federation
         global_state, block_of = self.global_state, self.block_of
         # every update screened as the MPI aggregator screens it: a bad one is left out and quarantined
-        updates, left_out = screened_updates(store, rnd, global_state, block_of, fed.max_num_samples)
+        updates, left_out = screened_updates(store, rnd, global_state, block_of, fed.max_num_samples, keys=self.keys)
         for u in updates:
             self.uploaded += store.update_path(rnd, u.client_id).stat().st_size if self.own_states is None else 0  # local: never sent
         carried_in = strategy.server_opt.state_dict()
@@ -427,12 +432,12 @@ def _write_metrics(path: Path, rounds: list[dict], num_clients: int) -> None:
 
 
 def screened_updates(store: FederationStore, rnd: int, global_state: dict[str, torch.Tensor], block_of,
-                     max_num_samples: int, log=tqdm.write) -> tuple[list[ClientUpdate], list]:
+                     max_num_samples: int, log=tqdm.write, keys=None) -> tuple[list[ClientUpdate], list]:
     """The round's updates that pass the store's checks (fedzero.store.screen, as the MPI aggregator
     screens them), as ClientUpdates; the others are quarantined and returned as rejections. A round
     with no update left fails naming them."""
     spec = GlobalSpec.from_file(store.global_path(rnd), group_blocks(sorted(global_state), block_of))
-    screened, left_out = screen_round(store, rnd, spec, max_num_samples=max_num_samples,
+    screened, left_out = screen_round(store, rnd, spec, max_num_samples=max_num_samples, keys=keys,
                                       log=lambda msg: log(f"round {rnd}: {msg}"))
     if not screened:
         raise ValueError(f"round {rnd}: no client update passed the checks; left out: "

@@ -120,12 +120,19 @@ def exchange_coefficients(comm, plan: RoundPlan, strategy: Strategy, grams: np.n
     root = found.get("root") or BlockCoefficients(np.zeros((B, K)), np.zeros(B, dtype=bool), stats)
     coef = np.ascontiguousarray(np.concatenate([root.beta, root.skipped[:, None].astype(np.float64)], axis=1))
     bcast_array(comm, coef)
-    return BlockCoefficients(coef[:, :K].copy(), coef[:, K] > 0, stats)
+    return BlockCoefficients(coef[:, :K].copy(), coef[:, K] > 0, stats,
+                             defense=found["root"].defense if "root" in found else None)
 
 
 def combine(plan: RoundPlan, slices: RankSlices, reader: UpdateReader, coef: BlockCoefficients,
-            cache: dict[tuple[str, int], list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Pass 2: this rank's slice of Σ_k β_k Δ_k per key (flat float64), skipped blocks left out."""
+            cache: dict[tuple[str, int], list[torch.Tensor]], robust=None) -> dict[str, torch.Tensor]:
+    """Pass 2: this rank's slice of Σ_k β_k Δ_k per key (flat float64), skipped blocks left out.
+    With a coordinate-wise `robust.aggregate` (trimmed mean, median), the statistic over the holders'
+    clipped values instead (β then holds the clip factors; fedzero/strategies/robust.py)."""
+    if robust is not None and robust.coordinatewise:
+        from fedzero.strategies.robust import coordinate_stat
+    else:
+        robust = None
     delta: dict[str, torch.Tensor] = {}
     for seg, a, z in slices.chunks:
         b = plan.block_of_key[seg.key]
@@ -139,7 +146,10 @@ def combine(plan: RoundPlan, slices: RankSlices, reader: UpdateReader, coef: Blo
         target = delta[seg.key].numpy()[(a - seg.start) * info.row_numel:(z - seg.start) * info.row_numel]
         beta = coef.beta[b][slices.holders_of[seg.key]]                 # the others' rows are 0
         for o, X in reader.subchunks(parts):
-            np.dot(beta, X, out=target[o:o + X.shape[1]])                # [m] float64
+            if robust is not None:
+                coordinate_stat(beta[:, None] * X, robust, out=target[o:o + X.shape[1]])
+            else:
+                np.dot(beta, X, out=target[o:o + X.shape[1]])            # [m] float64
     return delta
 
 

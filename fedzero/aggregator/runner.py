@@ -10,6 +10,7 @@ global of round R+1, whose existence marks round R complete.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +153,8 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
                     block_of: Callable[[str], str] | None = None, verify: str = "sha256",
                     poll_s: float = 1.0, cache_bytes: int = 8 << 30, chunk_bytes: int = 64 << 20,
                     reset_server_state: bool = False, teacher_rule: TeacherRule | None = None,
-                    max_num_samples: int = DEFAULT_MAX_NUM_SAMPLES, log: Callable[[str], None] | None = None) -> dict:
+                    max_num_samples: int = DEFAULT_MAX_NUM_SAMPLES, log: Callable[[str], None] | None = None,
+                    keys=None) -> dict:
     """Aggregate round `round` of the store and publish the global of round+1. Collective.
 
     quorum: minimum number of updates (default: all expected clients, or 1 without an expected list).
@@ -169,6 +171,8 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
       sample-weighted mean; the run YAML's distill.teacher / only_stronger, AggregatorSettings.teacher_rule).
     max_num_samples: an update whose manifest claims more samples is left out (federation.max_num_samples).
     log: where rank 0 writes its progress lines (default: print to stdout, flushed).
+    keys: the clients' HMAC keys (fedzero.store.auth.KeySet; federation.authenticate): an update
+      unsigned, or whose signature does not verify with its client's key, is left out.
 
     A bad update (unreadable, of another dtype or shape, non-finite, a checksum mismatch, a bad
     manifest, a symlink: fedzero.store.screen) is left out and quarantined, and the round goes on
@@ -226,7 +230,8 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
             + (f"expected {len(expected)} ({', '.join(expected)})" if expected is not None else "no expected list")
             + f", quorum {quorum}, deadline " + ("none" if deadline_s is None else f"{deadline_s:g} s"))
         return wait_for_updates(store, round, expected=expected, quorum=quorum, deadline_s=deadline_s,
-                                poll_s=poll_s, log=say, spec=global_spec(store, round, block_of),
+                                poll_s=poll_s, log=say,
+                                spec=dataclasses.replace(global_spec(store, round, block_of), keys=keys),
                                 max_num_samples=max_num_samples)
 
     arrivals: Arrivals = on_root(comm, wait, "waiting for updates", sleepy=True)
@@ -293,6 +298,8 @@ def run_aggregation(store_root: str | Path | FederationStore, round: int, strate
                        "stages_s": {"verify_s": round_s(t_verify), **res.seconds}},
             "published_round": round + 1,
         }
+        if res.defense is not None:              # robust aggregation / DP: norms, clip factors, epsilon
+            result["defense"] = res.defense
         store.write_server_state(round, res.buffers)
         # output distillation: the anchor predictions sent with these updates become round+1's teachers
         result["distill"] = publish_teachers(store, round, result["num_samples"], teacher_rule)

@@ -39,6 +39,7 @@ class ShardResult:
     state: dict[str, torch.Tensor] | None = None      # rank 0: the new global
     nonfinite: dict[str, str] = field(default_factory=dict)   # client -> reason: stopped after pass 1
     buffers: dict[str, torch.Tensor] | None = None    # rank 0: the new server optimizer state
+    defense: dict | None = None                       # rank 0: clipping / DP report (strategies/robust.py)
 
 
 def aggregate_sharded(comm, plan: RoundPlan, strategy: Strategy, *, cache_bytes: int,
@@ -76,7 +77,16 @@ def aggregate_sharded(comm, plan: RoundPlan, strategy: Strategy, *, cache_bytes:
         tick = _lap(seconds, "coefficients_s", tick)
 
         def pass2():
-            return step_slices(plan, slices, strategy, combine(plan, slices, reader, coef, cache))
+            delta = combine(plan, slices, reader, coef, cache, strategy.robust)
+            if strategy.dp is not None:           # Gaussian noise on the mean, each rank on its own slice
+                from fedzero.strategies.robust import add_noise, noise_generator
+
+                gen = noise_generator(strategy.dp, plan.round, rank_of(comm))
+                for key in sorted(delta):
+                    sigma = coef.stats[plan.block_of_key[key]].get("dp_sigma")
+                    if sigma is not None:
+                        delta[key] = add_noise(delta[key], sigma, gen)
+            return step_slices(plan, slices, strategy, delta)
 
         new_theta, new_buf, other_bytes = all_ok(comm, pass2, "combining updates (pass 2)")
         tick = _lap(seconds, "pass2_s", tick)
@@ -94,7 +104,7 @@ def aggregate_sharded(comm, plan: RoundPlan, strategy: Strategy, *, cache_bytes:
     _lap(seconds, "assemble_s", tick)
     return ShardResult(grams, coef.beta, coef.skipped, coef.stats, update_bytes=update_bytes,
                        other_bytes=other_bytes, passes=1 if slices.keep else 2, seconds=seconds,
-                       state=state, buffers=buffers)
+                       state=state, buffers=buffers, defense=coef.defense)
 
 
 def nonfinite_clients(plan: RoundPlan, grams: np.ndarray) -> dict[str, str]:

@@ -65,18 +65,44 @@ class FederationSettings:
     server_lr: float = 1.0
     server_momentum: float = 0.0
     max_num_samples: int = 1_000_000_000     # an update claiming more is left out (fedzero.store.screen)
+    authenticate: bool = False               # every update HMAC-signed by its client's key (fedzero.store.auth)
+    robust: dict | None = None               # clip_to_median, aggregate, trim (fedzero.strategies.robust)
+    dp: dict | None = None                   # clip, noise_multiplier, delta (fedzero.strategies.robust)
 
     def __post_init__(self):
         problems = Problems()
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         clean = check_fields(FederationSettings, values, "federation", problems, FEDERATION_RULES)
+        from fedzero.strategies.robust import check_composition, read_dp, read_robust
+
+        before = len(problems)
+        robust = read_robust(self.robust, problems.add) if isinstance(self.robust, dict) else None
+        dp = read_dp(self.dp, problems.add) if isinstance(self.dp, dict) else None
+        if len(problems) == before and isinstance(self.strategy, str):
+            why = check_composition(self.strategy.lower(), robust, dp)
+            if why:
+                problems.error("federation", why)
+        clean = clean and len(problems) == before
         if isinstance(self.strategy, str) and isinstance(self.strategy_options, dict):
             _check_strategy(self, problems, build_it=clean)
         problems.raise_if_any()
 
+    @property
+    def robust_settings(self):
+        from fedzero.strategies.robust import read_robust
+
+        return read_robust(self.robust, lambda *a: None)
+
+    @property
+    def dp_settings(self):
+        from fedzero.strategies.robust import read_dp
+
+        return read_dp(self.dp, lambda *a: None)
+
     def make_strategy(self, *, seed: int):
-        return STRATEGIES.build(self.strategy, seed=seed, server_lr=self.server_lr,
-                                server_momentum=self.server_momentum, **self.strategy_options)
+        strategy = STRATEGIES.build(self.strategy, seed=seed, server_lr=self.server_lr,
+                                    server_momentum=self.server_momentum, **self.strategy_options)
+        return strategy.set_defenses(self.robust_settings, self.dp_settings)
 
 
 def _check_strategy(fed: FederationSettings, problems: Problems, *, build_it: bool) -> None:

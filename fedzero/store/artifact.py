@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -69,17 +69,19 @@ def _manifest(kind: type[M], digest: str, size: int, tensors: Mapping[str, torch
 # --------------------------------------------------------------------------- writing
 
 def write_artifact(files: ArtifactFiles, tensors: dict[str, torch.Tensor], kind: type[TensorManifest],
-                   **fields: Any) -> Path:
+                   sign: Callable[[dict], dict] | None = None, **fields: Any) -> Path:
     """Write ``tensors`` (already :func:`prepare_tensors`'d) and then a ``kind`` manifest with
     ``fields`` (``round`` and the kind's own) plus sha256, size, keys and time; returns the tensor
     path. An existing pair is replaced: its manifest is removed first (the old data becomes
-    invisible), so a crash in between leaves the artifact absent, never mixed."""
+    invisible), so a crash in between leaves the artifact absent, never mixed. ``sign``: called
+    with the finished manifest (digests included), returns it with fields added (a signature)."""
     ensure_dir(files.tensors.parent)
     if files.manifest.exists():
         remove_quietly(files.manifest)
         fsync_dir(files.manifest.parent)
     digest, size = atomic_save_safetensors(files.tensors, tensors)
-    atomic_write_json(files.manifest, _manifest(kind, digest, size, tensors, fields).to_dict())
+    manifest = _manifest(kind, digest, size, tensors, fields).to_dict()
+    atomic_write_json(files.manifest, sign(manifest) if sign is not None else manifest)
     return files.tensors
 
 

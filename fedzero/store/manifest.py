@@ -158,6 +158,10 @@ class UpdateManifest(TensorManifest):
     slot_use: dict | None = _field(dict, nullable=True)
     depth: dict | None = _field(dict, required=False, check=_depth)  # DeMA share 'depth-aware' (absent otherwise)
     created: str = _field(str)
+    # the sha256 of the global the client trained from (the aggregator refuses another round's or
+    # global's update); absent only in updates written before the field existed (refused, too)
+    global_sha256: str | None = _field(str, required=False, check=_hex_sha)
+    hmac: str | None = _field(str, required=False, check=_hex_sha)   # HMAC-SHA256 by the client's key (auth.py)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,6 +14,10 @@ What is checked, per client directory under ``rounds/rNNNNNN/updates/`` (:func:`
   file with one link, inside the store;
 - the manifest parses (fedzero.store.manifest: field types), ``num_samples`` is an int in
   ``[1, max_num_samples]``, every ``slot_use`` value a finite number >= 0;
+- with keys (federation.authenticate), the manifest's HMAC verifies with the key of the client
+  whose directory it lies in (fedzero.store.auth);
+- the manifest's ``global_sha256`` is the round's global's (an update is bound to the global it
+  was trained from: an old round's update with its round edited, or a replay, is refused);
 - the tensor file has the manifest's size, a safetensors header of a bounded size (from the
   global's own header) that reads as JSON and describes exactly the file's bytes, only tensors
   the global has, each with the global's dtype and shape, holding each block whole or not at all,
@@ -35,7 +39,7 @@ import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 
@@ -43,6 +47,9 @@ from .atomic import atomic_write_json, ensure_dir, fsync_dir, is_temp_name
 from .errors import StoreError, StoreNotFoundError
 from .layout import MANIFEST, QUARANTINE_FILES, QUARANTINE_REASON, UPDATE_TENSORS, validate_client_id
 from .manifest import UpdateManifest, load_manifest
+
+if TYPE_CHECKING:
+    from .auth import KeySet
 
 __all__ = [
     "DEFAULT_MAX_NUM_SAMPLES", "SAFETENSORS_DTYPES", "Rejection", "UpdateRejected", "GlobalSpec", "Header",
@@ -161,6 +168,8 @@ class GlobalSpec:
     header_bytes: int
     data_bytes: int
     blocks: dict[str, list[str]] | None = None        # block -> keys (None: no block check)
+    global_sha256: str | None = None    # the round's global: an update must be bound to it (filled from the store)
+    keys: "KeySet | None" = None        # federation.authenticate: every update signed by its client's key
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, blocks: dict[str, list[str]] | None = None) -> "GlobalSpec":
@@ -259,7 +268,7 @@ def check_update(store, round: int, name: str, spec: GlobalSpec, *,
         return None                                            # removed under us: a client retrying
     except StoreError as e:
         refuse(files.manifest, str(e))
-    why = _manifest_problem(manifest, max_num_samples)
+    why = _manifest_problem(manifest, max_num_samples) or _origin_problem(name, text, manifest, spec)
     if why:
         refuse(files.manifest, why)
     why = _regular(files.tensors, UPDATE_TENSORS)
@@ -283,6 +292,26 @@ def check_update(store, round: int, name: str, spec: GlobalSpec, *,
             return None
         refuse(files.tensors, why)
     return manifest
+
+
+def _origin_problem(name: str, text: bytes, manifest: UpdateManifest, spec: GlobalSpec) -> str | None:
+    """The signature (with keys) and the binding to the round's global (docs/security.md)."""
+    if spec.keys is not None:
+        from .auth import signature_problem
+
+        why = signature_problem(json.loads(text), spec.keys, name)
+        if why:
+            return why
+    if spec.global_sha256 is not None:
+        bound = manifest.global_sha256
+        if bound is None:
+            return ("the manifest does not name the global it was trained from (no 'global_sha256'): refused, "
+                    "since an unbound update could be another round's, replayed")
+        if bound != spec.global_sha256:
+            return (f"the update is bound to global sha256 {bound[:16]}..., this round's global is "
+                    f"{spec.global_sha256[:16]}...: trained from another global (an old round's update with its "
+                    "round edited, a replay, or a client that read a stale global)")
+    return None
 
 
 def _tensor_problem(name: str, header: Header, spec: GlobalSpec) -> str | None:
@@ -318,6 +347,7 @@ def scan_updates(store, round: int, spec: GlobalSpec, *, max_num_samples: int = 
         names = sorted(os.listdir(store.layout.updates_dir(round)))
     except FileNotFoundError:
         return [], []
+    spec = bound_spec(store, round, spec)
     good, bad = [], []
     for name in names:
         if is_temp_name(name):
@@ -358,6 +388,16 @@ def load_screened(store, round: int, manifest: dict) -> dict[str, torch.Tensor]:
         if why:
             raise UpdateRejected(Rejection(cid, _rel(store, path), why))
     return tensors
+
+
+def bound_spec(store, round: int, spec: GlobalSpec) -> GlobalSpec:
+    """``spec`` with the round's global sha256 filled in from the store's global manifest (when
+    the spec lacks it and the store has the global): every update is checked against it."""
+    if spec.global_sha256 is not None or not store.has_global(round):
+        return spec
+    from dataclasses import replace
+
+    return replace(spec, global_sha256=store.global_manifest(round).sha256)
 
 
 # --------------------------------------------------------------------------- quarantine
@@ -413,10 +453,15 @@ def quarantined(store, round: int) -> list[dict]:
 
 
 def screen_round(store, round: int, spec: GlobalSpec, *, max_num_samples: int = DEFAULT_MAX_NUM_SAMPLES,
-                 log: Callable[[str], None] | None = None) -> tuple[list[tuple[dict, dict[str, torch.Tensor]]],
+                 log: Callable[[str], None] | None = None, keys: "KeySet | None" = None) -> tuple[list[tuple[dict, dict[str, torch.Tensor]]],
                                                                   list[Rejection]]:
     """The in-process path's whole screening: :func:`scan_updates`, then :func:`load_screened`;
-    every refused update quarantined. Returns ([(manifest, tensors)], rejections)."""
+    every refused update quarantined. Returns ([(manifest, tensors)], rejections). ``keys``: the
+    clients' keys (federation.authenticate), checked as ``spec.keys``."""
+    if keys is not None:
+        from dataclasses import replace
+
+        spec = replace(spec, keys=keys)
     good, bad = scan_updates(store, round, spec, max_num_samples=max_num_samples)
     out = []
     for manifest in good:

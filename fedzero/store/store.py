@@ -16,6 +16,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import time
 from pathlib import Path
 from typing import Mapping
@@ -196,14 +197,33 @@ class FederationStore:
 
     def write_update(self, round: int, client_id: str, delta: Mapping[str, torch.Tensor], *,
                      fingerprint: str, num_samples: int, metrics: dict | None = None,
-                     slot_use: dict | None = None, depth: dict | None = None) -> Path:
+                     slot_use: dict | None = None, depth: dict | None = None,
+                     global_sha256: str | None = None, key: bytes | None = None) -> Path:
         """Write the client's delta (theta_k - theta of the shared tensors) for ``round``;
         returns the tensor path.
 
         Rewriting (a client retrying the round) replaces the previous update: its manifest is
         removed first (the update becomes invisible), then the tensor file is replaced
-        atomically and the new manifest written last. One writer per (round, client)."""
+        atomically and the new manifest written last. One writer per (round, client).
+
+        ``global_sha256``: the sha256 of the global the client trained from (it read and verified
+        it); recorded in the manifest, and the aggregator refuses an update bound to another global.
+        Default: the sha256 of this round's global in the store, if one is published. ``key``: the
+        client's HMAC key (fedzero.store.auth); the manifest is then signed."""
         round, files, _ = self._update(round, client_id)
+        if global_sha256 is None and self.has_global(round):
+            global_sha256 = self.global_manifest(round).sha256
+        if global_sha256 is not None and (not isinstance(global_sha256, str)
+                                          or not re.fullmatch(r"[0-9a-f]{64}", global_sha256)):
+            raise ValueError(f"global_sha256 must be a hex sha256, got {global_sha256!r}")
+        sign = None
+        if key is not None:
+            if global_sha256 is None:
+                raise ValueError(f"client {client_id!r}, round {round}: a signed update must name its global "
+                                 "(no global_sha256 given and no global published for the round)")
+            from .auth import sign_manifest
+
+            sign = lambda m: {**m, "hmac": sign_manifest(m, key)}   # noqa: E731
         if not isinstance(fingerprint, str) or not fingerprint:
             raise ValueError(f"fingerprint must be a non-empty str, got {fingerprint!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 0:
@@ -223,7 +243,7 @@ class FederationStore:
         tensors = prepare_tensors(delta, f"update of client {client_id!r}")
         return write_artifact(files, tensors, UpdateManifest, round=round, client_id=client_id,
                               fingerprint=fingerprint, num_samples=int(num_samples), metrics=metrics,
-                              slot_use=slot_use, depth=depth)
+                              slot_use=slot_use, depth=depth, global_sha256=global_sha256, sign=sign)
 
     def list_updates(self, round: int) -> list[dict]:
         """Manifests of the COMPLETE updates of ``round``, sorted by client id.

@@ -40,6 +40,7 @@ class BlockCoefficients:
     skipped: np.ndarray            # [B] bool: total weight 0, the block stays unchanged
     stats: list[dict]              # per block: {"beta": [K floats], **strategy stats, "skipped": True if so}
     depth: DepthPlan | None = None  # the round's depth-aware blocks, if any (depth.py)
+    defense: dict | None = None    # clipping and DP report of the round (robust.py); None when off
 
 
 class Strategy(ABC):
@@ -50,6 +51,20 @@ class Strategy(ABC):
     def __init__(self, *, server_lr: float = 1.0, server_momentum: float = 0.0, seed: int = 0):
         self.seed = int(seed)
         self.server_opt = ServerOptimizer(server_lr, server_momentum)
+        self.robust = None      # federation.robust (robust.RobustSettings): clipping, trimmed mean / median
+        self.dp = None          # federation.dp (robust.DPSettings): clipping and Gaussian noise
+
+    def set_defenses(self, robust=None, dp=None) -> "Strategy":
+        """Turn on robust aggregation and/or differential privacy (fedzero/strategies/robust.py);
+        ValueError if they do not compose with this strategy."""
+        from .robust import check_composition
+
+        why = check_composition(self.name, robust, dp)
+        if why:
+            raise ValueError(why)
+        self.robust = robust if robust is not None and robust.active else None
+        self.dp = dp
+        return self
 
     def group_labels(self, updates: list[ClientUpdate]) -> list[str]:
         """The group label of each update, as passed to `coefficients` (default: its fingerprint)."""
@@ -91,6 +106,9 @@ class Strategy(ABC):
             require_declarations(updates, blocks, covered)
         out = BlockCoefficients(np.zeros((len(blocks), len(updates))), np.zeros(len(blocks), dtype=bool), [],
                                 depth if depth is not None and depth.family else None)
+        scales = None
+        if self.robust is not None or self.dp is not None:
+            scales, grams, weights = self._defend(grams, weights, covered, updates, depth, out, round)
         for b, block in enumerate(blocks):
             if depth is not None and b in depth:
                 weights[:, b] = depth.weights[b]
@@ -99,6 +117,14 @@ class Strategy(ABC):
                                   "overlap_min": depth.overlap_min, "overlap": depth.overlaps[b]}
             else:
                 beta, stats = self.coefficients(grams[b], weights[:, b], groups, block=block, round=round)
+            if scales is not None:
+                if self.robust is not None and self.robust.coordinatewise:
+                    beta = scales * covered[:, b]          # the clip factors: the statistic is taken per coordinate
+                    stats["aggregate"] = self.robust.aggregate
+                else:
+                    beta = beta * scales                   # Σ β_k (s_k Δ_k) = Σ (β_k s_k) Δ_k
+                if self.dp is not None and covered[:, b].sum() > 0:
+                    stats["dp_sigma"] = self.dp.noise_multiplier * self.dp.clip / float(covered[:, b].sum())
             out.beta[b] = beta
             stats = {"beta": [float(x) for x in beta], **stats}
             if weights[:, b].sum() == 0:
@@ -106,6 +132,30 @@ class Strategy(ABC):
                 stats["skipped"] = True
             out.stats.append(stats)
         return out
+
+    def _defend(self, grams: np.ndarray, weights: np.ndarray, covered: np.ndarray, updates: list[ClientUpdate],
+                depth, out: BlockCoefficients, round: int):
+        """Clipping (and DP's uniform weights): (scales [K], the clipped Grams, the weights)."""
+        from .robust import clip_scales, dp_epsilon
+
+        if depth is not None and depth.family:
+            raise ValueError("federation.robust and federation.dp do not apply to DeMA share: depth-aware (its "
+                             "projector banks mix across blocks by overlap); turn them off or use another sharing")
+        norms = np.sqrt(np.clip(np.einsum("bkk->k", grams), 0.0, None))
+        scales, report = clip_scales(norms, self.robust, self.dp)
+        report["clients"] = [u.client_id for u in updates]
+        grams = grams * scales[None, :, None] * scales[None, None, :]
+        if self.robust is not None:
+            report["robust"] = {"clip_to_median": self.robust.clip_to_median, "aggregate": self.robust.aggregate,
+                                **({"trim": self.robust.trim} if self.robust.aggregate == "trimmed_mean" else {})}
+        if self.dp is not None:
+            weights = covered.astype(np.float64)       # the unweighted mean: sensitivity C / K per block
+            report["dp"] = {"clip": self.dp.clip, "noise_multiplier": self.dp.noise_multiplier,
+                            "delta": self.dp.delta, "rounds_accounted": round + 1,
+                            "epsilon": dp_epsilon(self.dp.noise_multiplier, round + 1, self.dp.delta),
+                            "accountant": "dp-accounting RdpAccountant (Gaussian, no subsampling), rounds 0..R"}
+        out.defense = report
+        return scales, grams, weights
 
     def aggregate(self, global_state: dict[str, Tensor], updates: list[ClientUpdate], *, round: int,
                   block_of: BlockOf) -> tuple[dict[str, Tensor], dict]:
@@ -137,10 +187,22 @@ class Strategy(ABC):
                     delta[key] = delta[key].reshape(global_state[key].shape)
                 continue
             X = _block_matrix(global_state, updates, keys, covered[:, b])
-            flat = torch.from_numpy(coef.beta[b]) @ X          # [D]
+            if self.robust is not None and self.robust.coordinatewise:
+                from .robust import coordinate_stat
+
+                holders = np.flatnonzero(covered[:, b])
+                flat = torch.from_numpy(coordinate_stat(coef.beta[b][holders, None] * X.numpy()[holders], self.robust))
+            else:
+                flat = torch.from_numpy(coef.beta[b]) @ X          # [D]
+            if "dp_sigma" in coef.stats[b]:
+                from .robust import add_noise, noise_generator
+
+                flat = add_noise(flat, coef.stats[b]["dp_sigma"], noise_generator(self.dp, round, b))
             for key, part in zip(keys, flat.split([global_state[k].numel() for k in keys])):
                 delta[key] = part.reshape(global_state[key].shape)
         metrics = {"blocks": dict(zip(blocks, coef.stats)), "clients": [u.client_id for u in updates]}
+        if coef.defense is not None:
+            metrics["defense"] = coef.defense
         return self.server_opt.step(global_state, delta), metrics
 
     @staticmethod
