@@ -98,6 +98,22 @@ def record_training(rec: dict, rnd: int, loss: float, seconds: float, steps: int
 
 
 
+def send_predictions(clients: list, records: list[dict], rule=None) -> tuple[dict, dict | None]:
+    """What each client (a LocalClient with a distiller, label or token level) sends in distillation's
+    round: its anchor predictions and, for a teacher rule that needs it, its loss on its own val
+    examples, recorded in its round as "val_loss". Predicting and the val loss count in the client's
+    training seconds: they are the method's own client work. Returns ({client: predictions},
+    {client: val loss} or None)."""
+    predictions, val_losses = {}, {}
+    for client, rec in zip(clients, records):
+        t0 = time.time()
+        predictions[client.client_id] = client.distiller.predict(client.handle.model)
+        if rule is not None and rule.needs_quality:
+            val_losses[client.client_id] = rec["rounds"][-1]["val_loss"] = client.evaluate()
+        rec["train_seconds"] = round(rec["train_seconds"] + time.time() - t0, 3)
+    return predictions, val_losses or None
+
+
 def log_round(ctx: RunContext, method: str, rnd: int, records: list[dict]) -> None:
     """The progress line of a round: per client its loss, time per step and headline metric."""
     parts = []

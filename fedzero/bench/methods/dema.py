@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
-import time
 from pathlib import Path
 
 from fedzero.adapters.dema import inject_dema, shared_block
@@ -26,7 +25,7 @@ from fedzero.distill.teachers import leave_one_out_teachers
 
 from ..data import relabel, topic_anchor_texts
 from ..lm_data import domain_anchor_texts
-from .context import RunContext, client_record, log_round, record_training
+from .context import RunContext, client_record, log_round, record_training, send_predictions
 from .evaluation import evaluate_round, round_zero
 from .geometry import first_round_cosine
 from .spec import DeMAMethod
@@ -167,15 +166,8 @@ def exchange_predictions(clients: list[LocalClient], records: list[dict], rule=N
     its loss on its own val split, recorded in the round as "val_loss") and receives its teacher
     (N x C float32 each way); returns those bytes per client. Predicting and the val loss count in the
     client's training seconds: they are the method's own client work."""
-    predictions, val_losses = {}, {}
-    for client, rec in zip(clients, records):
-        t0 = time.time()
-        predictions[client.client_id] = client.distiller.predict(client.handle.model)
-        if rule is not None and rule.needs_quality:
-            val_losses[client.client_id] = rec["rounds"][-1]["val_loss"] = client.evaluate()
-        rec["train_seconds"] = round(rec["train_seconds"] + time.time() - t0, 3)
-    teachers = leave_one_out_teachers(predictions, {c.client_id: c.num_samples for c in clients}, rule,
-                                      val_losses or None)
+    predictions, val_losses = send_predictions(clients, records, rule)
+    teachers = leave_one_out_teachers(predictions, {c.client_id: c.num_samples for c in clients}, rule, val_losses)
     for client in clients:
         client.distiller.set_teacher(teachers.get(client.client_id))
     return [predictions[c.client_id].size * 4 for c in clients]

@@ -11,11 +11,12 @@ spec.DistillSpec.settings). run_dema calls exchange_token_predictions once a rou
 
 from __future__ import annotations
 
-import time
-
 from fedzero.distill.teachers import TeacherRule
 from fedzero.distill.token_distiller import TokenDistiller
 from fedzero.distill.tokens import check_one_tokenizer, leave_one_out_token_teachers
+
+from .context import send_predictions
+
 
 def exchange_token_predictions(clients: list, records: list[dict], rule: TeacherRule | None = None) -> dict:
     """Token-level distillation's round in one process (the bench's counterpart of the store's
@@ -26,15 +27,9 @@ def exchange_token_predictions(clients: list, records: list[dict], rule: Teacher
     bytes per kept token (a teacher is as wide as the union of the others' supports). Predicting and
     the val loss count in the client's training seconds (they are its own work)."""
     check_one_tokenizer({c.client_id: c.distiller.tokenizer for c in clients})
-    predictions, val_losses = {}, {}
-    for client, rec in zip(clients, records):
-        t0 = time.time()
-        predictions[client.client_id] = client.distiller.predict(client.handle.model)
-        if rule is not None and rule.needs_quality:
-            val_losses[client.client_id] = rec["rounds"][-1]["val_loss"] = client.evaluate()
-        rec["train_seconds"] = round(rec["train_seconds"] + time.time() - t0, 3)
+    predictions, val_losses = send_predictions(clients, records, rule)
     teachers = leave_one_out_token_teachers(predictions, {c.client_id: c.num_samples for c in clients}, rule,
-                                            val_losses or None)
+                                            val_losses)
     for client in clients:
         client.distiller.set_teacher(teachers.get(client.client_id))
     return {"upload": [TokenDistiller.payload_bytes(predictions[c.client_id]) for c in clients],
