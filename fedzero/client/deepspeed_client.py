@@ -47,6 +47,7 @@ from fedzero.client.zero_engine import (build_model, client_ds_config, describe,
 from fedzero.data import batches, build_examples, read_jsonl
 from fedzero.ds_config import precision_of, zero_stage
 from fedzero.store import FederationStore, StoreIntegrityError, StoreTimeoutError
+from fedzero.store.auth import client_key
 
 __all__ = ["DeepSpeedClient", "StepHook", "run_client"]
 
@@ -263,10 +264,10 @@ class DeepSpeedClient:
                    "resumed_at_step": start, "world_size": self.world, "zero_stage": self.stage,
                    "precision": self.precision, "seconds": round(seconds, 3),
                    "step_seconds_median": round(sorted(step_times)[len(step_times) // 2], 4) if step_times else None}
-        self._send(rnd, global_state, metrics)
+        self._send(rnd, global_state, metrics, manifest["sha256"])
         return metrics
 
-    def _send(self, rnd: int, global_state: dict[str, torch.Tensor], metrics: dict) -> None:
+    def _send(self, rnd: int, global_state: dict[str, torch.Tensor], metrics: dict, global_sha256: str) -> None:
         """Upload round rnd's update (and anchor predictions), then save the private state. Collective;
         adds the peak memory to `metrics`."""
         cid = self.cfg.client.id
@@ -287,7 +288,9 @@ class DeepSpeedClient:
             # leaves a visible half-written update.
             self.store.write_update(rnd, cid, delta, fingerprint=self.fingerprint,
                                     num_samples=len(self.examples), metrics=metrics,
-                                    slot_use=self.handle.slot_use(), depth=self.handle.depth_declaration())
+                                    slot_use=self.handle.slot_use(), depth=self.handle.depth_declaration(),
+                                    # bound to the global it read and verified; signed if prepare gave it a key
+                                    global_sha256=global_sha256, key=client_key(self.cfg.state_dir))
             # Saved after the upload and named by round: a rerun of this round still loads round
             # rnd-1's file, so the order of the two writes never matters.
             save_private(self.handle, private, self.layout.private_path(rnd), fingerprint=self.fingerprint)

@@ -31,7 +31,7 @@ from typing import Iterable, Mapping
 from .layout import validate_client_id
 
 __all__ = ["KEY_BYTES", "CLIENT_KEY_FILE", "KeyFileError", "KeySet", "new_key", "write_key", "read_key",
-           "client_key_path", "aggregator_keys_dir", "sign_manifest", "signature_problem", "create_keys"]
+           "client_key_path", "client_key", "aggregator_keys_dir", "sign_manifest", "signature_problem", "create_keys"]
 
 KEY_BYTES = 32
 CLIENT_KEY_FILE = "update.key"         # in the client's state directory
@@ -50,6 +50,15 @@ def new_key() -> bytes:
 
 def client_key_path(state_dir: str | os.PathLike) -> Path:
     return Path(state_dir) / CLIENT_KEY_FILE
+
+
+def client_key(state_dir: str | os.PathLike) -> bytes | None:
+    """The DeepSpeed client's key (``<state_dir>/update.key``, written by fedzero prepare), or None
+    when there is none (a run without federation.authenticate); checked by :func:`read_key`."""
+    path = client_key_path(state_dir)
+    if not os.path.lexists(path):
+        return None
+    return read_key(path, whose="this client's update key")
 
 
 def aggregator_keys_dir(run_dir: str | os.PathLike) -> Path:
