@@ -147,6 +147,10 @@ def prepare(config: str | Path, out: str | Path, ds_config: Path, procs_per_clie
     write_config(config_document(run), out / "config.yaml")
     (out / "hostfile").write_text(f"localhost slots={procs_per_client}\n")
     client_yaml = write_client_configs(run, raw, out, ds_config)
+    if run.federation.authenticate:     # one HMAC key per client: its copy in its state dir, the aggregator's
+        from fedzero.store.auth import create_keys
+
+        create_keys(out, {cfg.id: out / "clients" / cfg.id for cfg in run.clients})
     (out / "federate.json").write_text(json.dumps({"config": str(Path(config).resolve())}))
     store = FederationStore(out / "store")
     if not store.has_global(0):

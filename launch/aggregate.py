@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--poll", type=positive_float, default=1.0, help="seconds between looks at the store while waiting")
     p.add_argument("--cache-gb", type=non_negative_float, default=8.0,
                    help="per rank: keep the slices in memory between the two passes if they fit, else read twice")
+    p.add_argument("--keys", default=None, metavar="DIR",
+                   help="with federation.authenticate: the aggregator's key folder, <client id>.key per client, "
+                        "mode 0600 (default: RUN/aggregator/keys beside the store RUN/store, as fedzero prepare makes it)")
     p.add_argument("--reset-server-state", action="store_true",
                    help="with server momentum: start afresh if the previous round left no server state")
     args = p.parse_args(argv)
@@ -68,11 +71,19 @@ def main(argv=None) -> int:
                           deadline_s=args.deadline, comm=comm, poll_s=args.poll)
             return 0
         strategy = settings.make_strategy()
+        keys = None
+        if settings.federation.authenticate:
+            from pathlib import Path
+
+            from fedzero.store.auth import KeySet, aggregator_keys_dir
+
+            folder = args.keys or aggregator_keys_dir(Path(args.store).absolute().parent)
+            keys = KeySet.load(folder, args.expected or settings.client_ids)
         run_aggregation(args.store, args.round, strategy, quorum=args.quorum, deadline_s=args.deadline,
                         expected=args.expected or settings.client_ids, comm=comm, verify=args.verify,
                         poll_s=args.poll, cache_bytes=int(args.cache_gb * (1 << 30)),
                         reset_server_state=args.reset_server_state, teacher_rule=settings.teacher_rule,
-                        max_num_samples=settings.federation.max_num_samples)
+                        max_num_samples=settings.federation.max_num_samples, keys=keys)
     except (AggregationError, ValueError, TypeError, OSError) as e:
         # Every rank raises the same error (the aggregator's collectives see to it); one prints it.
         if comm.Get_rank() == 0:
