@@ -16,8 +16,9 @@ What is checked, per client directory under ``rounds/rNNNNNN/updates/`` (:func:`
   ``[1, max_num_samples]``, every ``slot_use`` value a finite number >= 0;
 - with keys (federation.authenticate), the manifest's HMAC verifies with the key of the client
   whose directory it lies in (fedzero.store.auth);
-- the manifest's ``global_sha256`` is the round's global's (an update is bound to the global it
-  was trained from: an old round's update with its round edited, or a replay, is refused);
+- the manifest's ``global_sha256``, when present (every fedzero client writes it; a signed
+  manifest must), is the round's global's: an update is bound to the global it was trained from,
+  so an old round's update with its round edited, or a replay, is refused;
 - the tensor file has the manifest's size, a safetensors header of a bounded size (from the
   global's own header) that reads as JSON and describes exactly the file's bytes, only tensors
   the global has, each with the global's dtype and shape, holding each block whole or not at all,
@@ -305,8 +306,10 @@ def _origin_problem(name: str, text: bytes, manifest: UpdateManifest, spec: Glob
     if spec.global_sha256 is not None:
         bound = manifest.global_sha256
         if bound is None:
-            return ("the manifest does not name the global it was trained from (no 'global_sha256'): refused, "
-                    "since an unbound update could be another round's, replayed")
+            # Without keys an unbound update is accepted (written before its global was known, or by an
+            # older fedzero): anyone able to drop the field could forge the whole manifest anyway, which
+            # only authentication stops. With keys, the signature covers the binding (checked above).
+            return None
         if bound != spec.global_sha256:
             return (f"the update is bound to global sha256 {bound[:16]}..., this round's global is "
                     f"{spec.global_sha256[:16]}...: trained from another global (an old round's update with its "
