@@ -56,6 +56,9 @@ def transfer_methods() -> list[dict]:
          "distill": {**distill, "teacher": "quality"},
          "description": "DeMA, no weights travel; distillation on 64 in-domain public tweets, quality-weighted "
                         "teacher (val loss and confidence)"},
+        {"name": "dema-distill-quality-stronger", "runner": "dema", "strategy": "local", "dema": {"share": "experts-only"},
+         "distill": {**distill, "teacher": "quality", "only_stronger": True},
+         "description": "the same, each client distilling only from clients whose val loss is lower than its own"},
     ]
 
 
