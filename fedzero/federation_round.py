@@ -9,10 +9,10 @@ a LoRA client: its LoRA state); then the transport finishes the round: it collec
 the strategy aggregates it, and the clients take the result.
 
 What differs between them is only the transport:
-- fedzero.simulate.StoreTransport: through the federation store, as the distributed launchers go
-  (the global read from the store, updates and anchor predictions written there, screened as the
-  MPI aggregator screens them, the aggregation report, the server state and the next teachers
-  written back);
+- fedzero.store_transport.StoreTransport (fedzero simulate's): through the federation store, as the
+  distributed launchers go (the global read from the store, updates and anchor predictions written
+  there, screened as the MPI aggregator screens them, the aggregation report, the server state and
+  the next teachers written back);
 - fedzero.bench.methods.dema.MemoryTransport: in memory, the bench's strategy exchange
   (fedzero.bench.methods.exchange) and its per-round records;
 - fedzero.bench.methods.lora.LoRATransport: in memory, a LoRA baseline's strategy within each
