@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fedzero.adapters.dema import DeMAModel, inject_dema
+from fedzero.adapters.dema import DeMAModel
 from fedzero.adapters.dema.canonical_exchange import inject_awaiting_map
 from fedzero.adapters.dema.io import load_part, read_part, save_part
 from fedzero.backbones import load_backbone
@@ -35,8 +35,7 @@ from fedzero.run_dirs import (CLIENTS_DIR, FEDERATE_MARKER, RUN_CONFIG_COPY, SIM
 from fedzero.run_record import config_document, differences, input_digests, read_config_document, write_config
 from fedzero.store import FederationStore
 from fedzero.store.layout import STORE_FILE, round_dirname, round_of_dirname
-# the round through the store; screened_updates and refuse_nonfinite are imported from here by the tests
-from fedzero.store_transport import StoreTransport, refuse_nonfinite, screened_updates  # noqa: F401
+from fedzero.store_transport import StoreTransport        # the round through the store
 
 
 def build_client(cfg, run: RunConfig) -> LocalClient:

@@ -22,7 +22,7 @@ import torch
 from fedzero.adapters.dema import shared_block
 from fedzero.aggregator import AggregationError, QuorumError, run_aggregation
 from fedzero.config import ConfigError, FederationSettings
-from fedzero.simulate import refuse_nonfinite, screened_updates
+from fedzero.store_transport import refuse_nonfinite, screened_updates
 from fedzero.store import FederationStore, validate_client_id
 from fedzero.store.artifact import write_artifact
 from fedzero.store.manifest import ServerStateManifest
