@@ -972,10 +972,14 @@ def test_bench_runs_depth_aware_sharing_as_simulate_does(tmp_path):
     suite["seeds"] = [0]
     suite["backbones"]["b"] = _llama(16, 4, 2, 2)                      # a's width, twice its depth
     dema = {"rank": 4, "num_experts": 2, "num_slots": 2, "share": "depth-aware", "depth_overlap_min": 0.9}
-    suite["settings"]["A"]["methods"] = [{"name": "depth", "runner": "dema", "strategy": "fedavg", "dema": dema}]
+    suite["settings"]["A"]["methods"] = [{"name": "depth", "runner": "dema", "strategy": "fedavg", "dema": dema},
+                                         {"name": "depth-cmga", "runner": "dema", "strategy": "cmga", "dema": dema}]
     results = run_bench(suite, tmp_path / "bench", threads=1, memory=False, log=lambda _: None)
-    run = results["runs"][0]
+    run, cmga = sorted(results["runs"], key=lambda r: r["method"])
     assert [c["id"] for c in run["clients"]] == ["c0", "c1", "c2"]
     assert all(c["final"] for c in run["clients"])
+    # CMGA's effect is recorded over the expert blocks; the depth-aware banks carry no Gram and are left out
+    effect = cmga["cmga_effect"][0]
+    assert effect["total_blocks"] == 2 and set(effect["rel_diff"]) == {"slot0", "slot1"}
     again = run_bench(suite, tmp_path / "bench", threads=1, memory=False, log=lambda _: None)
     assert again["runs_this_invocation"] == 0

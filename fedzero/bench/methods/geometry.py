@@ -135,7 +135,8 @@ def cmga_effect(rnd: int, global_state: dict[str, torch.Tensor], updates: list[C
     _, reference = _FedAvgWithGram().aggregate(global_state, updates, round=rnd, block_of=block_of)
     per_block = {}
     for block, ref in reference["blocks"].items():
-        if not ref.get("skipped"):
+        # depth-aware projector banks are averaged by their overlaps under any strategy: no Gram, no effect
+        if not ref.get("skipped") and "gram" in ref:
             per_block[block] = block_effect(ref["gram"], blocks[block]["beta"], ref["beta"])
     rel = [r for _, r in per_block.values() if r is not None]
     stats = [blocks[b] for b in per_block]
