@@ -97,7 +97,8 @@ def _bench(args) -> int:
     from fedzero.bench import run_bench
 
     results = run_bench(args.suite, args.out, seeds=args.seeds, threads=args.threads, cache_dir=args.cache_dir,
-                        memory=not args.no_memory, settings=args.settings, command="fedzero " + " ".join(sys.argv[1:]))
+                        memory=not args.no_memory, settings=args.settings, report_only=args.report_only,
+                        command="fedzero " + " ".join(sys.argv[1:]))
     print((Path(args.out) / "report.md").read_text())
     print(f"{len(results['runs'])} runs ({results['runs_this_invocation']} this invocation), "
           f"{results['wall_seconds']:.0f} s; report: {args.out}/report.md, data: {args.out}/results.json")
@@ -289,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--settings", nargs="+", help="run only these settings now (e.g. one process per setting "
                                                  "into the same --out; a last run without it writes the full report)")
+    p.add_argument("--report-only", action="store_true", help="run nothing: write the report from the runs in --out "
+                                                             "(a run not there is left out of it)")
     p.set_defaults(func=_bench)
 
     add_export_parser(sub)          # its options live with the export code (fedzero/export.py)

@@ -983,3 +983,22 @@ def test_bench_runs_depth_aware_sharing_as_simulate_does(tmp_path):
     assert effect["total_blocks"] == 2 and set(effect["rel_diff"]) == {"slot0", "slot1"}
     again = run_bench(suite, tmp_path / "bench", threads=1, memory=False, log=lambda _: None)
     assert again["runs_this_invocation"] == 0
+
+
+def test_report_only_runs_nothing_and_reports_what_is_on_disk(tmp_path):
+    """--report-only: after seed 0 ran, a report-only invocation over seeds 0 and 1 runs nothing (no run, no
+    zero-shot scoring) and reports the seed-0 runs."""
+    from fedzero.bench import run_bench
+
+    source = tmp_path / "records.jsonl"
+    source.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "uid"}) + "\n"
+                              for r in synthetic_records(n_per_topic=20)))
+    suite = tiny_suite(source)
+    suite["settings"]["A"]["methods"] = suite["settings"]["A"]["methods"][1:2]          # dema-cmga
+    first = run_bench(suite, tmp_path / "bench", seeds=[0], threads=1, memory=False, log=lambda _: None)
+    assert first["runs_this_invocation"] == 1
+    report = run_bench(suite, tmp_path / "bench", seeds=[0, 1], threads=1, memory=False, report_only=True,
+                       log=lambda _: None)
+    assert report["runs_this_invocation"] == 0 and [r["seed"] for r in report["runs"]] == [0]
+    assert not (tmp_path / "bench" / "runs" / "A-zero-shot-seed1.json").exists()
+    assert (tmp_path / "bench" / "report.md").read_text().count("dema-cmga") > 0

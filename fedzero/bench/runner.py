@@ -170,9 +170,10 @@ def check_lm_lengths(split: LMSplit, clients: list[dict], backbones: dict, max_l
 
 def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | None = None,
               threads: int | None = None, cache_dir: str | Path | None = None, memory: bool = True,
-              settings: list[str] | None = None, command: str = "", log=print) -> dict:
+              settings: list[str] | None = None, report_only: bool = False, command: str = "", log=print) -> dict:
     """Run a suite (a name from fedzero.bench.suites, a JSON/YAML file, or a dict) into `out`.
-    `settings`: run only these settings' runs in this invocation (the report covers what is on disk).
+    `settings`: run only these settings' runs in this invocation (the report covers what is on disk);
+    `report_only`: run nothing (no run, no zero-shot scoring), only write the report of what is on disk.
     Returns the results dict that is also written to out/results.json."""
     started = time.time()
     import importlib.util
@@ -231,12 +232,14 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
             zpath = runs_dir / f"{sname}-zero-shot-seed{seed}.json"
             if zpath.exists():
                 ctx.zero_shot = json.loads(zpath.read_text())["scores"]
+            elif report_only:
+                continue
             else:
                 t = time.time()
                 ctx.zero_shot = zero_shot_scores(ctx)
                 _write_json(zpath, {"scores": ctx.zero_shot, "seconds": round(time.time() - t, 1)})
             zero_shot.setdefault(sname, {})[str(seed)] = zero_shot_metrics(ctx)
-            for method in methods[sname]:
+            for method in [] if report_only else methods[sname]:
                 path = runs_dir / f"{sname}-{method.name}-seed{seed}.json"
                 if path.exists():
                     if same_run(json.loads(path.read_text()), method):
@@ -267,7 +270,7 @@ def run_bench(suite: str | Path | dict, out: str | Path, *, seeds: list[int] | N
         m = spec["memory"]
         if mpath.exists():
             mem_rows = json.loads(mpath.read_text())
-        else:
+        elif not report_only:
             bb = backbones[m["backbone"]]
             spec_fields = {"path": bb.spec.path} if bb.spec.path else {"llama_config": bb.spec.llama_config,
                                                                         "init_seed": bb.spec.init_seed}
