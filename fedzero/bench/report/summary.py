@@ -141,7 +141,8 @@ def local_control(spec: dict, methods: list[dict]) -> str | None:
         return None
 
     def trains_like(m: dict) -> tuple:
-        dema = {k: v for k, v in (m.get("dema") or {}).items() if k != "share"}   # sharing does not change local training
+        dema = {k: v for k, v in (m.get("dema") or {}).items()          # sharing does not change local training
+                if k not in ("share", "depth_overlap_min")}
         return m.get("runner"), m.get("rank", 16) if m.get("runner") == "lora" else None, json.dumps(dema, sort_keys=True), m.get("lr")
 
     return next((m["name"] for m in methods if m.get("strategy") == "local" and m.get("distill") is None
