@@ -13,8 +13,7 @@ from pathlib import Path
 from fedzero.adapters.dema import DeMAConfig
 from fedzero.config.files import read_yaml, resolve_path
 from fedzero.config.problems import Problems
-from fedzero.config.run import (ClientConfig, check_held_out_data, read_client, read_dema, read_distill,
-                                read_federation, read_seed, read_train, section)
+from fedzero.config.run import ClientConfig, check_held_out_data, read_client, read_common, read_distill, section
 from fedzero.config.values import MISSING, Rule, above, at_least, check_fields, checked, refuse_unknown
 from fedzero.distill.settings import DistillSettings
 from fedzero.ds_config import PRECISIONS
@@ -58,14 +57,8 @@ def parse_client_config(data, base: Path, source: Path | None = None) -> ClientR
     """Parse a CLIENT.yaml mapping; relative paths are relative to `base`. Every problem of the
     file is reported at once (fedzero.config.ConfigError), each with its key path."""
     problems = Problems(source, "client config")
-    if not isinstance(data, dict):
-        problems.add("", f"a client config must be a YAML mapping of {list(_TOP_KEYS)}")
-        problems.raise_if_any()
-    refuse_unknown(data, _TOP_KEYS, "", problems)
-    seed = read_seed(data, problems)
-    dema = read_dema(data, seed, problems, base)
-    federation = read_federation(data, problems, defaults=_CLIENT_FEDERATION_DEFAULTS)
-    defaults = read_train(data.get("train"), "train", problems)
+    seed, dema, federation, defaults = read_common(data, _TOP_KEYS, "client config", base, problems,
+                                                   federation_defaults=_CLIENT_FEDERATION_DEFAULTS)
     if "client" in data:
         entry = read_client(data["client"], "client", defaults, base, problems, local=True)
     else:

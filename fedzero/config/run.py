@@ -317,19 +317,25 @@ def check_held_out_data(entries: list[ClientEntry], distill: DistillSettings, pr
 
 # ------------------------------------------------------------------------------ the whole file
 
+def read_common(data, keys: tuple[str, ...], what: str, base: Path, problems: Problems, *,
+                federation_defaults: dict | None = None) -> tuple:
+    """(seed, dema, federation, train defaults): the sections a run config and a CLIENT.yaml share,
+    read the same way; `data` must be a mapping of `keys` (else the file's one problem is raised now)."""
+    if not isinstance(data, dict):
+        problems.add("", f"a {what} must be a YAML mapping of {list(keys)}, got {show(data)}")
+        problems.raise_if_any()
+    refuse_unknown(data, keys, "", problems)
+    seed = read_seed(data, problems)
+    return (seed, read_dema(data, seed, problems, base), read_federation(data, problems, defaults=federation_defaults),
+            read_train(data.get("train"), "train", problems))
+
+
 def parse_run_config(data, base: Path, source: Path | None = None, *, local: bool = True) -> RunConfig:
     """A run config from its parsed YAML; relative paths are relative to `base`. `local=False`: read
     without the clients' resources (the aggregator): `clients` may be absent, nothing is looked for
     on disk, RunConfig.clients stays empty and client_ids lists the ids."""
     problems = Problems(source, "run config")
-    if not isinstance(data, dict):
-        problems.add("", f"a run config must be a YAML mapping of {list(RUN_KEYS)}, got {show(data)}")
-        problems.raise_if_any()
-    refuse_unknown(data, RUN_KEYS, "", problems)
-    seed = read_seed(data, problems)
-    dema = read_dema(data, seed, problems, base)
-    federation = read_federation(data, problems)
-    defaults = read_train(data.get("train"), "train", problems)
+    seed, dema, federation, defaults = read_common(data, RUN_KEYS, "run config", base, problems)
     entries = _read_clients(data, defaults, base, problems, local=local)
     distill = read_distill(data, base, problems, local=local)
     if distill is not None:
