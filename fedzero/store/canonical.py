@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -27,9 +26,10 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 
 from .artifact import check_size, prepare_tensors, publish_artifact, read_artifact, write_artifact
-from .errors import StoreError, StoreIntegrityError, StoreNotFoundError, StoreTimeoutError
+from .errors import StoreError, StoreIntegrityError, StoreNotFoundError
 from .layout import MANIFEST, ArtifactFiles, validate_client_id
 from .manifest import TensorManifest, _field, _hex_sha, _non_empty, _positive, _str_list, load_manifest
+from .wait import ArtifactWait
 
 if TYPE_CHECKING:
     from .store import FederationStore
@@ -232,38 +232,21 @@ def read_targets(store: FederationStore) -> tuple[dict[int, torch.Tensor], Canon
     return out, manifest
 
 
-class TargetsWait:
-    """The wait for the targets, one :meth:`poll` at a time, by the rules of the wait for a global
-    (fedzero.store.wait.GlobalWait): a deadline, and an integrity failure right after the manifest
-    appears retried for up to three polls."""
+class TargetsWait(ArtifactWait):
+    """The wait for the targets, by the rules of the wait for a global (fedzero.store.wait.ArtifactWait)."""
 
     def __init__(self, store: FederationStore, timeout: float | None, *, client_id: str | None = None):
-        self.store, self.timeout, self.client_id = store, timeout, client_id
-        self.deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
-        self.integrity_failures = 0
+        super().__init__(timeout)
+        self.store, self.client_id = store, client_id
 
-    def seconds_left(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
+    def present(self) -> bool:
+        return has_targets(self.store)
 
-    def poll(self) -> tuple[dict[int, torch.Tensor], CanonicalTargetsManifest] | None:
-        if has_targets(self.store):
-            try:
-                return read_targets(self.store)
-            except StoreIntegrityError:
-                self.integrity_failures += 1
-                if self.integrity_failures >= 3:
-                    raise
-        left = self.seconds_left()
-        if left is not None and left <= 0:
-            who = f"client {self.client_id}: " if self.client_id else ""
-            raise StoreTimeoutError(
-                f"{who}timed out after {self.timeout}s waiting for the {WHAT_TARGETS} (no complete manifest at "
+    def read(self) -> tuple[dict[int, torch.Tensor], CanonicalTargetsManifest]:
+        return read_targets(self.store)
+
+    def timeout_message(self) -> str:
+        who = f"client {self.client_id}: " if self.client_id else ""
+        return (f"{who}timed out after {self.timeout}s waiting for the {WHAT_TARGETS} (no complete manifest at "
                 f"{targets_files(self.store).manifest}): has the canonical aggregation run (launch/aggregate.py "
                 "--canonical), and have the other clients sent their bases?")
-        return None
-
-    def wait(self, poll: float = 1.0):
-        while (found := self.poll()) is None:
-            left = self.seconds_left()
-            time.sleep(poll if left is None else max(0.0, min(poll, left)))
-        return found

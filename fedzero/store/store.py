@@ -17,7 +17,6 @@ import math
 import numbers
 import os
 import re
-import time
 from pathlib import Path
 from typing import Mapping
 
@@ -184,11 +183,7 @@ class FederationStore(DistillFiles):
         round = validate_round(round)
         if poll <= 0 or not math.isfinite(poll):
             raise ValueError(f"poll must be a positive number of seconds, got {poll!r}")
-        wait = self.global_wait(round, timeout=timeout)
-        while (found := wait.poll()) is None:
-            left = wait.seconds_left()
-            time.sleep(poll if left is None else min(poll, left))
-        return found
+        return self.global_wait(round, timeout=timeout).wait(poll)
 
     # ------------------------------------------------------------------ client updates
 
