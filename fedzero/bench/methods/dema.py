@@ -1,10 +1,12 @@
 """The DeMA runner: DeMA adapters on every client (fedzero.client.LocalClient), the method's
 strategy over their shared state (exchange.py), and with "distill" output distillation on anchor
-prompts: each client sends its label predictions on the anchors and distils from the leave-one-out
-mixture of the others' (fedzero.distill.teachers; the "quality" rule weighs each by its loss on its
-own val split). With "projector_anchors" the anchor or canonical projectors read in-domain public
-texts (a corpus topic no client holds), and the run records the round-0 alignment of the shared
-space (fedzero.adapters.dema.alignment) on other texts of that topic."""
+prompts: each client sends its label predictions on the anchors (the LM task: its top-k next-token
+rows, token_distill.py) and distils from the leave-one-out mixture of the others'
+(fedzero.distill.teachers; the "quality" rule weighs each by its loss on its own val split). With
+"projector_anchors" the anchor or canonical projectors read in-domain public texts (a tweet topic or
+fortunes domain no client holds; the canonical space is fitted across the clients on them), and the
+run records the round-0 alignment of the shared space (fedzero.adapters.dema.alignment) on other
+texts of that source."""
 
 from __future__ import annotations
 
