@@ -21,6 +21,31 @@ def check_predictions(probs: torch.Tensor) -> str | None:
     return None
 
 
+def _read_usable(read, rnd: int, num_samples: dict[str, int], rule: TeacherRule, check, quality_of):
+    """Each client's round-rnd predictions through read(rnd, client) (None: it sent none), kept when
+    check(sent) finds nothing wrong and, where the rule needs one, quality_of(sent) is not None.
+    Returns ({client: sent}, {client: reason it was left out}), both in client order."""
+    from fedzero.store import StoreError
+
+    found, dropped = {}, {}
+    for c in sorted(num_samples):
+        try:
+            sent = read(rnd, c)
+        except StoreError as err:
+            dropped[c] = f"unreadable: {err}"
+            continue
+        if sent is None:
+            continue
+        reason = check(sent)
+        if not reason and rule.needs_quality and quality_of(sent) is None:
+            reason = f"sent no quality (its held-out loss), which {rule} needs"
+        if reason:
+            dropped[c] = reason
+        else:
+            found[c] = sent
+    return found, dropped
+
+
 def publish_teachers(store, rnd: int, num_samples: dict[str, int], rule: TeacherRule | None = None) -> dict:
     """The aggregator's step (simulator and MPI aggregator alike): the anchor predictions sent with
     round rnd's aggregated updates ({client: num_samples}) become round rnd+1's teachers under `rule`
@@ -30,28 +55,13 @@ def publish_teachers(store, rnd: int, num_samples: dict[str, int], rule: Teacher
     left out, not fatal. Returns {"used": [clients], "dropped": {client: reason}} for the result; a
     rule that needs qualities adds "teacher", "only_stronger", "quality" ({client: held-out loss})
     and "without_teacher" (used clients that got none: under only_stronger, the strongest)."""
-    from fedzero.store import StoreError
-
     rule = rule or TeacherRule()
     if rule.level == "token":
         return publish_token_teachers(store, rnd, num_samples, rule)
-    predictions, qualities, dropped = {}, {}, {}
-    for c in sorted(num_samples):
-        try:
-            found = store.read_anchor_predictions_with_quality(rnd, c)
-        except StoreError as err:
-            dropped[c] = f"unreadable: {err}"
-            continue
-        if found is None:
-            continue
-        p, quality = found
-        reason = check_predictions(p)
-        if not reason and rule.needs_quality and quality is None:
-            reason = f"sent no quality (its held-out loss), which {rule} needs"
-        if reason:
-            dropped[c] = reason
-        else:
-            predictions[c], qualities[c] = p.numpy(), quality
+    found, dropped = _read_usable(store.read_anchor_predictions_with_quality, rnd, num_samples, rule,
+                                  lambda sent: check_predictions(sent[0]), lambda sent: sent[1])
+    predictions = {c: p.numpy() for c, (p, _) in found.items()}
+    qualities = {c: quality for c, (_, quality) in found.items()}
     shapes = [p.shape for p in predictions.values()]
     if shapes:
         common = max(set(shapes), key=lambda s: (shapes.count(s), s))
@@ -78,24 +88,10 @@ def publish_token_teachers(store, rnd: int, num_samples: dict[str, int], rule: T
     max_length). Clients of different tokenizers are refused (ValueError naming them): their token ids
     do not mean the same. The result also holds "level": "token" and the shared "tokenizer"."""
     from fedzero.distill.tokens import check_one_tokenizer, check_sparse, round_token_teachers
-    from fedzero.store import StoreError
 
-    found, dropped = {}, {}
-    for c in sorted(num_samples):
-        try:
-            sent = store.read_token_predictions(rnd, c)
-        except StoreError as err:
-            dropped[c] = f"unreadable: {err}"
-            continue
-        if sent is None:
-            continue
-        reason = check_sparse(sent["ids"].numpy(), sent["probs"].numpy())
-        if not reason and rule.needs_quality and sent["quality"] is None:
-            reason = f"sent no quality (its held-out loss), which {rule} needs"
-        if reason:
-            dropped[c] = reason
-        else:
-            found[c] = sent
+    found, dropped = _read_usable(store.read_token_predictions, rnd, num_samples, rule,
+                                  lambda sent: check_sparse(sent["ids"].numpy(), sent["probs"].numpy()),
+                                  lambda sent: sent["quality"])
     tokenizer = check_one_tokenizer({c: sent["tokenizer"] for c, sent in found.items()}, f" (round {rnd})")
     digests = [sent["anchors"] for sent in found.values()]
     if digests:
