@@ -119,6 +119,15 @@ def leave_one_out_teachers(predictions: dict[str, np.ndarray], weights: dict[str
     shapes = {np.asarray(predictions[c]).shape for c in ids}
     if len(shapes) > 1:
         raise ValueError(f"anchor predictions of different shapes {sorted(shapes)}: clients scored different anchors")
+    return leave_one_out(ids, weights, rule, val_losses,
+                         lambda others, losses: _mixture(predictions, weights, others, rule.teacher, losses))
+
+
+def leave_one_out(ids: list[str], weights: dict[str, float], rule: TeacherRule,
+                  val_losses: dict[str, float] | None, mix) -> dict:
+    """{client: mix(others, losses)} for each of `ids` with at least one eligible other client
+    (weight > 0, and under only_stronger a strictly lower held-out loss); losses are the checked
+    val_losses (None unless the rule needs qualities). Shared by the label- and token-level teachers."""
     if any(weights.get(c, 0) < 0 for c in ids):
         raise ValueError("distillation weights must be >= 0")
     losses = check_val_losses(val_losses, ids) if rule.needs_quality else None
@@ -128,7 +137,7 @@ def leave_one_out_teachers(predictions: dict[str, np.ndarray], weights: dict[str
         others = [c for c in ids if c != k and weights.get(c, 0) > 0
                   and (not rule.only_stronger or losses[c] < losses[k])]
         if others and sum(weights[c] for c in others) > 0:
-            teachers[k] = _mixture(predictions, weights, others, rule.teacher, losses)
+            teachers[k] = mix(others, losses)
     return teachers
 
 

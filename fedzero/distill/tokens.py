@@ -159,7 +159,7 @@ def leave_one_out_token_teachers(predictions: dict[str, tuple[np.ndarray, np.nda
     doc's T_c, built from the other clients only (same eligibility as teachers.leave_one_out_teachers:
     weight > 0, and under only_stronger a strictly lower held-out loss). A client without such another
     client gets no teacher."""
-    from fedzero.distill.teachers import TeacherRule, check_val_losses
+    from fedzero.distill.teachers import TeacherRule, leave_one_out
 
     rule = rule or TeacherRule()
     cids = list(predictions)
@@ -167,16 +167,8 @@ def leave_one_out_token_teachers(predictions: dict[str, tuple[np.ndarray, np.nda
     if len(positions) > 1:
         raise ValueError(f"token predictions over different numbers of positions {sorted(positions)}: "
                          "clients scored different anchors")
-    if any(weights.get(c, 0) < 0 for c in cids):
-        raise ValueError("distillation weights must be >= 0")
-    losses = check_val_losses(val_losses, cids) if rule.needs_quality else None
-    teachers = {}
-    for c in cids:
-        others = [j for j in cids if j != c and weights.get(j, 0) > 0
-                  and (not rule.only_stronger or losses[j] < losses[c])]
-        if others:
-            teachers[c] = mixture_of(predictions, weights, others, rule.teacher, losses)
-    return teachers
+    return leave_one_out(cids, weights, rule, val_losses,
+                         lambda others, losses: mixture_of(predictions, weights, others, rule.teacher, losses))
 
 
 def mixture_of(predictions: dict[str, tuple[np.ndarray, np.ndarray]], weights: dict[str, float], clients: list[str],
