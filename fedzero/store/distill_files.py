@@ -35,6 +35,18 @@ class DistillFiles:
         return write_artifact(files, prepare_tensors({"probs": probs}, "anchor predictions"), PredictionsManifest,
                               round=round, quality=None if quality is None else float(quality))
 
+    def _read_predictions(self, round: int, client_id: str, *, token: bool) -> tuple[str, tuple | None]:
+        """(what, (tensors, manifest) or None if the client sent no predictions in ``round``), the
+        files refused (StoreIntegrityError) when their level is not the one asked for (token or label)."""
+        round = validate_round(round)
+        what = f"anchor predictions of client {client_id} in round {round}"
+        found = read_artifact_if_present(self.layout.predictions_files(round, client_id), PredictionsManifest,
+                                         round=round, what=what)
+        if found is not None and (found[1].level == "token") != token:
+            raise StoreIntegrityError(f"{what} are label-level, not token-level (distill.level: token)" if token
+                                      else f"{what} are token-level (distill.level: token), not label distributions")
+        return what, found
+
     def read_anchor_predictions(self, round: int, client_id: str) -> torch.Tensor | None:
         """A client's verified anchor predictions of ``round``, or ``None`` if it sent none."""
         found = self.read_anchor_predictions_with_quality(round, client_id)
@@ -45,15 +57,10 @@ class DistillFiles:
         """(predictions, quality) of a client in ``round`` from one read of the manifest (quality
         None: the client sent none, as files written before the field existed), or ``None`` if it
         sent no predictions. A quality that is not a finite number >= 0 is refused."""
-        round = validate_round(round)
-        what = f"anchor predictions of client {client_id} in round {round}"
-        found = read_artifact_if_present(self.layout.predictions_files(round, client_id), PredictionsManifest,
-                                         round=round, what=what)
+        what, found = self._read_predictions(round, client_id, token=False)
         if found is None:
             return None
         tensors, manifest = found
-        if manifest.level == "token":
-            raise StoreIntegrityError(f"{what} are token-level (distill.level: token), not label distributions")
         if list(tensors) != ["probs"]:
             raise StoreIntegrityError(f"{what}: expected one tensor 'probs', found {sorted(tensors)}")
         return tensors["probs"], None if manifest.quality is None else float(manifest.quality)
@@ -89,15 +96,10 @@ class DistillFiles:
         """A client's verified token predictions of ``round`` as {"ids", "probs", "tokenizer",
         "anchors", "quality"}, or ``None`` if it sent no predictions. Label-level predictions are
         refused (StoreIntegrityError), as are files whose tensors do not match their manifest."""
-        round = validate_round(round)
-        what = f"anchor predictions of client {client_id} in round {round}"
-        found = read_artifact_if_present(self.layout.predictions_files(round, client_id), PredictionsManifest,
-                                         round=round, what=what)
+        what, found = self._read_predictions(round, client_id, token=True)
         if found is None:
             return None
         tensors, m = found
-        if m.level != "token":
-            raise StoreIntegrityError(f"{what} are label-level, not token-level (distill.level: token)")
         if sorted(tensors) != ["ids", "probs"]:
             raise StoreIntegrityError(f"{what}: expected tensors 'ids' and 'probs', found {sorted(tensors)}")
         missing = [k for k in ("tokenizer", "anchors", "top_k") if getattr(m, k) is None]
