@@ -93,7 +93,7 @@ def comm_markdown(rows: list[dict], dema: DeMAConfig | None = None, lora_rank: i
     return "\n".join(lines)
 
 
-# -- the transfer mechanisms (docs/benchmarks.md, "Issue 12") ------------------------------------------
+# -- the transfer mechanisms (docs/benchmarks.md, "Making transfer pay across architectures") ------------
 
 def mechanism_rows(dema: DeMAConfig | None = None, lora_rank: int = 16, bytes_per_param: int = 2,
                    anchors: int = 64, labels: int = 3, top_k: int = 16, positions_per_anchor: int = 64,
