@@ -29,8 +29,9 @@ HETERO_CLIENTS = [{"id": "H-airlines-smol10", "backbone": "smol10", "topics": ["
                   {"id": "H-deflategate-small256", "backbone": "small256", "topics": ["deflategate"]}]
 
 
-# The transfer mechanisms on this testbed (docs/benchmarks.md, "Making transfer pay"). The public in-domain pool is a topic no client holds
-# (driverless_cars: 4,801 tweets; the anchors are disjoint from every client's records, data.py).
+# The transfer mechanisms on this testbed (docs/benchmarks.md, "Making transfer pay"). The public
+# in-domain pool is a topic no client holds (driverless_cars: 4,801 tweets; the anchors are disjoint
+# from every client's records, data.py).
 ANCHOR_TOPIC = "topic:driverless_cars"
 LM_ANCHOR_DOMAIN = "domain:cookie"      # the LM task's: 1,068 documents, 1,846 records of <= 192 characters
 
