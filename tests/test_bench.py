@@ -789,8 +789,8 @@ def test_anchor_source_is_a_checked_optional_distill_field():
     from fedzero.bench.methods import parse_method
 
     base = {"name": "d", "runner": "dema", "strategy": "local"}
-    assert parse_method({**base, "distill": {"weight": 1.0}}).distill.anchor_topic is None
-    assert parse_method({**base, "distill": {"anchor_source": "topic:claritin"}}).distill.anchor_topic == "claritin"
+    assert parse_method({**base, "distill": {"weight": 1.0}}).distill.anchor is None
+    assert parse_method({**base, "distill": {"anchor_source": "topic:claritin"}}).distill.anchor == ("topic", "claritin")
     for bad in ("claritin", "topic:", 3):
         with pytest.raises(ValueError, match="anchor_source must be 'topic:<name>'"):
             parse_method({**base, "distill": {"anchor_source": bad}})

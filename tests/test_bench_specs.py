@@ -37,7 +37,7 @@ def test_typed_specs_carry_what_the_runners_read():
                          "replica": 2})
     assert dema.lr == 1e-3 and dema.training_seed(5) == 5 + 2 * 1_000_003 and dema.config(5).rank == 4
     assert dema.distill.record == {"weight": 2, "anchors": 64, "batch_size": 4, "anchor_source": "topic:t2"}
-    assert (dema.distill.weight, dema.distill.anchors, dema.distill.anchor_topic) == (2.0, 64, "t2")
+    assert (dema.distill.weight, dema.distill.anchors, dema.distill.anchor) == (2.0, 64, ("topic", "t2"))
     exchange = dema.exchange(5)
     assert isinstance(exchange, Aggregation) and exchange.strategy.c_max == 3.0 and exchange.effect == []
     lora = parse_method({"name": "h", "runner": "lora", "strategy": "hetlora", "rank": "client"})

@@ -72,10 +72,6 @@ class DistillSpec:
         return self.record.get("anchor_source")
 
     @property
-    def anchor_topic(self) -> str | None:
-        return self.anchor[1] if self.anchor and self.anchor[0] == "topic" else None
-
-    @property
     def level(self) -> str:
         return self.record.get("level", "label")
 
